@@ -1,0 +1,240 @@
+"""Helpers shared by the scripts: config parsing, one-line errors, atomic writes, devices, checkpoints.
+
+Nothing here runs at import and nothing prints; scripts call these from their main().
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import operator
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from typing import Any, Callable, NoReturn
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a key, a value). Scripts print it as one line and exit 1."""
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a script's main(): a UserError becomes `error: <message>` on stderr and exit code 1, no traceback."""
+    try:
+        main()
+    except UserError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        die("interrupted")
+
+
+def die(msg: str) -> NoReturn:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+# -----------------------------------------------------------------------------
+# config: dataclass defaults <- config file (data, never executed) <- --key=value
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
+
+
+def _eval_node(node: ast.AST, names: dict[str, Any], where: str) -> Any:
+    """Evaluate a literal, a list/tuple of literals, simple arithmetic, or a name assigned earlier in the file."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_eval_node(e, names, where) for e in node.elts]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _eval_node(node.operand, names, where)
+        return -v if isinstance(node.op, ast.USub) else +v
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_eval_node(node.left, names, where), _eval_node(node.right, names, where))
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
+    raise UserError(f"{where}: only literals, arithmetic and earlier names are allowed, got `{ast.unparse(node)}`")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read `key = value` lines from a .py config file as data (parsed with ast, not exec'd)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except OSError as e:
+        raise UserError(f"config file {path}: cannot be read ({e.strerror})") from None
+    except SyntaxError as e:
+        raise UserError(f"config file {path}, line {e.lineno}: not valid Python syntax ({e.msg})") from None
+    values: dict[str, Any] = {}
+    for stmt in tree.body:
+        where = f"config file {path}, line {stmt.lineno}"
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+            raise UserError(f"{where}: expected `key = value`, got `{ast.unparse(stmt)[:60]}`")
+        values[stmt.targets[0].id] = _eval_node(stmt.value, values, where)
+    return values
+
+
+def _convert(key: str, value: Any, typ: type, where: str) -> Any:
+    """Convert a config value (a string from the command line, or a literal from a file) to the field's type."""
+    if isinstance(value, str) and typ is not str:
+        s = value.strip().lower()
+        if typ is bool:
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+        else:
+            try:
+                number = float(s)
+                # ints may be written as 1e4, but 2.5 is not an int
+                value = number if typ is float else int(number) if number.is_integer() else value
+            except ValueError:
+                pass
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise UserError(f"{where}: {key}={value!r} is not a valid {typ.__name__}")
+    if typ is float and not math.isfinite(value):
+        raise UserError(f"{where}: {key}={value!r} must be a finite number")
+    return value
+
+
+def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
+    """Build a `cls` dataclass from its defaults, an optional config file (first argument), then --key=value.
+
+    `--help` prints `doc` and every key with its type and default, then exits.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = {name: type(f.default) for name, f in fields.items()}
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip() + "\n\noptions (--key=value, default shown):")
+        for name, f in fields.items():
+            print(f"  --{name}={f.default!r}  ({types[name].__name__})")
+        raise SystemExit(0)
+    values: dict[str, Any] = {}
+    args = list(argv)
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        for key, value in read_config_file(path).items():
+            if key not in fields:
+                raise UserError(f"config file {path}: unknown key '{key}' (known keys: {', '.join(fields)})")
+            values[key] = _convert(key, value, types[key], f"config file {path}")
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"argument '{arg}': expected --key=value (a config file may only come first)")
+        key, value = arg[2:].split("=", 1)
+        if key not in fields:
+            raise UserError(f"argument '{arg}': unknown key '{key}' (run with --help to list the keys)")
+        values[key] = _convert(key, value, types[key], "command line")
+    return cls(**values)
+
+
+# -----------------------------------------------------------------------------
+# files: written to a temp name in the same folder, then renamed into place
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call write(f) on a temp file beside `path`, fsync, then rename it to `path` (a kill never leaves half a file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), mode="w")
+
+
+def read_json(path: str, what: str = "file") -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path}: not found") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path}: not readable JSON ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# devices and precision
+
+def pick_device(device: str) -> str:
+    """'auto' -> cuda, then mps, then cpu. An explicit device that is not available is a UserError."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={device}: CUDA is not available on this machine (use --device=cpu or auto)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device={device}: Apple MPS is not available on this machine (use --device=cpu or auto)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={device}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 on CUDA cards that support it, float16 on older ones (a T4), float32 elsewhere."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype={dtype}: expected auto, float32, bfloat16 or float16")
+    if dtype != "float32" and not device.startswith("cuda"):
+        raise UserError(f"dtype={dtype}: mixed precision is only used on CUDA here; use --dtype=float32 on {device}")
+    return dtype
+
+
+def autocast(device: str, dtype: str):
+    """The autocast context for the forward pass (a no-op in float32)."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: plain dicts of tensors, numbers, strings, lists and dicts
+
+def save_checkpoint(path: str, ckpt: dict) -> None:
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
+    """torch.load with weights_only=True; a missing or corrupt file is a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path}: not found (train one with train.py, or pass --ckpt=<path to ckpt.pt>)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path}: cannot be loaded, the file is damaged or not a checkpoint ({first[:200]})") from None
+    for key in ("model", "model_args"):
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise UserError(f"checkpoint {path}: has no '{key}' entry; it was not written by gpt2o's train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: str = "cpu"):
+    """Rebuild the GPT from a checkpoint dict (as written by train.py)."""
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)

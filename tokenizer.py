@@ -1,0 +1,297 @@
+"""SNAC codec loading and the flat token layout: SNAC codes <-> one stream of token ids, vectorised both ways.
+
+    from tokenizer import load_codec
+    tok = load_codec("hubertsiuzdak/snac_24khz")          # or a local folder with config.json + pytorch_model.bin
+    ids = tok.encode(waveform, sample_rate)                # any rate, mono or (samples, channels)
+    audio = tok.decode(ids)                                # float32 at tok.sample_rate, whole frames
+
+THE LAYOUT (written once, here; recorded in meta.json and in every checkpoint as LAYOUT_NAME)
+SNAC quantises audio into n_levels code sequences, coarse to fine. Level l has one code every
+vq_strides[l] latent steps, so per coarse code there are vq_strides[0] // vq_strides[l] codes of level l.
+A *frame* is one coarse code and all of its descendants, in depth-first order. For snac_24khz
+(vq_strides [4, 2, 1]) a frame is 7 tokens covering 2048 samples (85.3 ms):
+
+    L0[i], L1[2i], L2[4i], L2[4i+1], L1[2i+1], L2[4i+2], L2[4i+3]
+
+Each level has its own id range, token = level * codebook_size + code, so the level of a token never
+has to be guessed. The special tokens come after all code ids: BOUNDARY (= n_levels * codebook_size)
+starts every document (one audio file) in the training stream and starts unconditional generation.
+There is no separator inside or between frames.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from common import UserError
+
+DEFAULT_CODEC = "hubertsiuzdak/snac_24khz"
+LAYOUT_NAME = "snac-depth-first-v1"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every SNAC code goes in the flat stream. Built from the codec's vq_strides and codebook_size."""
+    vq_strides: tuple[int, ...]  # SNAC's, coarse level first, e.g. (4, 2, 1)
+    codebook_size: int  # codes per level, e.g. 4096
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.vq_strides)
+
+    @property
+    def codes_per_frame(self) -> tuple[int, ...]:
+        """Codes of each level in one frame, e.g. (1, 2, 4)."""
+        return tuple(self.vq_strides[0] // s for s in self.vq_strides)
+
+    @property
+    def frame_size(self) -> int:
+        return sum(self.codes_per_frame)
+
+    @property
+    def boundary_id(self) -> int:
+        return self.n_levels * self.codebook_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.boundary_id + 1
+
+    @cached_property
+    def _order(self) -> tuple[np.ndarray, np.ndarray]:
+        """frame_levels[p], frame_slots[p]: level and index within the frame's codes of that level, position p."""
+        levels, slots = [], []
+
+        def visit(level: int, index: int) -> None:
+            levels.append(level)
+            slots.append(index)
+            if level + 1 < self.n_levels:
+                branch = self.vq_strides[level] // self.vq_strides[level + 1]
+                for j in range(branch):
+                    visit(level + 1, index * branch + j)
+
+        visit(0, 0)
+        return np.array(levels), np.array(slots)
+
+    @property
+    def frame_levels(self) -> np.ndarray:
+        """Level required at each position of a frame, e.g. [0, 1, 2, 2, 1, 2, 2]."""
+        return self._order[0]
+
+    @cached_property
+    def _perm(self) -> np.ndarray:
+        """Frame position -> index in the level-major concatenation [L0 codes | L1 codes | L2 codes] of one frame."""
+        offsets = np.cumsum((0,) + self.codes_per_frame[:-1])
+        levels, slots = self._order
+        return offsets[levels] + slots
+
+    @cached_property
+    def _inv_perm(self) -> np.ndarray:
+        return np.argsort(self._perm)
+
+    def codes_to_tokens(self, codes: list) -> np.ndarray | torch.Tensor:
+        """SNAC codes [(..., n_frames * codes_per_frame[l]) per level] -> tokens (..., n_frames * frame_size).
+
+        Numpy arrays in, numpy out; tensors in, tensors out (same device). Any leading batch shape.
+        """
+        if len(codes) != self.n_levels:
+            raise ValueError(f"expected {self.n_levels} code levels, got {len(codes)}")
+        n_frames = codes[0].shape[-1]
+        batch = tuple(codes[0].shape[:-1])
+        parts = []
+        for level, (c, k) in enumerate(zip(codes, self.codes_per_frame)):
+            if tuple(c.shape) != batch + (n_frames * k,):
+                raise ValueError(f"level {level} codes have shape {tuple(c.shape)}, expected {batch + (n_frames * k,)}")
+            parts.append(c.reshape(*batch, n_frames, k) + level * self.codebook_size)  # (..., F, k_l)
+        if torch.is_tensor(parts[0]):
+            frames = torch.cat([p.long() for p in parts], dim=-1)[..., torch.from_numpy(self._perm).to(parts[0].device)]
+        else:
+            frames = np.concatenate([p.astype(np.int64) for p in parts], axis=-1)[..., self._perm]
+        return frames.reshape(*batch, n_frames * self.frame_size)  # (..., F, frame_size) -> (..., F * frame_size)
+
+    def tokens_to_codes(self, tokens) -> list:
+        """Exact inverse of codes_to_tokens. Raises ValueError on a partial frame or an id of the wrong level;
+        use repair() first for generated streams."""
+        n = tokens.shape[-1]
+        if n % self.frame_size:
+            raise ValueError(f"{n} tokens is not a whole number of {self.frame_size}-token frames")
+        batch = tuple(tokens.shape[:-1])
+        frames = tokens.reshape(*batch, n // self.frame_size, self.frame_size)  # (..., F, frame_size)
+        lo = self.frame_levels * self.codebook_size
+        if torch.is_tensor(frames):
+            lo = torch.from_numpy(lo).to(frames.device)
+        bad = (frames < lo) | (frames >= lo + self.codebook_size)
+        if bad.any():
+            pos = int(np.flatnonzero(np.asarray(bad.cpu() if torch.is_tensor(bad) else bad).reshape(-1))[0]) % n
+            raise ValueError(f"token {pos} (id {int(tokens.reshape(-1)[pos])}) is not a level-{self.frame_levels[pos % self.frame_size]} code")
+        inv = torch.from_numpy(self._inv_perm).to(tokens.device) if torch.is_tensor(tokens) else self._inv_perm
+        frames = frames[..., inv]  # level-major inside each frame
+        codes, start = [], 0
+        for level, k in enumerate(self.codes_per_frame):
+            c = frames[..., start:start + k] - level * self.codebook_size  # (..., F, k_l)
+            codes.append(c.reshape(*batch, -1))  # (..., F * k_l)
+            start += k
+        return codes
+
+    def repair(self, tokens: np.ndarray) -> np.ndarray:
+        """Make any 1-D generated stream decodable, keeping its length in whole frames:
+        special tokens are dropped (they carry no audio), a trailing partial frame is dropped, and an id of the
+        wrong level keeps its code but moves to the level its position requires (id % codebook_size)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = tokens[(tokens >= 0) & (tokens < self.boundary_id)]
+        tokens = tokens[: len(tokens) // self.frame_size * self.frame_size]
+        frames = tokens.reshape(-1, self.frame_size) % self.codebook_size + self.frame_levels * self.codebook_size
+        return frames.reshape(-1)
+
+    def meta(self) -> dict:
+        return {
+            "layout": LAYOUT_NAME,
+            "vq_strides": list(self.vq_strides),
+            "n_levels": self.n_levels,
+            "codebook_size": self.codebook_size,
+            "frame_size": self.frame_size,
+            "frame_levels": self.frame_levels.tolist(),
+            "vocab_size": self.vocab_size,
+            "special_tokens": {"boundary": self.boundary_id},
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Layout":
+        """The layout recorded in a meta.json or checkpoint; an unknown layout name is a UserError."""
+        if meta.get("layout") != LAYOUT_NAME:
+            raise UserError(f"token layout '{meta.get('layout')}' is not supported (expected '{LAYOUT_NAME}'); re-run prepare_audio.py")
+        return cls(tuple(meta["vq_strides"]), int(meta["codebook_size"]))
+
+
+class AudioTokenizer:
+    """A SNAC codec plus the layout: waveform <-> token ids."""
+
+    def __init__(self, codec, name: str):
+        self.codec = codec.eval()
+        self.name = name  # Hub id or local folder it came from
+        self.layout = Layout(tuple(int(s) for s in codec.vq_strides), int(codec.codebook_size))
+        self.sample_rate = int(codec.sampling_rate)
+        self.frame_hop = int(codec.hop_length) * codec.vq_strides[0]  # samples per frame: 2048 at 24 kHz
+        # SNAC pads its input to a multiple of this; chunk edges go on multiples of it so chunks see what one pass sees
+        self.pad_unit = int(codec.hop_length) * math.lcm(codec.vq_strides[0], codec.attn_window_size or 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.codec.parameters()).device
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.sample_rate / self.frame_hop * self.layout.frame_size
+
+    def meta(self) -> dict:
+        return {"codec": self.name, "sample_rate": self.sample_rate, "frame_hop": self.frame_hop,
+                "tokens_per_second": self.tokens_per_second, **self.layout.meta()}
+
+    def to_mono(self, waveform, sample_rate: int) -> torch.Tensor:
+        """(samples,) or (samples, channels) at any rate -> float32 mono (samples',) at the codec rate."""
+        wav = np.asarray(waveform, dtype=np.float32)
+        if wav.ndim == 2:
+            wav = wav.mean(axis=1)  # downmix
+        if wav.ndim != 1:
+            raise ValueError(f"expected audio of shape (samples,) or (samples, channels), got {wav.shape}")
+        if sample_rate != self.sample_rate and len(wav):
+            import soxr
+            wav = soxr.resample(wav, sample_rate, self.sample_rate, quality="HQ").astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(wav))
+
+    def n_frames(self, n_samples: int) -> int:
+        return -(-n_samples // self.frame_hop)
+
+    @torch.inference_mode()
+    def encode_codes(self, audio: torch.Tensor, chunk_seconds: float = 60.0, margin_seconds: float = 0.75) -> list[torch.Tensor]:
+        """Mono audio (samples,) at the codec rate -> codes per level, (n_frames * codes_per_frame[l],) each.
+
+        Long audio goes through the codec in chunks so memory stays bounded. Each chunk is encoded with
+        `margin_seconds` of real audio on both sides and only its middle is kept; chunk starts and margins are
+        multiples of pad_unit, so the codec sees the same frame grid as in one pass over the whole file.
+        """
+        n = audio.shape[-1]
+        n_frames = self.n_frames(n)
+        unit = self.pad_unit
+        chunk = max(1, round(chunk_seconds * self.sample_rate / unit)) * unit
+        margin = math.ceil(margin_seconds * self.sample_rate / unit) * unit
+        audio = audio.to(self.device, torch.float32)
+        per_level: list[list[torch.Tensor]] = [[] for _ in range(self.layout.n_levels)]
+        for start in range(0, max(n, 1), chunk):
+            a, b = max(0, start - margin), min(n, start + chunk + margin)
+            codes = self.codec.encode(audio[a:b].reshape(1, 1, -1))  # SNAC wants (B, 1, samples)
+            f0 = (start - a) // self.frame_hop
+            nf = self.n_frames(min(chunk, n - start))
+            for level, (c, k) in enumerate(zip(codes, self.layout.codes_per_frame)):
+                per_level[level].append(c[0, f0 * k:(f0 + nf) * k])
+        codes = [torch.cat(c) for c in per_level]
+        assert all(c.shape[0] == n_frames * k for c, k in zip(codes, self.layout.codes_per_frame)), \
+            f"chunked encode gave {[c.shape for c in codes]} for {n_frames} frames"
+        return codes
+
+    def encode(self, waveform, sample_rate: int, chunk_seconds: float = 60.0) -> np.ndarray:
+        """Audio (samples,) or (samples, channels) at any rate -> int64 token ids, ceil(duration / frame) frames."""
+        audio = self.to_mono(waveform, sample_rate)
+        if audio.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        codes = self.encode_codes(audio, chunk_seconds=chunk_seconds)
+        return self.layout.codes_to_tokens([c.cpu().numpy() for c in codes])
+
+    @torch.inference_mode()
+    def decode_codes(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Codes [(B, n_frames * k_l) per level] on any device -> (B, n_frames * frame_hop) float32 audio."""
+        n_frames = codes[0].shape[-1] // self.layout.codes_per_frame[0]
+        # codecs with local attention need whole attention windows: pad with code 0, trim the audio after
+        frames_per_unit = self.pad_unit // self.frame_hop
+        pad = -n_frames % frames_per_unit
+        if pad:
+            codes = [torch.nn.functional.pad(c, (0, pad * k)) for c, k in zip(codes, self.layout.codes_per_frame)]
+        audio = self.codec.decode([c.to(self.device) for c in codes])  # (B, 1, samples)
+        return audio[:, 0, : n_frames * self.frame_hop].float()
+
+    def decode(self, tokens) -> np.ndarray:
+        """Token ids (any 1-D stream, repaired first) -> float32 audio at sample_rate, whole frames."""
+        tokens = self.layout.repair(np.asarray(tokens))
+        if len(tokens) == 0:
+            return np.zeros(0, dtype=np.float32)
+        codes = self.layout.tokens_to_codes(torch.from_numpy(tokens)[None])
+        return self.decode_codes(codes)[0].cpu().numpy()
+
+
+def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenizer:
+    """Load a SNAC codec from a Hugging Face Hub id or a local folder holding config.json + pytorch_model.bin."""
+    from snac import SNAC
+    if os.path.isdir(codec):
+        config_path, weights_path = os.path.join(codec, "config.json"), os.path.join(codec, "pytorch_model.bin")
+        for p in (config_path, weights_path):
+            if not os.path.isfile(p):
+                raise UserError(f"codec folder {codec}: missing {os.path.basename(p)} (expected config.json + pytorch_model.bin)")
+    elif os.path.exists(codec) or codec.startswith((".", "/")) or codec.count("/") != 1:
+        raise UserError(f"codec '{codec}': not a folder and not a Hub id like '{DEFAULT_CODEC}'")
+    else:
+        from huggingface_hub import hf_hub_download
+        try:
+            config_path = hf_hub_download(repo_id=codec, filename="config.json")
+            weights_path = hf_hub_download(repo_id=codec, filename="pytorch_model.bin")
+        except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
+            raise UserError(
+                f"codec '{codec}': cannot download it from the Hugging Face Hub ({type(e).__name__}). Without internet, "
+                f"copy its config.json and pytorch_model.bin into a folder and pass --codec=<that folder>") from None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        model = SNAC(**config)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"codec config {config_path}: not a SNAC config ({e})") from None
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"codec weights {weights_path}: cannot be loaded into SNAC ({first[:200]})") from None
+    return AudioTokenizer(model.to(device).eval(), codec)
