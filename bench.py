@@ -27,23 +27,296 @@ def row(name: str, ours: float, base: float, unit: str, higher_is_better: bool =
 
 
 # --- tokenizer ---------------------------------------------------------------
+def _blog_flatten(codes: list, separator: int = 4097) -> list[list[int]]:
+    """The original blog's flattening, as the baseline: per-token .item() loops and a separator before every frame."""
+    flattened = []
+    for b in range(codes[0].size(0)):
+        row = []
+        for i in range(codes[0].size(1)):
+            row.append(separator)
+            row.append(codes[0][b][i].item())
+            for j in range(2):
+                row.append(codes[1][b][j + i * 2].item())
+                for k in range(2):
+                    row.append(codes[2][b][k + j * 2 + i * 4].item())
+        flattened.append(row)
+    return flattened
+
+
+def _blog_unflatten(row: list[int], separator: int = 4097) -> list:
+    """The original blog's unflattening: a per-token scan that rebuilds the code tensors after every frame."""
+    import torch
+    row = row[row.index(separator):]
+    l0, l1, l2, codes = [], [], [], []
+    for i in range(0, len(row), 8):
+        l0.append(row[i + 1])
+        l1.append(row[i + 2])
+        l2.append(row[i + 3])
+        l2.append(row[i + 4])
+        l1.append(row[i + 5])
+        l2.append(row[i + 6])
+        l2.append(row[i + 7])
+        codes = [torch.tensor(l0).unsqueeze(0), torch.tensor(l1).unsqueeze(0), torch.tensor(l2).unsqueeze(0)]
+    return codes
+
+
 def bench_tokenizer() -> None:
-    raise NotImplementedError
+    import numpy as np
+    import torch
+    from tokenizer import Layout
+    layout = Layout((4, 2, 1), 4096)  # snac_24khz
+    n_frames = -(-60 * 24000 // 2048)  # 60 s of audio = 704 frames
+    n_codes = n_frames * layout.frame_size
+    gen = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, 4096, (1, n_frames * k), generator=gen) for k in layout.codes_per_frame]
+    back = _blog_unflatten(_blog_flatten(codes)[0])
+    assert all(torch.equal(a, b) for a, b in zip(back, codes)), "baseline round trip is wrong"
+    base = timeit(lambda: _blog_unflatten(_blog_flatten(codes)[0]), repeat=2)
+    ours = timeit(lambda: layout.tokens_to_codes(layout.codes_to_tokens(codes)), repeat=20)
+    back = layout.tokens_to_codes(layout.codes_to_tokens(codes))
+    assert all(torch.equal(a, b) for a, b in zip(back, codes)), "round trip is wrong"
+    row(f"codes<->tokens round trip, 60 s ({n_codes} codes), torch", n_codes / ours, n_codes / base, "codes/s")
+    np_codes = [c.numpy() for c in codes]
+    ours_np = timeit(lambda: layout.tokens_to_codes(layout.codes_to_tokens(np_codes)), repeat=20)
+    row(f"codes<->tokens round trip, 60 s ({n_codes} codes), numpy", n_codes / ours_np, n_codes / base, "codes/s")
 
 
 # --- prepare ------------------------------------------------------------------
 def bench_prepare() -> None:
-    raise NotImplementedError
+    import os
+    import subprocess
+    import tempfile
+    import soundfile as sf
+    import torch
+    root = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(root, "tests"))
+    from conftest import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
+    from tokenizer import load_codec
+    # 3 minutes in two files, neither at the codec rate, each longer than one 60 s chunk (so chunk overlap is paid)
+    files = {"a_16k_mono.flac": (80.0, 16000, 1), "b_44k_stereo.wav": (100.0, 44100, 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        codec_dir = save_random_snac(os.path.join(tmp, "codec"), SNAC_24KHZ_CONFIG)
+        audio_dir = os.path.join(tmp, "audio")
+        os.makedirs(audio_dir)
+        for i, (name, (seconds, rate, channels)) in enumerate(files.items()):
+            sf.write(os.path.join(audio_dir, name), synth_audio(seconds, rate, channels, seed=i), rate)
+        tok = load_codec(codec_dir)
+        mono = [tok.to_mono(*sf.read(os.path.join(audio_dir, name), dtype="float32")) for name in files]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for audio in mono:  # the bare codec: one call per file on audio already at 24 kHz mono
+                tok.codec.encode(audio.reshape(1, 1, -1))
+        base = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(root, "prepare_audio.py"), f"--codec={codec_dir}",
+                        f"--dataset={audio_dir}", f"--out_dir={os.path.join(tmp, 'out')}", "--device=cpu"],
+                       check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        ours = time.perf_counter() - t0
+    row("prepare_audio.py end to end, 3 min audio (wall)", ours, base, "s", higher_is_better=False)
 
 
 # --- train --------------------------------------------------------------------
 def bench_train() -> None:
-    raise NotImplementedError
+    """(a) train.py's tokens/s vs a plain nanoGPT-style loop on the same model, (b) its MFU against the float32
+    matmul FLOP/s measured here, (c) resident memory on 200M vs 2M tokens of shards; on a GPU, GPT-2 124M MFU."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+    import numpy as np
+    import torch
+    from model import GPT, GPTConfig
+    from tokenizer import Layout
+    from train import measure_matmul_flops
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    layout = Layout((4, 2, 1), 4096)
+
+    def write_data(folder: str, train_sizes: list[int], val_sizes: list[int], sparse: bool = False) -> str:
+        """A dataset in prepare_audio.py's format: random valid ids, or sparse all-zero files (id 0 is a valid
+        level-0 code) so 200M tokens cost no disk time."""
+        os.makedirs(folder, exist_ok=True)
+        shards, rng = [], np.random.default_rng(0)
+        for split, sizes in (("train", train_sizes), ("val", val_sizes)):
+            for i, n in enumerate(sizes):
+                name = f"{split}_{i:03d}.bin"
+                with open(os.path.join(folder, name), "wb") as f:
+                    if sparse:
+                        f.truncate(2 * n)
+                    else:
+                        rng.integers(0, layout.vocab_size, n, dtype=np.uint16).tofile(f)
+                shards.append({"file": name, "split": split, "tokens": n, "sources": []})
+        meta = {"codec": "bench", "sample_rate": 24000, "frame_hop": 2048, "tokens_per_second": 24000 / 2048 * 7,
+                **layout.meta(), "dtype": "uint16", "dataset": "bench", "shards": shards, "skipped": [], "splits": {}}
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        return folder
+
+    def run_train(args: list[str], threads: int = 0) -> tuple[list[dict], int]:
+        """train.py in a subprocess -> its log.jsonl rows and its peak resident memory in bytes.
+
+        The peak is the child's own VmHWM, polled: wait4's ru_maxrss would carry this (large) process's peak
+        across the fork + exec."""
+        out = args[-1].split("=", 1)[1]
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        p = subprocess.Popen([sys.executable, os.path.join(root, "train.py")] + args, cwd=root, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        peak = 0
+        while p.poll() is None:
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    peak = max([peak] + [int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")])
+            except OSError:  # not Linux, or it just exited
+                pass
+            time.sleep(0.05)
+        if p.returncode:
+            raise SystemExit(f"error: train.py failed: {p.stderr.read()}")
+        with open(os.path.join(out, "log.jsonl")) as f:
+            return [json.loads(line) for line in f], peak
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_data(os.path.join(tmp, "data"), [3_000_000], [50_000])
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            for block, batch in ((1024, 16), (2048, 8)):
+                rows, _ = run_train([f"--data_dir={data}", "--n_layer=12", "--n_head=12", "--n_embd=768",
+                                     f"--block_size={block}", f"--batch_size={batch}", "--gradient_accumulation_steps=4",
+                                     "--max_iters=60", "--log_interval=10", "--eval_interval=1000", "--eval_iters=1",
+                                     "--compile=True", f"--out_dir={tmp}/gpu{block}"])
+                last = [r for r in rows if "mfu" in r][-1]  # after compile and warm-up
+                print(f"GPT-2 124M, block {block}, bf16 + compile on {name}: {last['tok_s']:,.0f} tok/s, "
+                      f"MFU {last['mfu'] * 100:.1f}% of the data-sheet peak", flush=True)
+            return
+
+        # (a) + (b): nanoGPT's CPU reference size, 6 layers x 6 heads x 384, block 512, batch 8, float32
+        n_layer, n_head, n_embd, block, batch, iters = 6, 6, 384, 512, 8, 6
+        args = [f"--data_dir={data}", "--device=cpu", "--compile=False", f"--n_layer={n_layer}", f"--n_head={n_head}",
+                f"--n_embd={n_embd}", f"--block_size={block}", f"--batch_size={batch}", "--gradient_accumulation_steps=1",
+                f"--max_iters={iters}", "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--peak_flops=1"]
+        rows, _ = run_train(args + [f"--out_dir={tmp}/ours"])
+        ours = batch * block / (np.median([r["ms"] for r in rows if "ms" in r and r["iter"] > 0]) / 1000)
+
+        # the baseline: nanoGPT's train.py loop reduced to its essentials, on the same model and data
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=block, vocab_size=layout.vocab_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd, dropout=0.0, bias=False))
+        optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            m = np.memmap(os.path.join(data, "train_000.bin"), dtype=np.uint16, mode="r")
+            ix = torch.randint(len(m) - block, (batch,))
+            x = torch.stack([torch.from_numpy(m[i:i + block].astype(np.int64)) for i in ix])
+            y = torch.stack([torch.from_numpy(m[i + 1:i + 1 + block].astype(np.int64)) for i in ix])
+            _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+            times.append(time.perf_counter() - t0)
+        base = batch * block / np.median(times[1:])
+        row(f"train.py CPU fp32 {n_layer}x{n_embd} block {block} batch {batch}", ours, base, "tok/s")
+        matmul = measure_matmul_flops("cpu", n=2048)
+        mfu = model.flops_per_token(block) * ours / matmul
+        mfu_base = model.flops_per_token(block) * base / matmul
+        print(f"MFU vs this machine's float32 matmul ({matmul / 1e9:.0f} GFLOP/s, 2048x2048): train.py "
+              f"{mfu * 100:.0f}%, plain loop {mfu_base * 100:.0f}%", flush=True)
+
+        # (c) memory does not grow with the dataset: np.memmap, never whole shards in memory
+        rss = {}
+        for n_tokens in (2_000_000, 200_000_000):
+            folder = write_data(os.path.join(tmp, f"rss{n_tokens}"), [n_tokens // 4] * 4, [20_000], sparse=True)
+            _, rss[n_tokens] = run_train([f"--data_dir={folder}", "--device=cpu", "--compile=False", "--n_layer=2",
+                                          "--n_head=2", "--n_embd=64", "--block_size=256", "--batch_size=8",
+                                          "--gradient_accumulation_steps=1",
+                                          "--max_iters=20", "--eval_interval=10", "--eval_iters=4", "--peak_flops=1",
+                                          f"--out_dir={tmp}/rss{n_tokens}"], threads=1)
+        growth = (rss[200_000_000] - rss[2_000_000]) / 2**20
+        print(f"peak RSS training on 200M tokens {rss[200_000_000] / 2**20:.0f} MB vs 2M tokens "
+              f"{rss[2_000_000] / 2**20:.0f} MB: {growth:+.1f} MB (target: within 50 MB)", flush=True)
 
 
 # --- generate -----------------------------------------------------------------
 def bench_generate() -> None:
-    raise NotImplementedError
+    """KV-cached sampling vs recomputing the whole context per token (nanoGPT's generate), then tokens/s and
+    real-time factors (LM and codec apart) per config. Random weights: speed does not depend on them."""
+    import os
+    import tempfile
+    import numpy as np
+    import torch
+    import generate
+    from common import read_config_file
+    from model import GPT, GPTConfig
+    from tokenizer import Layout, load_codec
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from conftest import SNAC_24KHZ_CONFIG, save_random_snac
+
+    layout = Layout((4, 2, 1), 4096)  # SNAC 24 kHz
+    fs, real_time = layout.frame_size, 24000 / 2048 * layout.frame_size  # 82.03 tokens per second of audio
+    print(f"device cpu, {torch.get_num_threads()} threads; real time for SNAC 24 kHz = {real_time:.2f} tokens/s")
+
+    def random_tokens(n_frames: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        frames = torch.randint(0, layout.codebook_size, (n_frames, fs), generator=g)
+        return (frames + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(-1)
+
+    def gpt(n_layer: int, n_head: int, n_embd: int, block_size: int) -> GPT:
+        torch.manual_seed(0)
+        return GPT(GPTConfig(vocab_size=layout.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                             n_embd=n_embd)).eval()
+
+    def tokens_per_s(model, prompt, n_frames: int, use_cache: bool) -> float:
+        t0 = time.perf_counter()
+        generate.generate_tokens(model, layout, prompt, n_frames, use_cache=use_cache,
+                                 generator=torch.Generator().manual_seed(0))
+        return n_frames * fs / (time.perf_counter() - t0)
+
+    # 1. the same 6-layer, n_embd 384 model at a 2048-token context; the prompt fills it to ~1800 tokens, the
+    #    cached run generates the rest (its one prefill of the prompt included), the baseline one frame
+    model = gpt(6, 6, 384, 2048)
+    prompt = random_tokens(257)  # 1 + 1799 tokens in context
+    tokens_per_s(model, prompt[-70:], 1, True)  # warm-up
+    ours = tokens_per_s(model, prompt, 35, use_cache=True)  # context 1800 -> 2045
+    base = tokens_per_s(model, prompt, 1, use_cache=False)
+    row("6L/384 ctx ~2048: KV cache vs full recompute", ours, base, "tokens/s")
+
+    # 2. per config: a long unconditional run (slides included where block_size is shorter), batch 1 and 4
+    here = os.path.dirname(os.path.abspath(__file__))
+    defaults = {"tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=256),
+                "sherlock": dict(n_layer=6, n_head=6, n_embd=384, block_size=2048)}
+    for name, fallback in defaults.items():
+        path = os.path.join(here, "configs", f"{name}.py")
+        cfg = read_config_file(path) if os.path.isfile(path) else {}
+        args = {k: cfg.get(k, v) for k, v in fallback.items()}
+        label = f"{name} {args['n_layer']}L/{args['n_embd']}/ctx{args['block_size']}" + ("" if cfg else " (no config file)")
+        model = gpt(**args)
+        seconds = 10 if name == "tiny" else 3
+        n_frames = round(seconds * real_time / fs)
+        tokens_per_s(model, None, 2, True)  # warm-up
+        for b in (1, 4):
+            t0 = time.perf_counter()
+            generate.generate_tokens(model, layout, None, n_frames, num_samples=b,
+                                     generator=torch.Generator().manual_seed(0))
+            tps = b * n_frames * fs / (time.perf_counter() - t0)
+            row(f"{label} B={b} LM {seconds}s vs real time", tps, real_time, "tokens/s")
+
+    # 3. the codec: a random-weight SNAC with the real 24 kHz config, one pass vs streamed in 1 s chunks
+    with tempfile.TemporaryDirectory() as d:
+        tok = load_codec(save_random_snac(d, SNAC_24KHZ_CONFIG))
+    seconds, n = 5.0, round(5.0 * real_time / fs)
+    tokens = random_tokens(n, seed=1)[None]  # (1, n * fs)
+    codes = layout.tokens_to_codes(tokens)
+    t_one = timeit(lambda: tok.decode_codes(codes), repeat=1)
+    row(f"codec one-pass decode {seconds:.0f}s (audio s per s)", n * tok.frame_hop / 24000 / t_one, 1.0, "x")
+
+    def streamed() -> None:
+        dec = generate.StreamDecoder(tok, 12)
+        for f in tokens.split(fs, dim=1):
+            dec.push(f)
+        dec.flush()
+    t_stream = timeit(streamed, repeat=1)
+    row(f"codec streamed decode {seconds:.0f}s, 12-frame chunks", n * tok.frame_hop / 24000 / t_stream, 1.0, "x")
 
 
 PARTS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "generate": bench_generate}

@@ -1,0 +1,20 @@
+"""A CPU smoke run that trains in about a minute on a laptop: python train.py configs/tiny.py --data_dir=data/mine
+Too small to sound like anything; it checks that data, training, eval and checkpoints work end to end."""
+out_dir = "out/tiny"
+data_dir = "data/mine"
+device = "cpu"
+compile = False
+n_layer = 2
+n_head = 2
+n_embd = 64
+dropout = 0.0
+block_size = 256  # 3 s of audio
+batch_size = 8
+gradient_accumulation_steps = 1
+learning_rate = 3e-3  # tiny models take large steps
+min_lr = 3e-4
+max_iters = 200  # ~1.5 min on 2 cores, under a minute on a typical laptop
+warmup_iters = 20
+eval_interval = 100
+eval_iters = 4
+log_interval = 20

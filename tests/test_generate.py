@@ -1,0 +1,250 @@
+"""generate.py: frame-valid sampling, KV cache vs full recompute, sliding window, prompts, streaming, bad input."""
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import ROOT, SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
+
+import generate
+from common import save_checkpoint
+from model import GPT, GPTConfig
+
+BLOCK_SIZE = 64  # 9 frames of 7 tokens: every test that generates more than that slides the window
+
+
+def tiny_gpt(vocab_size: int, block_size: int = BLOCK_SIZE, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    # GPT-2's init gives near-uniform logits; wider embeddings make argmax ties (and so float-noise flips) unlikely
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_gpt(tok.layout.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def quiet_codec_dir(tmp_path_factory) -> str:
+    """The 24 kHz SNAC without its decoder noise, so two decodes of the same tokens can be compared."""
+    return save_random_snac(str(tmp_path_factory.mktemp("snac_quiet")), {**SNAC_24KHZ_CONFIG, "noise": False})
+
+
+@pytest.fixture(scope="module")
+def quiet_tok(quiet_codec_dir):
+    from tokenizer import load_codec
+    return load_codec(quiet_codec_dir)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok, model, quiet_codec_dir) -> str:
+    """A checkpoint as train.py writes it; its meta names the noise-free codec folder."""
+    path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": asdict(model.config),
+                           "meta": {**tok.meta(), "codec": quiet_codec_dir}, "iter_num": 0})
+    return path
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def assert_frame_valid(tokens: torch.Tensor, layout, n_frames: int) -> None:
+    """Every token is a code of the level its position needs (tokens_to_codes raises otherwise)."""
+    assert tokens.shape[-1] == n_frames * layout.frame_size, tokens.shape
+    codes = layout.tokens_to_codes(tokens)
+    assert codes[0].shape[-1] == n_frames
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def test_kv_cache_matches_full_recompute_greedy(model, tok):
+    layout = tok.layout
+    prompt = torch.from_numpy(tok.encode(synth_audio(0.3, 24000), 24000))  # 4 frames
+    for p in (None, prompt):
+        # 25 frames = 175 tokens through a 64-token context: several slides of the window
+        a = generate.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=True)
+        b = generate.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=False)
+        assert torch.equal(a, b)
+        assert_frame_valid(a, layout, 25 + (0 if p is None else len(p) // layout.frame_size))
+
+
+def test_cache_prefill_logits_match_full_forward(model, tok):
+    """One token at a time through the cache gives the logits of a full forward over the same window."""
+    x = torch.tensor([[tok.layout.boundary_id, 5, 4096 + 7, 8192 + 1, 8192 + 2, 4096 + 3]])
+    cache = model.new_kv_cache(1)
+    model(x[:, :3], kv_cache=cache)
+    for t in range(3, x.shape[1]):
+        step, _ = model(x[:, t:t + 1], kv_cache=cache)
+        full, _ = model(x[:, :t + 1])
+        torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+
+def test_every_sample_decodes_to_requested_frames(model, tok):
+    layout = tok.layout
+    n_frames = 6  # 0.5 s at 24 kHz
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        out = generate.generate_tokens(model, layout, None, n_frames, num_samples=1, temperature=1.5, generator=g)
+        assert_frame_valid(out, layout, n_frames)
+        assert not (out == layout.boundary_id).any()
+        if seed < 2:  # decoding is the slow part; the token check above is what decides decodability
+            assert len(tok.decode(out[0].numpy())) == n_frames * tok.frame_hop
+
+
+def test_sliding_window_past_block_size(tok):
+    layout = tok.layout
+    model = tiny_gpt(layout.vocab_size, block_size=3 * layout.frame_size)  # 21 tokens: a slide every few frames
+    g = torch.Generator().manual_seed(0)
+    frames = list(generate.sample_frames(model, layout, None, 60, num_samples=3, temperature=1.0, generator=g))
+    assert len(frames) == 60 and all(f.shape == (3, layout.frame_size) for f in frames)
+    assert_frame_valid(torch.cat(frames, dim=1), layout, 60)
+    with pytest.raises(Exception, match="block_size"):  # a context shorter than 2 frames cannot slide by frames
+        next(generate.sample_frames(tiny_gpt(layout.vocab_size, block_size=10), layout, None, 3))
+
+
+def test_same_seed_same_tokens(model, tok):
+    def sample(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate.generate_tokens(model, tok.layout, None, 12, num_samples=2, temperature=1.0, top_k=50,
+                                        top_p=0.9, generator=g)
+    a, b, c = sample(1), sample(1), sample(2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_top_k_and_top_p_restrict_to_the_most_likely():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, float("-inf")]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert (generate.sample_next(logits, 1.0, 1, 1.0, g) == 1).all()
+    assert (generate.sample_next(logits, 1.0, 0, 1e-3, g) == 1).all()
+    picks = generate.sample_next(logits, 5.0, 2, 1.0, g)
+    assert set(picks.flatten().tolist()) == {1, 3}
+    assert set(generate.sample_next(logits, 100.0, 0, 1.0, g).flatten().tolist()) == {0, 1, 2, 3}  # never -inf
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+def test_prompt_tokens_are_kept_verbatim(model, tok, tmp_path):
+    layout, fs = tok.layout, tok.layout.frame_size
+    audio = synth_audio(1.0, 16000, channels=2, seed=3)  # another rate, stereo: load_prompt resamples and downmixes
+    path = str(tmp_path / "prompt.flac")
+    sf.write(path, audio, 16000)
+    whole = torch.from_numpy(tok.encode(audio, 16000))
+    p = generate.load_prompt(path, tok, prompt_seconds=0.5)
+    assert len(p) == 6 * fs  # ceil(0.5 s / 85.3 ms) whole frames
+    assert torch.equal(p, whole[-6 * fs:])
+    # 12 frames (84 tokens) do not fit the 64-token context: the window starts inside the prompt
+    for prompt in (p, whole):
+        out = generate.generate_tokens(model, layout, prompt, 5, num_samples=2, temperature=1.0,
+                                       generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out[:, :len(prompt)], prompt.expand(2, -1))
+        assert_frame_valid(out, layout, len(prompt) // fs + 5)
+    # the continuation depends on the prompt
+    greedy = [generate.generate_tokens(model, layout, q, 3, temperature=0.0)[:, -3 * fs:] for q in (None, p)]
+    assert not torch.equal(*greedy)
+
+
+def test_prompt_continuation_files(ckpt, quiet_tok, tmp_path):
+    path = str(tmp_path / "prompt.wav")
+    sf.write(path, synth_audio(1.2, 22050, seed=1), 22050)
+    r = run(f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'out'}", "--num_samples=1", "--seconds=0.3", f"--prompt={path}")
+    assert r.returncode == 0, r.stderr
+    assert "warning: prompt" in r.stderr and "longer than the model's context" in r.stderr  # 15 frames > 64 tokens
+    hop, fs = quiet_tok.frame_hop, quiet_tok.layout.frame_size
+    p_frames = generate.keep_frames(quiet_tok.layout, BLOCK_SIZE)
+    full, sr = sf.read(tmp_path / "out" / "sample_0.wav", dtype="float32")
+    cont, _ = sf.read(tmp_path / "out" / "sample_0_continuation.wav", dtype="float32")
+    assert sr == 24000
+    assert len(full) == (p_frames + 4) * hop and len(cont) == 4 * hop  # ceil(0.3 s / 85.3 ms) = 4 frames
+    np.testing.assert_array_equal(full[p_frames * hop:], cont)
+    assert str(tmp_path / "out" / "sample_0_continuation.wav") in r.stdout
+    # streamed, the prompt's audio comes first, then the continuation: same files to PCM_16 rounding
+    r = run(f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'stream'}", "--num_samples=1", "--seconds=0.3", f"--prompt={path}",
+            "--stream=True", "--stream_frames=2")
+    assert r.returncode == 0, r.stderr
+    for name, ref in (("sample_0.wav", full), ("sample_0_continuation.wav", cont)):
+        x, _ = sf.read(tmp_path / "stream" / name, dtype="float32")
+        assert len(x) == len(ref), name
+        np.testing.assert_allclose(x, ref, atol=2 / 32768)
+
+
+# -----------------------------------------------------------------------------
+# streaming
+
+def test_stream_decoder_matches_one_pass(quiet_tok):
+    layout = quiet_tok.layout
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    tokens = (torch.randint(0, layout.codebook_size, (1, n, layout.frame_size), generator=g)
+              + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(1, -1)  # (B, n * frame_size)
+    one_pass = quiet_tok.decode_codes(layout.tokens_to_codes(tokens))
+    for chunk, first in ((2, 1), (3, 6)):  # `first` frames arrive together (a prompt), then one frame at a time
+        dec = generate.StreamDecoder(quiet_tok, chunk)
+        parts = [dec.push(tokens[:, :first * layout.frame_size])]
+        parts += [dec.push(f) for f in tokens[:, first * layout.frame_size:].split(layout.frame_size, dim=1)]
+        parts.append(dec.flush())
+        streamed = torch.cat([p for p in parts if p is not None], dim=1)
+        assert sum(p is not None for p in parts) > 2, "expected audio before the end of the stream"
+        assert streamed.shape == one_pass.shape
+        torch.testing.assert_close(streamed, one_pass, rtol=0, atol=1e-5)
+
+
+def test_stream_cli_matches_one_shot(ckpt, tmp_path):
+    common = [f"--ckpt={ckpt}", "--num_samples=2", "--seconds=0.7", "--seed=7"]
+    a = run(*common, f"--out_dir={tmp_path / 'a'}")
+    b = run(*common, f"--out_dir={tmp_path / 'b'}", "--stream=True", "--stream_frames=4")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert "streamed" in b.stdout and "real time" in b.stdout
+    for i in range(2):
+        x, _ = sf.read(tmp_path / "a" / f"sample_{i}.wav", dtype="float32")
+        y, _ = sf.read(tmp_path / "b" / f"sample_{i}.wav", dtype="float32")
+        assert len(x) == len(y) == 9 * 2048  # ceil(0.7 s / 85.3 ms) = 9 frames
+        np.testing.assert_allclose(x, y, atol=2 / 32768)  # PCM_16 rounding of values equal to ~1e-6
+    assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, exit 1
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_inputs(ckpt, tok, codec_dir, tmp_path):
+    missing = str(tmp_path / "nope.pt")
+    assert_one_line_error(run(f"--ckpt={missing}"), missing, "not found")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint" * 10)
+    assert_one_line_error(run(f"--ckpt={corrupt}"), str(corrupt), "damaged")
+    no_meta = str(tmp_path / "no_meta.pt")
+    m = tiny_gpt(tok.layout.vocab_size)
+    save_checkpoint(no_meta, {"model": m.state_dict(), "model_args": asdict(m.config)})
+    assert_one_line_error(run(f"--ckpt={no_meta}", f"--codec={codec_dir}"), no_meta, "tokenizer meta")
+    bad_prompt = tmp_path / "prompt.wav"
+    bad_prompt.write_text("this is text, not audio")
+    assert_one_line_error(run(f"--ckpt={ckpt}", f"--prompt={bad_prompt}"), str(bad_prompt), "cannot be read as audio")
+    assert_one_line_error(run(f"--ckpt={ckpt}", "--seconds=0"), "seconds=0", "> 0")
+    assert_one_line_error(run(f"--ckpt={ckpt}", "--temprature=0.5"), "temprature")
+
+
+def test_help_lists_options():
+    r = run("--help")
+    assert r.returncode == 0
+    for key in ("--ckpt=", "--temperature=1.0", "--top_k=0", "--top_p=1.0", "--seed=1337", "--prompt_seconds=", "--stream=False"):
+        assert key in r.stdout

@@ -1,0 +1,167 @@
+"""prepare_audio.py end to end, as a user runs it: a folder of real audio files in several formats, rates and
+channel counts plus broken ones -> shards + meta.json; resume after a kill, --strict, errors, and torchrun."""
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import ROOT, synth_audio
+from tokenizer import Layout
+
+PY = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+# the usable files: name -> (seconds, rate, channels, soundfile format); sorted order puts a_ first (the val file)
+GOOD = {"a_mono24k.wav": (1.0, 24000, 1, "WAV"), "b_stereo44k.flac": (0.8, 44100, 2, "FLAC"),
+        "sub/c_mono16k.ogg": (0.6, 16000, 1, "OGG")}
+if "MP3" in sf.available_formats():
+    GOOD["sub/d_mono22k.mp3"] = (0.5, 22050, 1, "MP3")
+BAD = ["corrupt.flac", "empty.wav", "short.wav", "truncated.wav"]
+
+
+def run_prepare(*args, torchrun=False, env=ENV, **kw):
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2"] if torchrun else [PY]
+    return subprocess.run(cmd + [os.path.join(ROOT, "prepare_audio.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, **kw)
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("audio")
+    (d / "sub").mkdir()
+    for i, (name, (seconds, rate, channels, fmt)) in enumerate(GOOD.items()):
+        sf.write(d / name, synth_audio(seconds, rate, channels, seed=i), rate, format=fmt)
+    (d / "corrupt.flac").write_bytes(b"fLaC" + np.random.default_rng(0).bytes(3000))
+    (d / "empty.wav").write_bytes(b"")
+    sf.write(d / "short.wav", synth_audio(0.05, 24000), 24000)  # 1200 samples < one 2048-sample frame
+    sf.write(d / "full.tmpwav", synth_audio(0.5, 48000, 2), 48000, format="WAV")
+    data = (d / "full.tmpwav").read_bytes()
+    (d / "truncated.wav").write_bytes(data[: len(data) // 2])  # a download cut off half way
+    (d / "full.tmpwav").unlink()
+    (d / "notes.txt").write_text("not audio, not looked at")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def prepared(audio_dir, codec_dir, tmp_path_factory):
+    """One uninterrupted single-process run: the reference every other run is compared with, byte for byte."""
+    out = str(tmp_path_factory.mktemp("prepared"))
+    args = [f"--codec={codec_dir}", f"--dataset={audio_dir}", f"--out_dir={out}", "--device=cpu", "--shard_tokens=100"]
+    r = run_prepare(*args)
+    assert r.returncode == 0, r.stderr
+    return out, args, r
+
+
+def final_files(out):
+    return sorted(f for f in os.listdir(out) if not f.startswith("."))
+
+
+def assert_same_output(a, b):
+    assert final_files(a) == final_files(b)
+    for name in final_files(a):
+        assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
+
+
+def test_meta_shards_and_token_counts(prepared, audio_dir, tok):
+    out, _, r = prepared
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert {k: meta[k] for k in tok.meta()} == tok.meta()
+    assert meta["dtype"] == "uint16" and meta["dataset"] == audio_dir
+    layout = Layout.from_meta(meta)
+    # every usable file: one document of [BOUNDARY] + ceil(duration / frame) * 7 tokens, in sorted order
+    names = sorted(GOOD)
+    expected = {}
+    for name in names:
+        info = sf.info(os.path.join(audio_dir, name))
+        expected[name] = 1 + -(-info.frames * 24000 // (info.samplerate * 2048)) * 7
+    assert {s["file"] for s in meta["skipped"]} == set(BAD)
+    for split, docs in (("val", names[:1]), ("train", names[1:])):
+        shards = [s for s in meta["shards"] if s["split"] == split]
+        assert [s["file"] for s in shards] == [f"{split}_{i:03d}.bin" for i in range(len(shards))]
+        assert all(s["tokens"] == 100 for s in shards[:-1])  # cut at shard_tokens
+        stream = np.concatenate([np.fromfile(os.path.join(out, s["file"]), dtype="<u2") for s in shards])
+        assert [os.path.getsize(os.path.join(out, s["file"])) for s in shards] == [2 * s["tokens"] for s in shards]
+        assert len(stream) == sum(expected[n] for n in docs) == meta["splits"][split]["tokens"]
+        assert meta["splits"][split]["files"] == len(docs)
+        starts = np.cumsum([0] + [expected[n] for n in docs[:-1]])
+        assert np.flatnonzero(stream == layout.boundary_id).tolist() == starts.tolist()
+        for start, name in zip(starts, docs):
+            layout.tokens_to_codes(stream[start + 1:start + expected[name]].astype(np.int64))  # right level everywhere
+        assert sorted({src for s in shards for src in s["sources"]}) == sorted(docs)
+    assert meta["splits"]["val"]["seconds"] == pytest.approx(GOOD[names[0]][0], abs=1e-3)
+    # the content is the tokenizer's own encoding of the file
+    audio, rate = sf.read(os.path.join(audio_dir, names[0]), dtype="float32")
+    val = np.fromfile(os.path.join(out, "val_000.bin"), dtype="<u2")
+    assert np.array_equal(val[1:expected[names[0]]], tok.encode(audio, rate))
+    # one warning line per skipped file, naming it and the reason
+    warnings = [line for line in r.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == len(BAD)
+    reasons = {s["file"]: s["reason"] for s in meta["skipped"]}
+    assert reasons["empty.wav"] == "empty file (0 bytes)" and "shorter than one frame" in reasons["short.wav"]
+    assert "truncated" in reasons["truncated.wav"] and "cannot be decoded" in reasons["corrupt.flac"]
+    for name, reason in reasons.items():
+        assert any(f"warning: {name}: {reason}" in line for line in warnings)
+
+
+def test_killed_run_resumes_byte_identical(prepared, tmp_path):
+    ref, args, _ = prepared
+    out = str(tmp_path / "out")
+    args = [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={out}"]
+    p = subprocess.Popen([PY, os.path.join(ROOT, "prepare_audio.py"), *args], env=ENV, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = os.path.join(out, ".cache")
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        entries = [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".npz")]
+        if len(entries) >= 2:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(os.path.join(out, "meta.json")), "the run finished before it could be killed"
+    r = run_prepare(*args)
+    assert r.returncode == 0, r.stderr
+    assert_same_output(ref, out)
+
+
+def test_strict_makes_a_bad_file_an_error(prepared, tmp_path):
+    ref, args, _ = prepared
+    out = str(tmp_path / "out")
+    shutil.copytree(ref, out)  # with its cache: only the check runs
+    r = run_prepare(*[a for a in args if not a.startswith("--out_dir")], f"--out_dir={out}", "--strict=true")
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "corrupt.flac" in errors[0] and "--strict" in errors[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_no_audio_or_no_hub_is_one_line_and_writes_nothing(tmp_path, codec_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no audio here")
+    for dataset, expect in ((str(empty), "no audio files found"), ("nobody-gpt2o/no-such-dataset", "--dataset=")):
+        out = tmp_path / "out"
+        r = run_prepare(f"--dataset={dataset}", f"--codec={codec_dir}", f"--out_dir={out}", "--device=cpu")
+        assert r.returncode == 1 and r.stdout.count("\n") <= 1  # at most the config line
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
+        assert not out.exists()
+    r = run_prepare("--help")
+    assert r.returncode == 0 and all(f"--{k}=" in r.stdout for k in ("dataset", "codec", "out_dir", "device",
+                                                                         "chunk_seconds", "val_files", "shard_tokens", "strict"))
+
+
+def test_torchrun_two_processes_equal_one(prepared, tmp_path):
+    ref, args, _ = prepared
+    out = str(tmp_path / "out")
+    r = run_prepare(*[a for a in args if not a.startswith("--out_dir")], f"--out_dir={out}", torchrun=True,
+                    env={**ENV, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_output(ref, out)

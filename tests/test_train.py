@@ -1,0 +1,189 @@
+"""train.py end to end, on CPU, through its command line: DDP equivalence, exact resume, NaN stop, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from tokenizer import Layout
+
+PY = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
+LAYOUT = Layout((4, 2, 1), 4096)
+TPS = 24000 / 2048 * LAYOUT.frame_size
+
+
+def layout_stream(n_tokens: int, seed: int) -> np.ndarray:
+    """Documents of [BOUNDARY] + whole frames with ids of the right level (few distinct codes, so loss can fall)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    total = 0
+    while total < n_tokens:
+        frames = int(rng.integers(3, 40))
+        codes = rng.integers(0, 8, size=(frames, LAYOUT.frame_size))
+        doc = np.concatenate([[LAYOUT.boundary_id], (codes + LAYOUT.frame_levels * LAYOUT.codebook_size).reshape(-1)])
+        out.append(doc)
+        total += len(doc)
+    return np.concatenate(out)[:n_tokens].astype(np.uint16)
+
+
+def write_dataset(folder: str, train_tokens: list[int], val_tokens: list[int], seed: int = 0) -> str:
+    """A dataset folder in prepare_audio.py's format, with shards of exactly the given lengths."""
+    os.makedirs(folder, exist_ok=True)
+    shards, splits = [], {}
+    for split, sizes in (("train", train_tokens), ("val", val_tokens)):
+        stream = layout_stream(sum(sizes), seed + (split == "val"))
+        start = 0
+        for i, n in enumerate(sizes):
+            name = f"{split}_{i:03d}.bin"
+            stream[start:start + n].tofile(os.path.join(folder, name))
+            shards.append({"file": name, "split": split, "tokens": n, "sources": [f"{split}{i}.wav"]})
+            start += n
+        splits[split] = {"tokens": sum(sizes), "seconds": sum(sizes) / TPS, "files": len(sizes)}
+    meta = {"codec": "test", "sample_rate": 24000, "frame_hop": 2048, "tokens_per_second": TPS, **LAYOUT.meta(),
+            "dtype": "uint16", "dataset": "synthetic", "shards": shards, "skipped": [], "splits": splits}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return folder
+
+
+TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=2", "--dropout=0.0", "--learning_rate=3e-3", "--warmup_iters=2", "--peak_flops=1e11",
+        "--eval_iters=2"]
+
+
+def run_train(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [PY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd + [os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+
+def read_log(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # shards shorter than one window (block 32 + 1), so windows cross shard ends; val smaller than one batch per rank
+    folder = str(tmp_path_factory.mktemp("data"))
+    return write_dataset(folder, train_tokens=[20, 500, 7, 300, 1000], val_tokens=[25, 15])
+
+
+def test_token_stream_reads_across_shards(data):
+    from train import load_dataset
+    meta, streams = load_dataset(data)
+    whole = np.concatenate([np.fromfile(os.path.join(data, s["file"]), dtype="<u2")
+                            for s in meta["shards"] if s["split"] == "train"])
+    stream = streams["train"]
+    assert len(stream) == len(whole) == 1827
+    starts = np.array([0, 10, 19, 515, 1790])
+    got = stream.read(starts, 37)
+    assert got.dtype == np.int64
+    for row, s in zip(got, starts):
+        np.testing.assert_array_equal(row, whole[s:s + 37])
+
+
+def test_ddp_two_processes_match_one(data, tmp_path):
+    args = TINY + [f"--data_dir={data}", "--max_iters=8", "--gradient_accumulation_steps=4", "--log_interval=1",
+                   "--eval_interval=4"]
+    one = run_train(args + [f"--out_dir={tmp_path}/one"])
+    assert one.returncode == 0, one.stderr
+    two = run_train(args + [f"--out_dir={tmp_path}/two"], torchrun=2)
+    assert two.returncode == 0, two.stderr
+    log1, log2 = read_log(f"{tmp_path}/one"), read_log(f"{tmp_path}/two")
+    assert [r["iter"] for r in log1] == [r["iter"] for r in log2]
+    losses = [r["loss"] for r in log1 if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    for a, b in zip(log1, log2):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-4, (a, b)
+    assert "iter 7 | loss" in one.stdout and "| mfu" in one.stdout
+    val = [r for r in log1 if "val_loss" in r]
+    assert [r["iter"] for r in val] == [0, 4, 8]
+    v = val[-1]
+    assert abs(v["val_bps"] - v["val_loss"] * TPS / np.log(2)) < 1e-6
+    assert {"L0", "L1", "L2"} <= set(v["val_loss_levels"]) <= {"L0", "L1", "L2", "special"}
+
+
+def test_resume_is_exact_and_checkpoint_loads_weights_only(data, tmp_path):
+    args = TINY + [f"--data_dir={data}", "--gradient_accumulation_steps=2", "--log_interval=1", "--eval_interval=3",
+                   "--dropout=0.1",  # dropout on: its randomness must resume exactly too
+                   "--lr_decay_iters=12"]  # the same schedule whether the run is told to stop at 6 or at 12
+    full = run_train(args + ["--max_iters=12", f"--out_dir={tmp_path}/full"])
+    assert full.returncode == 0, full.stderr
+    half = run_train(args + ["--max_iters=6", f"--out_dir={tmp_path}/half"])
+    assert half.returncode == 0, half.stderr
+    ckpt = torch.load(f"{tmp_path}/half/ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 6 and ckpt["model_args"]["vocab_size"] == LAYOUT.vocab_size
+    assert ckpt["meta"]["layout"] == LAYOUT.meta()["layout"] and ckpt["config"]["max_iters"] == 6
+    rest = run_train(args + ["--max_iters=12", f"--out_dir={tmp_path}/half", "--init_from=resume"])
+    assert rest.returncode == 0, rest.stderr
+    full_log, resumed_log = read_log(f"{tmp_path}/full"), read_log(f"{tmp_path}/half")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tok_s", "mfu")} for r in rows]  # timings
+    assert strip(full_log) == strip(resumed_log)
+    assert len([r for r in full_log if "loss" in r]) == 12
+    a, b = torch.load(f"{tmp_path}/full/ckpt.pt", weights_only=True), torch.load(f"{tmp_path}/half/ckpt.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert os.path.isfile(f"{tmp_path}/full/best.pt")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    out = f"{tmp_path}/nan"
+    # a learning rate of 1e30 sends every weight to ~1e30 in the first Adam step, and activations overflow
+    r = run_train(TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=10",
+                          "--log_interval=5", "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0"])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: training loss is") and "at iteration 1 " in lines[0], r.stderr
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 0
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def bad(args: list[str], *names: str) -> None:
+    r = run_train(args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (r.returncode, r.stderr)
+    for name in names:
+        assert name in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line(data, tmp_path):
+    bad([f"--data_dir={tmp_path}/nowhere"], "data_dir", "nowhere")
+    bad([f"--data_dir={tmp_path}"], "meta.json")
+    bad(TINY + [f"--data_dir={data}", "--block_size=5000"], "block_size=5000")
+    bad(TINY + [f"--data_dir={data}", "--batch_sise=3"], "batch_sise")
+    bad(TINY + [f"--data_dir={data}", "--batch_size=three"], "batch_size")
+    broken = write_dataset(f"{tmp_path}/broken", [400, 300], [100])
+    with open(f"{broken}/train_001.bin", "ab") as f:
+        f.write(b"\0\0")
+    bad(TINY + [f"--data_dir={broken}"], "train_001.bin", "meta.json")
+
+
+def test_resume_with_other_vocab_is_one_line(data, tmp_path):
+    out = f"{tmp_path}/out"
+    assert run_train(TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=0"]).returncode == 0
+    other = write_dataset(f"{tmp_path}/other", [400], [100])
+    with open(f"{other}/meta.json") as f:
+        meta = json.load(f)
+    meta.update(Layout((4, 2, 1), 2048).meta())  # same shape of layout, other codebook size and vocab
+    with open(f"{other}/meta.json", "w") as f:
+        json.dump(meta, f)
+    bad(TINY + [f"--data_dir={other}", f"--out_dir={out}", "--init_from=resume"], "ckpt.pt", "codebook_size")
+
+
+def test_configs_parse():
+    from common import parse_config
+    from train import TrainConfig, check_config
+    for name in ("tiny", "sherlock"):
+        cfg = parse_config(TrainConfig, [os.path.join(ROOT, "configs", f"{name}.py")])
+        check_config(cfg, world_size=1)
+    assert cfg.block_size == 2048 and cfg.dropout > 0
