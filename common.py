@@ -114,18 +114,24 @@ def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
     types = {name: type(f.default) for name, f in fields.items()}
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip() + "\n\noptions (--key=value, default shown):")
+        # the comment beside each field in the dataclass source is its help text
+        import inspect
+        import re
+        comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.MULTILINE))
         for name, f in fields.items():
-            print(f"  --{name}={f.default!r}  ({types[name].__name__})")
+            print(f"  --{name}={f.default!r}".ljust(36) + f" {comments.get(name, types[name].__name__)}")
         raise SystemExit(0)
     values: dict[str, Any] = {}
     args = list(argv)
-    if args and not args[0].startswith("--"):
+    if args and not args[0].startswith("--") and not ("=" in args[0] and not os.path.exists(args[0])):
         path = args.pop(0)
         for key, value in read_config_file(path).items():
             if key not in fields:
                 raise UserError(f"config file {path}: unknown key '{key}' (known keys: {', '.join(fields)})")
             values[key] = _convert(key, value, types[key], f"config file {path}")
     for arg in args:
+        if arg.startswith("--") and "=" not in arg and types.get(arg[2:]) is bool:
+            arg += "=true"  # a bare --flag turns a boolean on
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"argument '{arg}': expected --key=value (a config file may only come first)")
         key, value = arg[2:].split("=", 1)
@@ -148,6 +154,9 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)  # reading the umask means setting it; put it straight back
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,7 +2,7 @@
 
     python generate.py --ckpt=out/sherlock/ckpt.pt --num_samples=4 --seconds=10 --out_dir=samples
     python generate.py --ckpt=out/sherlock/ckpt.pt --prompt=voice.flac --prompt_seconds=5 --seconds=10
-    python generate.py --ckpt=out/sherlock/ckpt.pt --stream=True --seconds=60 --temperature=0.9 --top_p=0.95
+    python generate.py --ckpt=out/sherlock/ckpt.pt --stream --seconds=60 --temperature=0.9 --top_p=0.95
     python generate.py --ckpt=out/sherlock/ckpt.pt --codec=snac_24khz_folder     # offline: a local codec copy
     python generate.py --help
 

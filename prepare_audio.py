@@ -127,8 +127,10 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
                     break
                 blocks.append(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0])  # downmix as tok.to_mono does
     except (sf.SoundFileError, RuntimeError, OSError, ValueError) as e:
-        reason = getattr(e, "error_string", None) or str(e).splitlines()[0]
-        raise BadAudio(f"cannot be decoded ({reason.strip()})") from None
+        reason = (getattr(e, "error_string", None) or str(e).splitlines()[0]).strip()
+        if "does not exist" in reason:  # what libsndfile says of data in no format it knows, though the file exists
+            reason = f"not audio in any format libsndfile knows, or damaged; libsndfile: {reason}"
+        raise BadAudio(f"cannot be decoded ({reason})") from None
     # a truncated WAV/AIFF reads "fine" (libsndfile shortens it silently) but its header log says so
     m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)
     if m and int(m.group(3)) < int(m.group(2)):
