@@ -443,12 +443,14 @@ def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: Token
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # dropout randomness from (seed, iteration, rank) alone, so a resumed run draws the same masks
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, iter_num, rank]).generate_state(1)[0]))
         starts = train_starts(cfg.seed, iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, n_train_starts)
         starts = starts.reshape(cfg.gradient_accumulation_steps, cfg.batch_size)[rank * micro_steps:(rank + 1) * micro_steps]
         loss_sum = None
         for micro_step in range(micro_steps):
+            # dropout masks from (seed, iteration, micro-step of the whole job) alone: a resumed run, and a run on
+            # another number of processes, draw the same masks
+            job_step = rank * micro_steps + micro_step
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, iter_num, job_step]).generate_state(1)[0]))
             x, y = to_device(train_data.read(starts[micro_step], cfg.block_size + 1), device, model_args["vocab_size"], "train")
             # gradients are all-reduced only after the last micro-step of the iteration
             sync = model.no_sync() if ddp and micro_step < micro_steps - 1 else nullcontext()
