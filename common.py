@@ -28,6 +28,10 @@ def run_main(main: Callable[[], Any]) -> None:
         main()
     except UserError as e:
         die(str(e))
+    except OSError as e:
+        if e.filename is None:  # not about a file the user named: a real bug, keep the traceback
+            raise
+        die(f"{e.filename}: {e.strerror} (check the path and its permissions)")
     except KeyboardInterrupt:
         die("interrupted")
 
@@ -69,6 +73,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise UserError(f"config file {path}: cannot be read ({e.strerror})") from None
     except SyntaxError as e:
         raise UserError(f"config file {path}, line {e.lineno}: not valid Python syntax ({e.msg})") from None
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"config file {path}: not a text file of `key = value` lines; only a config file may come "
+                        "first, every other option is --key=value (e.g. --ckpt=<file>)") from None
     values: dict[str, Any] = {}
     for stmt in tree.body:
         where = f"config file {path}, line {stmt.lineno}"
@@ -98,6 +105,10 @@ def _convert(key: str, value: Any, typ: type, where: str) -> Any:
                 pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # max_iters = 5e3
+    if typ is str and isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)  # the shell does not expand ~ after --key=
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise UserError(f"{where}: {key}={value!r} is not a valid {typ.__name__}")
     if typ is float and not math.isfinite(value):
@@ -192,6 +203,9 @@ def pick_device(device: str) -> str:
     kind = device.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={device}: CUDA is not available on this machine (use --device=cpu or auto)")
+    if kind == "cuda" and ":" in device and not (device.split(":")[1].isdigit()
+                                                 and int(device.split(":")[1]) < torch.cuda.device_count()):
+        raise UserError(f"device={device}: this machine has GPUs cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError(f"device={device}: Apple MPS is not available on this machine (use --device=cpu or auto)")
     if kind not in ("cpu", "cuda", "mps"):
@@ -203,7 +217,9 @@ def pick_dtype(dtype: str, device: str) -> str:
     """'auto' -> bfloat16 on CUDA cards that support it, float16 on older ones (a T4), float32 elsewhere."""
     if dtype == "auto":
         if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # bf16 runs natively from compute capability 8 (Ampere) on; torch.cuda.is_bf16_supported() also says
+            # yes to the slow emulation on a T4 or V100, which want float16 + loss scaling instead
+            return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
         return "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype={dtype}: expected auto, float32, bfloat16 or float16")

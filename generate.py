@@ -180,6 +180,14 @@ class StreamDecoder:
         return self._decode(len(self.frames)) if self.done < len(self.frames) else None
 
 
+def decode_in_chunks(tok: AudioTokenizer, tokens: torch.Tensor, chunk_frames: int = 240) -> torch.Tensor:
+    """(B, n_frames * frame_size) tokens -> (B, n_frames * frame_hop) audio, decoded 20 s at a time with codec
+    context on both sides, so memory stays bounded however long the samples are."""
+    dec = StreamDecoder(tok, chunk_frames)
+    pieces = [dec.push(t) for t in tokens.split(chunk_frames * tok.layout.frame_size, dim=1)] + [dec.flush()]
+    return torch.cat([p for p in pieces if p is not None], dim=1)
+
+
 class WavWriter:
     """Appends to a WAV under a temp name beside `path`, renamed into place by close() (never half a file)."""
 
@@ -206,7 +214,7 @@ class WavWriter:
 # the script
 
 def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float) -> torch.Tensor:
-    """An audio file -> its tokens (whole frames), only the last prompt_seconds of it when that is > 0."""
+    """An audio file -> the tokens of its whole frames (the last prompt_seconds of it when that is > 0)."""
     import soundfile as sf
     if not os.path.isfile(path):
         raise UserError(f"prompt {path}: not found (pass --prompt=<an audio file>)")
@@ -218,7 +226,11 @@ def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float) -> torch.
     if len(wav) == 0:
         raise UserError(f"prompt {path}: holds no audio samples; expected at least one frame "
                         f"({tok.frame_hop / tok.sample_rate:.3f} s)")
-    tokens = torch.from_numpy(tok.encode(wav, sr))
+    # keep whole frames of real audio: a partial last frame would be padded with silence by the codec, and the
+    # model would continue from that silence
+    audio = tok.to_mono(wav, sr)
+    audio = audio[:max(1, len(audio) // tok.frame_hop) * tok.frame_hop]
+    tokens = torch.from_numpy(tok.encode(audio.numpy(), tok.sample_rate))
     if prompt_seconds > 0:
         frames = math.ceil(prompt_seconds * tok.sample_rate / tok.frame_hop)
         tokens = tokens[-frames * tok.layout.frame_size:]
@@ -298,7 +310,7 @@ def main() -> None:
         tokens = generate_tokens(model, layout, prompt, n_frames, **knobs)  # (B, (p_frames + n_frames) * fs)
         t_lm = time.perf_counter() - t0
         t0 = time.perf_counter()
-        audio = tok.decode_codes(layout.tokens_to_codes(tokens)).cpu().numpy()  # (B, samples)
+        audio = decode_in_chunks(tok, tokens).cpu().numpy()  # (B, samples)
         t_codec = time.perf_counter() - t0
         writers = [WavWriter(p, sr) for p in paths + cont_paths]
         for i in range(cfg.num_samples):

@@ -314,4 +314,6 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenize
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"codec weights {weights_path}: cannot be loaded into SNAC ({first[:200]})") from None
-    return AudioTokenizer(model.to(device).eval(), codec)
+    # a local folder is recorded by its absolute path, so meta.json and checkpoints find it from anywhere
+    name = os.path.abspath(codec) if os.path.isdir(codec) else codec
+    return AudioTokenizer(model.to(device).eval(), name)

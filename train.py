@@ -198,10 +198,11 @@ def to_device(batch: np.ndarray, device: str, vocab_size: int, split: str) -> tu
     if batch.max(initial=0) >= vocab_size:
         raise UserError(f"{split} shards: token id {batch.max()} >= vocab_size {vocab_size}; the shards do not match meta.json")
     t = torch.from_numpy(batch)
-    x, y = t[:, :-1], t[:, 1:]
     if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return t[:, :-1], t[:, 1:]  # one copy of the (B, T+1) windows, sliced on the device
 
 
 @torch.no_grad()
@@ -211,7 +212,8 @@ def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, bl
     world size get the same figures. Per-level losses group tokens by the level of the TARGET token
     (id // codebook_size); boundary tokens are the 'special' group."""
     n_levels, cb = int(meta["n_levels"]), int(meta["codebook_size"])
-    sums = torch.zeros(2, n_levels + 1, device=device, dtype=torch.float64)  # [loss sum, token count] per group
+    acc = torch.float32 if device == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(2, n_levels + 1, device=device, dtype=acc)  # [loss sum, token count] per group
     model.eval()
     for i in range(0, len(starts), cfg.batch_size):
         x, y = to_device(stream.read(starts[i:i + cfg.batch_size], block + 1), device, int(meta["vocab_size"]), "val")
@@ -219,8 +221,8 @@ def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, bl
             logits, _ = model(x, y)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         group = torch.clamp(y.reshape(-1) // cb, max=n_levels)
-        sums[0].index_add_(0, group, loss.double())
-        sums[1].index_add_(0, group, torch.ones_like(loss, dtype=torch.float64))
+        sums[0].index_add_(0, group, loss.to(acc))
+        sums[1].index_add_(0, group, torch.ones_like(loss, dtype=acc))
     model.train()
     if ddp:
         torch.distributed.all_reduce(sums)
@@ -354,7 +356,8 @@ def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: Token
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("scaler") and scaler.is_enabled():  # empty when the checkpoint's run did not scale (bf16)
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.startswith("cuda") and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

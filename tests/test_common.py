@@ -28,6 +28,8 @@ def test_config_file_then_command_line(tmp_path):
     assert parse_config(Cfg, [path, "--n=1e3", "--lr=1", "--flag=false"]) == Cfg(name="x", n=1000, lr=1.0, flag=False)
     assert parse_config(Cfg, ["--flag"]).flag is True  # a bare boolean flag
     assert read_config_file(write(tmp_path, "a = 2\nb = a * 3\n")) == {"a": 2, "b": 6}
+    assert parse_config(Cfg, [write(tmp_path, "n = 5e3\n")]).n == 5000  # as --n=5e3 is
+    assert parse_config(Cfg, ["--name=~/data"]).name == os.path.expanduser("~/data")  # the shell leaves ~ after =
 
 
 @pytest.mark.parametrize("text,message", [
@@ -37,6 +39,7 @@ def test_config_file_then_command_line(tmp_path):
     ("n = (\n", "not valid Python"),
     ("batch = 3\n", "unknown key 'batch'"),
     ("n = 'three'\n", "n='three' is not a valid int"),
+    ("n = 2.5\n", "n=2.5 is not a valid int"),
 ])
 def test_config_file_is_data_not_code(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
@@ -69,3 +72,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_binary_first_argument_is_one_line(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"\x80\x02\x00binary")
+    with pytest.raises(UserError, match="not a text file.*--key=value"):
+        parse_config(Cfg, [str(path)])
+

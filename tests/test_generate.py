@@ -141,11 +141,14 @@ def test_prompt_tokens_are_kept_verbatim(model, tok, tmp_path):
     audio = synth_audio(1.0, 16000, channels=2, seed=3)  # another rate, stereo: load_prompt resamples and downmixes
     path = str(tmp_path / "prompt.flac")
     sf.write(path, audio, 16000)
-    whole = torch.from_numpy(tok.encode(audio, 16000))
+    mono = tok.to_mono(audio, 16000)
+    whole = torch.from_numpy(tok.encode(mono[:len(mono) // 2048 * 2048].numpy(), 24000))
+    assert len(whole) == 11 * fs  # 1.0 s is 11.7 frames: the partial last one (half silence) is left out
+    assert torch.equal(generate.load_prompt(path, tok, prompt_seconds=0), whole)
     p = generate.load_prompt(path, tok, prompt_seconds=0.5)
     assert len(p) == 6 * fs  # ceil(0.5 s / 85.3 ms) whole frames
     assert torch.equal(p, whole[-6 * fs:])
-    # 12 frames (84 tokens) do not fit the 64-token context: the window starts inside the prompt
+    # 11 frames (77 tokens) do not fit the 64-token context: the window starts inside the prompt
     for prompt in (p, whole):
         out = generate.generate_tokens(model, layout, prompt, 5, num_samples=2, temperature=1.0,
                                        generator=torch.Generator().manual_seed(0))
@@ -248,3 +251,15 @@ def test_help_lists_options():
     assert r.returncode == 0
     for key in ("--ckpt=", "--temperature=1.0", "--top_k=0", "--top_p=1.0", "--seed=1337", "--prompt_seconds=", "--stream=False"):
         assert key in r.stdout
+
+
+def test_decode_in_chunks_matches_one_pass(quiet_tok):
+    # 30 frames in chunks of 8: several chunk edges, each decoded with codec context on both sides
+    layout = quiet_tok.layout
+    g = torch.Generator().manual_seed(5)
+    frames = torch.randint(0, layout.codebook_size, (2, 30, layout.frame_size), generator=g)
+    tokens = (frames + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(2, -1)
+    one = quiet_tok.decode_codes(layout.tokens_to_codes(tokens))
+    chunked = generate.decode_in_chunks(quiet_tok, tokens, chunk_frames=8)
+    assert chunked.shape == one.shape == (2, 30 * quiet_tok.frame_hop)
+    assert (chunked - one).abs().max() < 1e-5

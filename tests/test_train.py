@@ -166,6 +166,8 @@ def test_bad_input_is_one_line(data, tmp_path):
     with open(f"{broken}/train_001.bin", "ab") as f:
         f.write(b"\0\0")
     bad(TINY + [f"--data_dir={broken}"], "train_001.bin", "meta.json")
+    (tmp_path / "a_file").write_text("")
+    bad(TINY + [f"--data_dir={data}", f"--out_dir={tmp_path}/a_file", "--max_iters=0"], "a_file")  # not a folder
 
 
 def test_resume_with_other_vocab_is_one_line(data, tmp_path):
