@@ -10,11 +10,13 @@ import json
 import math
 import operator
 import os
+import re
 import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, NoReturn
 
+import numpy as np
 import torch
 
 
@@ -187,6 +189,65 @@ def read_json(path: str, what: str = "file") -> dict:
         raise UserError(f"{what} {path}: not found") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path}: not readable JSON ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# audio files: one reader for the dataset (prepare_audio.py) and for prompts (generate.py)
+
+READ_BLOCK = 1 << 20  # frames per soundfile read: peak memory is the mono file plus one block
+
+
+class BadAudio(Exception):
+    """An audio file that cannot be used; the message is the reason, shown to the user (and stored in meta.json)."""
+
+
+@contextmanager
+def captured_c_stderr():
+    """libmpg123 prints its complaints about a damaged mp3 straight to file descriptor 2; keep them off the
+    terminal so each bad file gets exactly one warning line (ours, with the reason)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+    """Decode a whole file -> (float32 mono samples at the file's own rate, rate). Raises BadAudio(reason)."""
+    import soundfile as sf
+    if os.path.getsize(path) == 0:
+        raise BadAudio("empty file (0 bytes)")
+    blocks = []
+    try:
+        with captured_c_stderr(), sf.SoundFile(path) as f:
+            rate, declared, info = f.samplerate, f.frames, f.extra_info
+            while True:
+                # f.read stops at the end of what can be decoded (f.blocks() would pad a truncated mp3 with stale data)
+                block = f.read(READ_BLOCK, dtype="float32", always_2d=True)  # (n, channels)
+                if not len(block):
+                    break
+                blocks.append(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0])  # downmix as tok.to_mono does
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError) as e:
+        reason = (getattr(e, "error_string", None) or str(e).splitlines()[0]).strip()
+        if "does not exist" in reason:  # what libsndfile says of data in no format it knows, though the file exists
+            reason = f"not audio in any format libsndfile knows, or damaged; libsndfile: {reason}"
+        raise BadAudio(f"cannot be decoded ({reason})") from None
+    # a truncated WAV/AIFF reads "fine" (libsndfile shortens it silently) but its header log says so
+    m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)
+    if m and int(m.group(3)) < int(m.group(2)):
+        raise BadAudio(f"truncated: its header declares {m.group(2)} bytes of audio, only {m.group(3)} are present")
+    audio = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    if declared > 0 and len(audio) < 0.99 * declared:  # mp3 lengths are estimates: allow 1%
+        raise BadAudio(f"truncated or corrupt: decodes to {len(audio)} of the {declared} samples its header declares")
+    if len(audio) == 0:
+        raise BadAudio("holds no audio samples")
+    if not np.isfinite(audio).all():
+        raise BadAudio("holds NaN or infinite samples")
+    return audio, rate
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from common import UserError, load_checkpoint, model_from_checkpoint, parse_config, pick_device, pick_dtype, run_main
+from common import (BadAudio, UserError, load_checkpoint, model_from_checkpoint, parse_config, pick_device, pick_dtype,
+                    read_audio, run_main)
 from tokenizer import AudioTokenizer, Layout, load_codec
 
 
@@ -215,17 +216,12 @@ class WavWriter:
 
 def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float) -> torch.Tensor:
     """An audio file -> the tokens of its whole frames (the last prompt_seconds of it when that is > 0)."""
-    import soundfile as sf
     if not os.path.isfile(path):
         raise UserError(f"prompt {path}: not found (pass --prompt=<an audio file>)")
     try:
-        wav, sr = sf.read(path, dtype="float32", always_2d=False)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError on odd files
-        raise UserError(f"prompt {path}: cannot be read as audio ({str(e).strip()[:200]}); "
-                        "expected WAV, FLAC, OGG or another format libsndfile reads") from None
-    if len(wav) == 0:
-        raise UserError(f"prompt {path}: holds no audio samples; expected at least one frame "
-                        f"({tok.frame_hop / tok.sample_rate:.3f} s)")
+        wav, sr = read_audio(path)
+    except BadAudio as e:
+        raise UserError(f"prompt {path}: {e}; expected WAV, FLAC, OGG, MP3 or another format libsndfile reads") from None
     # keep whole frames of real audio: a partial last frame would be padded with silence by the codec, and the
     # model would continue from that silence
     audio = tok.to_mono(wav, sr)

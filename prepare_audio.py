@@ -19,15 +19,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
-from common import UserError, atomic_write, parse_config, pick_device, run_main, write_json
+from common import BadAudio, UserError, atomic_write, parse_config, pick_device, read_audio, run_main, write_json
 from tokenizer import DEFAULT_CODEC
 
 # -----------------------------------------------------------------------------
@@ -50,11 +48,6 @@ class PrepareConfig:
 AUDIO_EXTENSIONS = {"wav": "WAV", "wave": "WAV", "flac": "FLAC", "ogg": "OGG", "oga": "OGG", "opus": "OGG",
                     "mp3": "MP3", "aiff": "AIFF", "aif": "AIFF", "aifc": "AIFF", "au": "AU", "snd": "AU",
                     "caf": "CAF", "w64": "W64", "rf64": "RF64", "voc": "VOC"}
-READ_BLOCK = 1 << 20  # frames per soundfile read: peak memory is the mono file plus one block
-
-
-class BadAudio(Exception):
-    """A source file that cannot be used; the message is the reason shown to the user and stored in meta.json."""
 
 
 # -----------------------------------------------------------------------------
@@ -94,55 +87,6 @@ def find_audio(root: str, exclude: str) -> list[str]:
             if name.rsplit(".", 1)[-1].lower() in extensions and not name.startswith("."):
                 found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
     return sorted(found)
-
-
-@contextmanager
-def captured_c_stderr():
-    """libmpg123 prints its complaints about a damaged mp3 straight to file descriptor 2; keep them off the
-    terminal so each bad file gets exactly one warning line (ours, with the reason)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def read_audio(path: str) -> tuple[np.ndarray, int]:
-    """Decode a whole file -> (float32 mono samples at the file's own rate, rate). Raises BadAudio(reason)."""
-    import soundfile as sf
-    if os.path.getsize(path) == 0:
-        raise BadAudio("empty file (0 bytes)")
-    blocks = []
-    try:
-        with captured_c_stderr(), sf.SoundFile(path) as f:
-            rate, declared, info = f.samplerate, f.frames, f.extra_info
-            while True:
-                # f.read stops at the end of what can be decoded (f.blocks() would pad a truncated mp3 with stale data)
-                block = f.read(READ_BLOCK, dtype="float32", always_2d=True)  # (n, channels)
-                if not len(block):
-                    break
-                blocks.append(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0])  # downmix as tok.to_mono does
-    except (sf.SoundFileError, RuntimeError, OSError, ValueError) as e:
-        reason = (getattr(e, "error_string", None) or str(e).splitlines()[0]).strip()
-        if "does not exist" in reason:  # what libsndfile says of data in no format it knows, though the file exists
-            reason = f"not audio in any format libsndfile knows, or damaged; libsndfile: {reason}"
-        raise BadAudio(f"cannot be decoded ({reason})") from None
-    # a truncated WAV/AIFF reads "fine" (libsndfile shortens it silently) but its header log says so
-    m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)
-    if m and int(m.group(3)) < int(m.group(2)):
-        raise BadAudio(f"truncated: its header declares {m.group(2)} bytes of audio, only {m.group(3)} are present")
-    audio = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
-    if declared > 0 and len(audio) < 0.99 * declared:  # mp3 lengths are estimates: allow 1%
-        raise BadAudio(f"truncated or corrupt: decodes to {len(audio)} of the {declared} samples its header declares")
-    if len(audio) == 0:
-        raise BadAudio("holds no audio samples")
-    if not np.isfinite(audio).all():
-        raise BadAudio("holds NaN or infinite samples")
-    return audio, rate
 
 
 # -----------------------------------------------------------------------------

@@ -257,8 +257,6 @@ class AudioTokenizer:
     def encode(self, waveform, sample_rate: int, chunk_seconds: float = 60.0, margin_seconds: float = 0.75) -> np.ndarray:
         """Audio (samples,) or (samples, channels) at any rate -> int64 token ids, ceil(duration / frame) frames."""
         audio = self.to_mono(waveform, sample_rate)
-        if audio.shape[0] == 0:
-            return np.zeros(0, dtype=np.int64)
         codes = self.encode_codes(audio, chunk_seconds=chunk_seconds, margin_seconds=margin_seconds)
         return self.layout.codes_to_tokens([c.cpu().numpy() for c in codes])
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, autocast, load_checkpoint, parse_config, pick_device, pick_dtype, read_json,
+from common import (UserError, atomic_write, autocast, load_checkpoint, parse_config, pick_device, pick_dtype, read_json,
                     run_main, save_checkpoint, write_json)
 from model import GPT, GPTConfig
 
@@ -281,7 +281,6 @@ def trim_log(path: str, iter_num: int) -> None:
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     keep = [r for r in rows if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" in r)]
-    from common import atomic_write
     atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep)), mode="w")
 
 

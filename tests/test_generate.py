@@ -241,7 +241,7 @@ def test_bad_inputs(ckpt, tok, codec_dir, tmp_path):
     assert_one_line_error(run(f"--ckpt={no_meta}", f"--codec={codec_dir}"), no_meta, "tokenizer meta")
     bad_prompt = tmp_path / "prompt.wav"
     bad_prompt.write_text("this is text, not audio")
-    assert_one_line_error(run(f"--ckpt={ckpt}", f"--prompt={bad_prompt}"), str(bad_prompt), "cannot be read as audio")
+    assert_one_line_error(run(f"--ckpt={ckpt}", f"--prompt={bad_prompt}"), str(bad_prompt), "cannot be decoded")
     assert_one_line_error(run(f"--ckpt={ckpt}", "--seconds=0"), "seconds=0", "> 0")
     assert_one_line_error(run(f"--ckpt={ckpt}", "--temprature=0.5"), "temprature")
 
