@@ -127,7 +127,7 @@ def bench_train() -> None:
     import torch
     from model import GPT, GPTConfig
     from tokenizer import Layout
-    from train import measure_matmul_flops
+    from common import measure_matmul_flops
 
     root = os.path.dirname(os.path.abspath(__file__))
     layout = Layout((4, 2, 1), 4096)
@@ -245,7 +245,7 @@ def bench_generate() -> None:
     import tempfile
     import numpy as np
     import torch
-    import generate
+    import sampling
     from common import read_config_file
     from model import GPT, GPTConfig
     from tokenizer import Layout, load_codec
@@ -268,7 +268,7 @@ def bench_generate() -> None:
 
     def tokens_per_s(model, prompt, n_frames: int, use_cache: bool) -> float:
         t0 = time.perf_counter()
-        generate.generate_tokens(model, layout, prompt, n_frames, use_cache=use_cache,
+        sampling.generate_tokens(model, layout, prompt, n_frames, use_cache=use_cache,
                                  generator=torch.Generator().manual_seed(0))
         return n_frames * fs / (time.perf_counter() - t0)
 
@@ -296,7 +296,7 @@ def bench_generate() -> None:
         tokens_per_s(model, None, 2, True)  # warm-up
         for b in (1, 4):
             t0 = time.perf_counter()
-            generate.generate_tokens(model, layout, None, n_frames, num_samples=b,
+            sampling.generate_tokens(model, layout, None, n_frames, num_samples=b,
                                      generator=torch.Generator().manual_seed(0))
             tps = b * n_frames * fs / (time.perf_counter() - t0)
             row(f"{label} B={b} LM {seconds}s vs real time", tps, real_time, "tokens/s")
@@ -311,7 +311,7 @@ def bench_generate() -> None:
     row(f"codec one-pass decode {seconds:.0f}s (audio s per s)", n * tok.frame_hop / 24000 / t_one, 1.0, "x")
 
     def streamed() -> None:
-        dec = generate.StreamDecoder(tok, 12)
+        dec = sampling.StreamDecoder(tok, 12)
         for f in tokens.split(fs, dim=1):
             dec.push(f)
         dec.flush()

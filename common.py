@@ -1,11 +1,14 @@
-"""Helpers shared by the scripts: config parsing, one-line errors, atomic writes, devices, checkpoints.
+"""What the scripts share: one-line errors, config parsing, atomic writes, processes, devices, checkpoints.
 
-Nothing here runs at import and nothing prints; scripts call these from their main().
+Nothing here runs at import and nothing prints; scripts call these from their main(). The library modules
+(model.py, tokenizer.py, sampling.py) do not import this file: they raise ValueError, which scripts turn into
+UserError with the command that fixes it.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
 import math
 import operator
@@ -13,10 +16,11 @@ import os
 import re
 import sys
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, NoReturn
 
-import numpy as np
 import torch
 
 
@@ -41,6 +45,15 @@ def run_main(main: Callable[[], Any]) -> None:
 def die(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(1)
+
+
+@contextmanager
+def user_errors(hint: str = ""):
+    """Turn a library's ValueError (bad data or settings, not a bug) into a UserError, with `hint` appended."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{e}{hint}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -128,8 +141,6 @@ def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip() + "\n\noptions (--key=value, default shown):")
         # the comment beside each field in the dataclass source is its help text
-        import inspect
-        import re
         comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.MULTILINE))
         for name, f in fields.items():
             print(f"  --{name}={f.default!r}".ljust(36) + f" {comments.get(name, types[name].__name__)}")
@@ -192,62 +203,46 @@ def read_json(path: str, what: str = "file") -> dict:
 
 
 # -----------------------------------------------------------------------------
-# audio files: one reader for the dataset (prepare_audio.py) and for prompts (generate.py)
+# processes: one, or many under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE)
 
-READ_BLOCK = 1 << 20  # frames per soundfile read: peak memory is the mono file plus one block
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
 
+    @classmethod
+    def from_env(cls) -> "Dist":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
 
-class BadAudio(Exception):
-    """An audio file that cannot be used; the message is the reason, shown to the user (and stored in meta.json)."""
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
 
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
 
-@contextmanager
-def captured_c_stderr():
-    """libmpg123 prints its complaints about a damaged mp3 straight to file descriptor 2; keep them off the
-    terminal so each bad file gets exactly one warning line (ours, with the reason)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    def init(self, device: str) -> str:
+        """Join the process group (nccl on CUDA, gloo on CPU); on CUDA each process takes its local rank's GPU.
+        Returns the device this process uses."""
+        if not self.ddp:
+            return device
+        if device.startswith("cuda"):
+            device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        return device
 
+    def barrier(self) -> None:
+        if self.ddp:
+            cuda = torch.distributed.get_backend() == "nccl"
+            torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if cuda else None)
 
-def read_audio(path: str) -> tuple[np.ndarray, int]:
-    """Decode a whole file -> (float32 mono samples at the file's own rate, rate). Raises BadAudio(reason)."""
-    import soundfile as sf
-    if os.path.getsize(path) == 0:
-        raise BadAudio("empty file (0 bytes)")
-    blocks = []
-    try:
-        with captured_c_stderr(), sf.SoundFile(path) as f:
-            rate, declared, info = f.samplerate, f.frames, f.extra_info
-            while True:
-                # f.read stops at the end of what can be decoded (f.blocks() would pad a truncated mp3 with stale data)
-                block = f.read(READ_BLOCK, dtype="float32", always_2d=True)  # (n, channels)
-                if not len(block):
-                    break
-                blocks.append(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0])  # downmix as tok.to_mono does
-    except (sf.SoundFileError, RuntimeError, OSError, ValueError) as e:
-        reason = (getattr(e, "error_string", None) or str(e).splitlines()[0]).strip()
-        if "does not exist" in reason:  # what libsndfile says of data in no format it knows, though the file exists
-            reason = f"not audio in any format libsndfile knows, or damaged; libsndfile: {reason}"
-        raise BadAudio(f"cannot be decoded ({reason})") from None
-    # a truncated WAV/AIFF reads "fine" (libsndfile shortens it silently) but its header log says so
-    m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)
-    if m and int(m.group(3)) < int(m.group(2)):
-        raise BadAudio(f"truncated: its header declares {m.group(2)} bytes of audio, only {m.group(3)} are present")
-    audio = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
-    if declared > 0 and len(audio) < 0.99 * declared:  # mp3 lengths are estimates: allow 1%
-        raise BadAudio(f"truncated or corrupt: decodes to {len(audio)} of the {declared} samples its header declares")
-    if len(audio) == 0:
-        raise BadAudio("holds no audio samples")
-    if not np.isfinite(audio).all():
-        raise BadAudio("holds NaN or infinite samples")
-    return audio, rate
+    def close(self) -> None:
+        if self.ddp and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -318,9 +313,39 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, device: str = "cpu"):
-    """Rebuild the GPT from a checkpoint dict (as written by train.py)."""
-    from model import GPT, GPTConfig
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device)
+# -----------------------------------------------------------------------------
+# speed: the peak FLOP/s that model FLOPs utilisation (MFU) is measured against
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets. First match wins, so longer names come
+# first. In float32 (TF32) the peak is taken as half of these (true for A100/H100).
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12),
+    ("4090", 165e12), ("4080", 97e12), ("3090", 71e12), ("3080", 59e12),
+]
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype = torch.float32, n: int = 1024, repeat: int = 3) -> float:
+    """Achieved FLOP/s of an n x n matmul on `device`: the practical peak on CPUs and unknown GPUs."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else torch.mps.synchronize if device == "mps" else None
+    best = float("inf")
+    for _ in range(repeat + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        a @ b
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: str, dtype: str, override: float = 0.0) -> float:
+    """The data-sheet peak of a known GPU, else a measured float32/dtype matmul; `override` wins when > 0."""
+    if override > 0:
+        return override
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS:
+            if key in name:
+                return flops if dtype != "float32" else flops / 2
+    return measure_matmul_flops(device, getattr(torch, dtype))

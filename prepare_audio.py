@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import BadAudio, UserError, atomic_write, parse_config, pick_device, read_audio, run_main, write_json
-from tokenizer import DEFAULT_CODEC
+from common import Dist, UserError, atomic_write, parse_config, pick_device, run_main, user_errors, write_json
+from tokenizer import DEFAULT_CODEC, BadAudio, load_codec, read_audio
 
 # -----------------------------------------------------------------------------
 # config
@@ -217,38 +217,25 @@ def main() -> None:
     cfg = parse_config(PrepareConfig, sys.argv[1:], __doc__)
     if cfg.shard_tokens < 1 or cfg.val_files < 0 or cfg.chunk_seconds <= 0:
         raise UserError("shard_tokens must be >= 1, val_files >= 0 and chunk_seconds > 0")
-    import torch
-    import torch.distributed as dist
     from tqdm import tqdm
-    from tokenizer import load_codec
 
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
-    device = pick_device(cfg.device)
-    if ddp and device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-
-    def barrier() -> None:
-        if ddp:
-            dist.barrier(device_ids=[torch.cuda.current_device()]) if device.startswith("cuda") else dist.barrier()
-
+    dist = Dist.from_env()  # torchrun: each rank encodes its share of the files
+    device = dist.init(pick_device(cfg.device))
+    rank, world, master = dist.rank, dist.world_size, dist.master
     if master:
         print(f"prepare_audio: {json.dumps(dataclasses.asdict(cfg))} | device {device} | {world} process(es)", flush=True)
     # rank 0 downloads the dataset and codec first (or fails alone, with one line); the others then find them cached
     if not master:
-        barrier()
+        dist.barrier()
     root = resolve_dataset(cfg.dataset)
     files = find_audio(root, exclude=cfg.out_dir)
     if not files:
         raise UserError(f"dataset {cfg.dataset}: no audio files found (searched {root} recursively for "
                         f".{', .'.join(audio_extensions())}); point --dataset at a folder of audio files")
-    tok = load_codec(cfg.codec, device)
+    with user_errors():
+        tok = load_codec(cfg.codec, device)
     if master:
-        barrier()
+        dist.barrier()
     if tok.layout.vocab_size > 1 << 16:
         raise UserError(f"codec {cfg.codec}: vocab_size {tok.layout.vocab_size} does not fit the uint16 shards")
     folder = cache_folder(cfg.out_dir, tok, cfg)  # nothing is written before this point
@@ -268,7 +255,7 @@ def main() -> None:
             report(rel, entry, cfg.strict)
             bar.set_postfix_str(f"{hours / max(time.time() - t0, 1e-9):.3g} audio-h/s", refresh=False)
             bar.update(1)
-    barrier()
+    dist.barrier()
     if master:
         meta = assemble(cfg, tok, root, files, folder)
         s = meta["splits"]
@@ -276,8 +263,7 @@ def main() -> None:
               f"val: {s['val']['files']} files, {s['val']['seconds'] / 3600:.2f} h, {s['val']['tokens']:,} tokens | "
               f"skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> {os.path.join(cfg.out_dir, 'meta.json')}",
               flush=True)
-    if ddp:
-        dist.destroy_process_group()
+    dist.close()
 
 
 if __name__ == "__main__":

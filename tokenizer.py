@@ -23,13 +23,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
 
-from common import UserError
 
 DEFAULT_CODEC = "hubertsiuzdak/snac_24khz"
 LAYOUT_NAME = "snac-depth-first-v1"
@@ -169,10 +173,75 @@ class Layout:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Layout":
-        """The layout recorded in a meta.json or checkpoint; an unknown layout name is a UserError."""
+        """The layout recorded in a meta.json or checkpoint; an unknown layout name is a ValueError."""
         if meta.get("layout") != LAYOUT_NAME:
-            raise UserError(f"token layout '{meta.get('layout')}' is not supported (expected '{LAYOUT_NAME}'); re-run prepare_audio.py")
+            raise ValueError(f"token layout '{meta.get('layout')}' is not supported (expected '{LAYOUT_NAME}'); re-run prepare_audio.py")
         return cls(tuple(meta["vq_strides"]), int(meta["codebook_size"]))
+
+
+# -----------------------------------------------------------------------------
+# audio files: one reader for datasets (prepare_audio.py) and prompts (generate.py)
+
+def downmix(audio: np.ndarray) -> np.ndarray:
+    """(samples, channels) -> (samples,) by averaging the channels; (samples,) is returned as is."""
+    return audio.mean(axis=1) if audio.ndim == 2 else audio
+
+
+READ_BLOCK = 1 << 20  # frames per soundfile read: peak memory is the mono file plus one block
+
+
+class BadAudio(Exception):
+    """An audio file that cannot be used; the message is the reason, shown to the user (and stored in meta.json)."""
+
+
+@contextmanager
+def captured_c_stderr():
+    """libmpg123 prints its complaints about a damaged mp3 straight to file descriptor 2; keep them off the
+    terminal so each bad file gets exactly one warning line (ours, with the reason)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+    """Decode a whole file -> (float32 mono samples at the file's own rate, rate). Raises BadAudio(reason)."""
+    import soundfile as sf
+    if os.path.getsize(path) == 0:
+        raise BadAudio("empty file (0 bytes)")
+    blocks = []
+    try:
+        with captured_c_stderr(), sf.SoundFile(path) as f:
+            rate, declared, info = f.samplerate, f.frames, f.extra_info
+            while True:
+                # f.read stops at the end of what can be decoded (f.blocks() would pad a truncated mp3 with stale data)
+                block = f.read(READ_BLOCK, dtype="float32", always_2d=True)  # (n, channels)
+                if not len(block):
+                    break
+                blocks.append(downmix(block))
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError) as e:
+        reason = (getattr(e, "error_string", None) or str(e).splitlines()[0]).strip()
+        if "does not exist" in reason:  # what libsndfile says of data in no format it knows, though the file exists
+            reason = f"not audio in any format libsndfile knows, or damaged; libsndfile: {reason}"
+        raise BadAudio(f"cannot be decoded ({reason})") from None
+    # a truncated WAV/AIFF reads "fine" (libsndfile shortens it silently) but its header log says so
+    m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)
+    if m and int(m.group(3)) < int(m.group(2)):
+        raise BadAudio(f"truncated: its header declares {m.group(2)} bytes of audio, only {m.group(3)} are present")
+    audio = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    if declared > 0 and len(audio) < 0.99 * declared:  # mp3 lengths are estimates: allow 1%
+        raise BadAudio(f"truncated or corrupt: decodes to {len(audio)} of the {declared} samples its header declares")
+    if len(audio) == 0:
+        raise BadAudio("holds no audio samples")
+    if not np.isfinite(audio).all():
+        raise BadAudio("holds NaN or infinite samples")
+    return audio, rate
+
 
 
 class AudioTokenizer:
@@ -204,8 +273,7 @@ class AudioTokenizer:
         wav = np.asarray(waveform, dtype=np.float32)
         if wav.ndim == 2 and wav.shape[1] > max(16, wav.shape[0]):
             raise ValueError(f"audio of shape {wav.shape} looks like (channels, samples); pass (samples, channels)")
-        if wav.ndim == 2:
-            wav = wav.mean(axis=1)  # downmix
+        wav = downmix(wav)
         if wav.ndim != 1:
             raise ValueError(f"expected audio of shape (samples,) or (samples, channels), got {wav.shape}")
         n_in = len(wav)
@@ -283,21 +351,25 @@ class AudioTokenizer:
 
 def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenizer:
     """Load a SNAC codec from a Hugging Face Hub id or a local folder holding config.json + pytorch_model.bin."""
-    from snac import SNAC
+    with warnings.catch_warnings():
+        # snac decorates a helper with @torch.jit.script, which torch deprecates with a warning at import
+        # time: snac's to fix, and noise on a user's terminal (it would break our one-line errors)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script")
+        from snac import SNAC
     if os.path.isdir(codec):
         config_path, weights_path = os.path.join(codec, "config.json"), os.path.join(codec, "pytorch_model.bin")
         for p in (config_path, weights_path):
             if not os.path.isfile(p):
-                raise UserError(f"codec folder {codec}: missing {os.path.basename(p)} (expected config.json + pytorch_model.bin)")
+                raise ValueError(f"codec folder {codec}: missing {os.path.basename(p)} (expected config.json + pytorch_model.bin)")
     elif os.path.exists(codec) or codec.startswith((".", "/")) or codec.count("/") != 1:
-        raise UserError(f"codec '{codec}': not a folder and not a Hub id like '{DEFAULT_CODEC}'")
+        raise ValueError(f"codec '{codec}': not a folder and not a Hub id like '{DEFAULT_CODEC}'")
     else:
         from huggingface_hub import hf_hub_download
         try:
             config_path = hf_hub_download(repo_id=codec, filename="config.json")
             weights_path = hf_hub_download(repo_id=codec, filename="pytorch_model.bin")
         except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
-            raise UserError(
+            raise ValueError(
                 f"codec '{codec}': cannot download it from the Hugging Face Hub ({type(e).__name__}). Without internet, "
                 f"copy its config.json and pytorch_model.bin into a folder and pass --codec=<that folder>") from None
     try:
@@ -305,13 +377,13 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenize
             config = json.load(f)
         model = SNAC(**config)
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"codec config {config_path}: not a SNAC config ({e})") from None
+        raise ValueError(f"codec config {config_path}: not a SNAC config ({e})") from None
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"codec weights {weights_path}: cannot be loaded into SNAC ({first[:200]})") from None
+        raise ValueError(f"codec weights {weights_path}: cannot be loaded into SNAC ({first[:200]})") from None
     # a local folder is recorded by its absolute path, so meta.json and checkpoints find it from anywhere
     name = os.path.abspath(codec) if os.path.isdir(codec) else codec
     return AudioTokenizer(model.to(device).eval(), name)

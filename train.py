@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, atomic_write, autocast, load_checkpoint, parse_config, pick_device, pick_dtype, read_json,
+from common import (UserError, user_errors, atomic_write, autocast, load_checkpoint, parse_config, pick_device, pick_dtype, read_json,
                     run_main, save_checkpoint, write_json)
 from model import GPT, GPTConfig
 
@@ -162,7 +162,8 @@ def load_dataset(data_dir: str) -> tuple[dict, dict[str, TokenStream]]:
     missing = [k for k in ("vocab_size", "tokens_per_second", "codebook_size", "n_levels", "shards") if k not in meta]
     if missing:
         raise UserError(f"{meta_path}: missing {', '.join(missing)}; re-run prepare_audio.py")
-    layout = Layout.from_meta(meta)
+    with user_errors():
+        layout = Layout.from_meta(meta)
     if meta["vocab_size"] != layout.vocab_size or meta.get("dtype", "uint16") != "uint16":
         raise UserError(f"{meta_path}: vocab_size {meta['vocab_size']} / dtype {meta.get('dtype')} do not match "
                         f"the layout (expected {layout.vocab_size} / uint16); re-run prepare_audio.py")

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
 
 import generate
+import sampling
 from common import save_checkpoint
 from model import GPT, GPTConfig
 
@@ -73,8 +74,8 @@ def test_kv_cache_matches_full_recompute_greedy(model, tok):
     prompt = torch.from_numpy(tok.encode(synth_audio(0.3, 24000), 24000))  # 4 frames
     for p in (None, prompt):
         # 25 frames = 175 tokens through a 64-token context: several slides of the window
-        a = generate.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=True)
-        b = generate.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=False)
+        a = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=True)
+        b = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=False)
         assert torch.equal(a, b)
         assert_frame_valid(a, layout, 25 + (0 if p is None else len(p) // layout.frame_size))
 
@@ -95,7 +96,7 @@ def test_every_sample_decodes_to_requested_frames(model, tok):
     n_frames = 6  # 0.5 s at 24 kHz
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
-        out = generate.generate_tokens(model, layout, None, n_frames, num_samples=1, temperature=1.5, generator=g)
+        out = sampling.generate_tokens(model, layout, None, n_frames, num_samples=1, temperature=1.5, generator=g)
         assert_frame_valid(out, layout, n_frames)
         assert not (out == layout.boundary_id).any()
         if seed < 2:  # decoding is the slow part; the token check above is what decides decodability
@@ -106,17 +107,17 @@ def test_sliding_window_past_block_size(tok):
     layout = tok.layout
     model = tiny_gpt(layout.vocab_size, block_size=3 * layout.frame_size)  # 21 tokens: a slide every few frames
     g = torch.Generator().manual_seed(0)
-    frames = list(generate.sample_frames(model, layout, None, 60, num_samples=3, temperature=1.0, generator=g))
+    frames = list(sampling.sample_frames(model, layout, None, 60, num_samples=3, temperature=1.0, generator=g))
     assert len(frames) == 60 and all(f.shape == (3, layout.frame_size) for f in frames)
     assert_frame_valid(torch.cat(frames, dim=1), layout, 60)
     with pytest.raises(Exception, match="block_size"):  # a context shorter than 2 frames cannot slide by frames
-        next(generate.sample_frames(tiny_gpt(layout.vocab_size, block_size=10), layout, None, 3))
+        next(sampling.sample_frames(tiny_gpt(layout.vocab_size, block_size=10), layout, None, 3))
 
 
 def test_same_seed_same_tokens(model, tok):
     def sample(seed):
         g = torch.Generator().manual_seed(seed)
-        return generate.generate_tokens(model, tok.layout, None, 12, num_samples=2, temperature=1.0, top_k=50,
+        return sampling.generate_tokens(model, tok.layout, None, 12, num_samples=2, temperature=1.0, top_k=50,
                                         top_p=0.9, generator=g)
     a, b, c = sample(1), sample(1), sample(2)
     assert torch.equal(a, b)
@@ -126,11 +127,11 @@ def test_same_seed_same_tokens(model, tok):
 def test_top_k_and_top_p_restrict_to_the_most_likely():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, float("-inf")]]).repeat(200, 1)
     g = torch.Generator().manual_seed(0)
-    assert (generate.sample_next(logits, 1.0, 1, 1.0, g) == 1).all()
-    assert (generate.sample_next(logits, 1.0, 0, 1e-3, g) == 1).all()
-    picks = generate.sample_next(logits, 5.0, 2, 1.0, g)
+    assert (sampling.sample_next(logits, 1.0, 1, 1.0, g) == 1).all()
+    assert (sampling.sample_next(logits, 1.0, 0, 1e-3, g) == 1).all()
+    picks = sampling.sample_next(logits, 5.0, 2, 1.0, g)
     assert set(picks.flatten().tolist()) == {1, 3}
-    assert set(generate.sample_next(logits, 100.0, 0, 1.0, g).flatten().tolist()) == {0, 1, 2, 3}  # never -inf
+    assert set(sampling.sample_next(logits, 100.0, 0, 1.0, g).flatten().tolist()) == {0, 1, 2, 3}  # never -inf
 
 
 # -----------------------------------------------------------------------------
@@ -150,12 +151,12 @@ def test_prompt_tokens_are_kept_verbatim(model, tok, tmp_path):
     assert torch.equal(p, whole[-6 * fs:])
     # 11 frames (77 tokens) do not fit the 64-token context: the window starts inside the prompt
     for prompt in (p, whole):
-        out = generate.generate_tokens(model, layout, prompt, 5, num_samples=2, temperature=1.0,
+        out = sampling.generate_tokens(model, layout, prompt, 5, num_samples=2, temperature=1.0,
                                        generator=torch.Generator().manual_seed(0))
         assert torch.equal(out[:, :len(prompt)], prompt.expand(2, -1))
         assert_frame_valid(out, layout, len(prompt) // fs + 5)
     # the continuation depends on the prompt
-    greedy = [generate.generate_tokens(model, layout, q, 3, temperature=0.0)[:, -3 * fs:] for q in (None, p)]
+    greedy = [sampling.generate_tokens(model, layout, q, 3, temperature=0.0)[:, -3 * fs:] for q in (None, p)]
     assert not torch.equal(*greedy)
 
 
@@ -166,7 +167,7 @@ def test_prompt_continuation_files(ckpt, quiet_tok, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "warning: prompt" in r.stderr and "longer than the model's context" in r.stderr  # 15 frames > 64 tokens
     hop, fs = quiet_tok.frame_hop, quiet_tok.layout.frame_size
-    p_frames = generate.keep_frames(quiet_tok.layout, BLOCK_SIZE)
+    p_frames = sampling.keep_frames(quiet_tok.layout, BLOCK_SIZE)
     full, sr = sf.read(tmp_path / "out" / "sample_0.wav", dtype="float32")
     cont, _ = sf.read(tmp_path / "out" / "sample_0_continuation.wav", dtype="float32")
     assert sr == 24000
@@ -194,7 +195,7 @@ def test_stream_decoder_matches_one_pass(quiet_tok):
               + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(1, -1)  # (B, n * frame_size)
     one_pass = quiet_tok.decode_codes(layout.tokens_to_codes(tokens))
     for chunk, first in ((2, 1), (3, 6)):  # `first` frames arrive together (a prompt), then one frame at a time
-        dec = generate.StreamDecoder(quiet_tok, chunk)
+        dec = sampling.StreamDecoder(quiet_tok, chunk)
         parts = [dec.push(tokens[:, :first * layout.frame_size])]
         parts += [dec.push(f) for f in tokens[:, first * layout.frame_size:].split(layout.frame_size, dim=1)]
         parts.append(dec.flush())
@@ -260,6 +261,6 @@ def test_decode_in_chunks_matches_one_pass(quiet_tok):
     frames = torch.randint(0, layout.codebook_size, (2, 30, layout.frame_size), generator=g)
     tokens = (frames + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(2, -1)
     one = quiet_tok.decode_codes(layout.tokens_to_codes(tokens))
-    chunked = generate.decode_in_chunks(quiet_tok, tokens, chunk_frames=8)
+    chunked = sampling.decode_in_chunks(quiet_tok, tokens, chunk_frames=8)
     assert chunked.shape == one.shape == (2, 30 * quiet_tok.frame_hop)
     assert (chunked - one).abs().max() < 1e-5

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from common import load_checkpoint, model_from_checkpoint, save_checkpoint
+from common import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 
 
@@ -90,7 +90,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(path, {"model": model.state_dict(), "model_args": vars(model.config), "meta": {"layout": "x"}})
     ckpt = load_checkpoint(path)  # torch.load(weights_only=True) inside
-    loaded = model_from_checkpoint(ckpt).eval()
+    loaded = GPT.from_checkpoint(ckpt).eval()
     idx = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], atol=0, rtol=0)

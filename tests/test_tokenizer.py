@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from common import UserError
 from conftest import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
 from tokenizer import LAYOUT_NAME, Layout, load_codec
 
@@ -115,24 +114,24 @@ def test_load_codec_errors(tmp_path, codec_dir, monkeypatch):
     folder = tmp_path / "half"
     folder.mkdir()
     (folder / "config.json").write_text((open(os.path.join(codec_dir, "config.json")).read()))
-    with pytest.raises(UserError, match="missing pytorch_model.bin"):
+    with pytest.raises(ValueError, match="missing pytorch_model.bin"):
         load_codec(str(folder))
     # weights of the 3-level codec under a 4-level config
     (folder / "config.json").write_text('{"sampling_rate": 24000, "encoder_dim": 48, "encoder_rates": [2, 4, 8, 8], '
                                         '"decoder_dim": 64, "decoder_rates": [8, 8, 4, 2], "attn_window_size": null, '
                                         '"vq_strides": [8, 4, 2, 1]}')
     os.symlink(os.path.join(codec_dir, "pytorch_model.bin"), folder / "pytorch_model.bin")
-    with pytest.raises(UserError, match="cannot be loaded into SNAC"):
+    with pytest.raises(ValueError, match="cannot be loaded into SNAC"):
         load_codec(str(folder))
     (folder / "config.json").write_text('{"no_such_arg": 1}')
-    with pytest.raises(UserError, match="not a SNAC config"):
+    with pytest.raises(ValueError, match="not a SNAC config"):
         load_codec(str(folder))
-    with pytest.raises(UserError, match="not a folder and not a Hub id"):
+    with pytest.raises(ValueError, match="not a folder and not a Hub id"):
         load_codec(str(tmp_path / "nothing-here"))
     import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError, match="--codec"):
+    with pytest.raises(ValueError, match="--codec"):
         load_codec("nobody-gpt2o/no-such-codec")
 
 
