@@ -352,9 +352,10 @@ class AudioTokenizer:
 def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenizer:
     """Load a SNAC codec from a Hugging Face Hub id or a local folder holding config.json + pytorch_model.bin."""
     with warnings.catch_warnings():
-        # snac decorates a helper with @torch.jit.script, which torch deprecates with a warning at import
-        # time: snac's to fix, and noise on a user's terminal (it would break our one-line errors)
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script")
+        # snac decorates a helper with @torch.jit.script, which torch deprecates with a warning at import time
+        # (a DeprecationWarning in 2.13, a FutureWarning that users see in 2.14): snac's to fix, and it would
+        # break our one-line errors
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script")
         from snac import SNAC
     if os.path.isdir(codec):
         config_path, weights_path = os.path.join(codec, "config.json"), os.path.join(codec, "pytorch_model.bin")
