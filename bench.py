@@ -61,7 +61,6 @@ def _blog_unflatten(row: list[int], separator: int = 4097) -> list:
 
 
 def bench_tokenizer() -> None:
-    import numpy as np
     import torch
     from tokenizer import Layout
     layout = Layout((4, 2, 1), 4096)  # snac_24khz
@@ -180,7 +179,8 @@ def bench_train() -> None:
             name = torch.cuda.get_device_name()
             for block, batch in ((1024, 16), (2048, 8)):
                 rows, _ = run_train([f"--data_dir={data}", "--n_layer=12", "--n_head=12", "--n_embd=768",
-                                     f"--block_size={block}", f"--batch_size={batch}", "--gradient_accumulation_steps=4",
+                                     f"--block_size={block}", f"--batch_size={batch}",
+                                     "--gradient_accumulation_steps=4",
                                      "--max_iters=60", "--log_interval=10", "--eval_interval=1000", "--eval_iters=1",
                                      "--compile=True", f"--out_dir={tmp}/gpu{block}"])
                 last = [r for r in rows if "mfu" in r][-1]  # after compile and warm-up
@@ -191,7 +191,8 @@ def bench_train() -> None:
         # (a) + (b): nanoGPT's CPU reference size, 6 layers x 6 heads x 384, block 512, batch 8, float32
         n_layer, n_head, n_embd, block, batch, iters = 6, 6, 384, 512, 8, 6
         args = [f"--data_dir={data}", "--device=cpu", "--compile=False", f"--n_layer={n_layer}", f"--n_head={n_head}",
-                f"--n_embd={n_embd}", f"--block_size={block}", f"--batch_size={batch}", "--gradient_accumulation_steps=1",
+                f"--n_embd={n_embd}", f"--block_size={block}", f"--batch_size={batch}",
+                "--gradient_accumulation_steps=1",
                 f"--max_iters={iters}", "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--peak_flops=1"]
         rows, _ = run_train(args + [f"--out_dir={tmp}/ours"])
         ours = batch * block / (np.median([r["ms"] for r in rows if "ms" in r and r["iter"] > 0]) / 1000)
@@ -243,7 +244,6 @@ def bench_generate() -> None:
     real-time factors (LM and codec apart) per config. Random weights: speed does not depend on them."""
     import os
     import tempfile
-    import numpy as np
     import torch
     import sampling
     from common import read_config_file
@@ -289,7 +289,8 @@ def bench_generate() -> None:
         path = os.path.join(here, "configs", f"{name}.py")
         cfg = read_config_file(path) if os.path.isfile(path) else {}
         args = {k: cfg.get(k, v) for k, v in fallback.items()}
-        label = f"{name} {args['n_layer']}L/{args['n_embd']}/ctx{args['block_size']}" + ("" if cfg else " (no config file)")
+        label = f"{name} {args['n_layer']}L/{args['n_embd']}/ctx{args['block_size']}"
+        label += "" if cfg else " (no config file)"
         model = gpt(**args)
         seconds = 10 if name == "tiny" else 3
         n_frames = round(seconds * real_time / fs)

@@ -306,7 +306,8 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path}: cannot be loaded, the file is damaged or not a checkpoint ({first[:200]})") from None
+        raise UserError(f"checkpoint {path}: cannot be loaded, the file is damaged or not a checkpoint "
+                        f"({first[:200]})") from None
     for key in ("model", "model_args"):
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise UserError(f"checkpoint {path}: has no '{key}' entry; it was not written by gpt2o's train.py")

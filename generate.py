@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -1,8 +1,8 @@
 """Audio files -> SNAC tokens -> uint16 shards + meta.json, the dataset format train.py reads.
 
-    python prepare_audio.py                                      # Sherlock Holmes chapters from the Hub -> data/sherlock/
+    python prepare_audio.py                                   # Sherlock Holmes chapters from the Hub -> data/sherlock/
     python prepare_audio.py --dataset=/path/to/my/audio --out_dir=data/mine
-    python prepare_audio.py --codec=/path/to/snac_24khz          # offline: a folder with config.json + pytorch_model.bin
+    python prepare_audio.py --codec=/path/to/snac_24khz       # offline: a folder with config.json + pytorch_model.bin
     torchrun --standalone --nproc_per_node=4 prepare_audio.py    # files split across 4 GPUs (or 4 CPU processes)
     python prepare_audio.py --help
 
@@ -67,13 +67,15 @@ def resolve_dataset(dataset: str) -> str:
     if os.path.exists(dataset):
         raise UserError(f"dataset {dataset}: is a file; pass a folder of audio files or a Hub dataset id")
     if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
-        raise UserError(f"dataset '{dataset}': no such folder, and not a Hub dataset id like 'eastwind/tiny-sherlock-audio'")
+        raise UserError(f"dataset '{dataset}': no such folder, and not a Hub dataset id like "
+                        "'eastwind/tiny-sherlock-audio'")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(repo_id=dataset, repo_type="dataset")
     except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
         raise UserError(f"dataset '{dataset}': cannot download it from the Hugging Face Hub ({type(e).__name__}). "
-                        f"Without internet, copy the audio files into a folder and pass --dataset=<that folder>") from None
+                        "Without internet, copy the audio files into a folder and pass --dataset=<that folder>"
+                        ) from None
 
 
 def find_audio(root: str, exclude: str) -> list[str]:
@@ -106,15 +108,17 @@ def cache_folder(out_dir: str, tok, cfg: PrepareConfig) -> str:
 
 def cache_path(folder: str, root: str, rel: str) -> str:
     st = os.stat(os.path.join(root, rel))  # a source file that changes gets a new entry
-    return os.path.join(folder, hashlib.sha1(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24] + ".npz")
+    key = hashlib.sha1(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    return os.path.join(folder, key + ".npz")
 
 
 def load_entry(path: str) -> dict | None:
     """A cached result: {"tokens": uint16 array, "seconds": float, "status": ok|bad|short, "reason": str}, or None."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {"tokens": z["tokens"], "seconds": float(z["seconds"]), "status": str(z["status"]), "reason": str(z["reason"])}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing (not done yet) or damaged: encode again
+            return {"tokens": z["tokens"], "seconds": float(z["seconds"]), "status": str(z["status"]),
+                    "reason": str(z["reason"])}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing (not done yet) or damaged: redo
         return None
 
 
@@ -125,8 +129,9 @@ def encode_file(path: str, tok, cfg: PrepareConfig) -> dict:
         return {"tokens": np.zeros(0, np.uint16), "seconds": 0.0, "status": "bad", "reason": str(e)}
     seconds = len(audio) / rate
     if tok.resampled_length(len(audio), rate) < tok.frame_hop:
+        frame_ms = 1000 * tok.frame_hop / tok.sample_rate
         return {"tokens": np.zeros(0, np.uint16), "seconds": seconds, "status": "short",
-                "reason": f"shorter than one frame ({1000 * seconds:.1f} ms < {1000 * tok.frame_hop / tok.sample_rate:.1f} ms)"}
+                "reason": f"shorter than one frame ({1000 * seconds:.1f} ms < {frame_ms:.1f} ms)"}
     tokens = tok.encode(audio, rate, chunk_seconds=cfg.chunk_seconds)
     assert len(tokens) == tok.n_frames(tok.resampled_length(len(audio), rate)) * tok.layout.frame_size, \
         f"{path}: {len(tokens)} tokens for {len(audio)} samples at {rate} Hz"
@@ -147,7 +152,8 @@ def report(rel: str, entry: dict, strict: bool) -> None:
 
 
 def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]:
-    """Concatenate documents (rel, uint16 array with its BOUNDARY first) into {split}_000.bin, ... of shard_tokens each."""
+    """Concatenate documents (rel, uint16 array with its BOUNDARY first) into {split}_000.bin, ... of shard_tokens
+    tokens each."""
     shards: list[dict] = []
     parts: list[np.ndarray] = []
     sources: list[str] = []
@@ -183,15 +189,17 @@ def assemble(cfg: PrepareConfig, tok, root: str, files: list[str], folder: str) 
         entry = load_entry(cache_path(folder, root, rel))
         assert entry is not None, f"{rel}: no cached tokens after encoding"
         if entry["status"] == "bad" and cfg.strict:
-            raise UserError(f"audio file {rel}: {entry['reason']} (fix or remove it, or run without --strict to skip it)")
+            raise UserError(f"audio file {rel}: {entry['reason']} (fix or remove it, or run without --strict to "
+                            "skip it)")
         entries[rel] = entry
     usable = [rel for rel in files if entries[rel]["status"] == "ok"]
     skipped = [{"file": rel, "reason": entries[rel]["reason"]} for rel in files if entries[rel]["status"] != "ok"]
     if not usable:
-        raise UserError(f"dataset {cfg.dataset}: none of its {len(files)} audio files could be used (see the warnings above)")
+        raise UserError(f"dataset {cfg.dataset}: none of its {len(files)} audio files could be used (see the "
+                        "warnings above)")
     if cfg.val_files and cfg.val_files >= len(usable):
-        raise UserError(f"val_files={cfg.val_files}: the dataset has only {len(usable)} usable files, so nothing is left "
-                        f"to train on; use a smaller --val_files (0 = no val split)")
+        raise UserError(f"val_files={cfg.val_files}: the dataset has only {len(usable)} usable files, so nothing is "
+                        "left to train on; use a smaller --val_files (0 = no val split)")
     if os.path.exists(os.path.join(cfg.out_dir, "meta.json")):
         os.remove(os.path.join(cfg.out_dir, "meta.json"))  # the shards are about to change
     boundary = np.array([tok.layout.boundary_id], dtype=np.uint16)
@@ -205,7 +213,8 @@ def assemble(cfg: PrepareConfig, tok, root: str, files: list[str], folder: str) 
     for name in os.listdir(cfg.out_dir):  # shards of an earlier, bigger run
         if re.fullmatch(r"(train|val)_\d{3,}\.bin", name) and name not in keep:
             os.remove(os.path.join(cfg.out_dir, name))
-    meta = {**tok.meta(), "dtype": "uint16", "dataset": cfg.dataset, "shards": shards, "skipped": skipped, "splits": splits}
+    meta = {**tok.meta(), "dtype": "uint16", "dataset": cfg.dataset, "shards": shards, "skipped": skipped,
+            "splits": splits}
     write_json(os.path.join(cfg.out_dir, "meta.json"), meta)
     return meta
 
@@ -223,7 +232,8 @@ def main() -> None:
     device = dist.init(pick_device(cfg.device))
     rank, world, master = dist.rank, dist.world_size, dist.master
     if master:
-        print(f"prepare_audio: {json.dumps(dataclasses.asdict(cfg))} | device {device} | {world} process(es)", flush=True)
+        print(f"prepare_audio: {json.dumps(dataclasses.asdict(cfg))} | device {device} | {world} process(es)",
+              flush=True)
     # rank 0 downloads the dataset and codec first (or fails alone, with one line); the others then find them cached
     if not master:
         dist.barrier()
@@ -258,11 +268,10 @@ def main() -> None:
     dist.barrier()
     if master:
         meta = assemble(cfg, tok, root, files, folder)
-        s = meta["splits"]
-        print(f"train: {s['train']['files']} files, {s['train']['seconds'] / 3600:.2f} h, {s['train']['tokens']:,} tokens | "
-              f"val: {s['val']['files']} files, {s['val']['seconds'] / 3600:.2f} h, {s['val']['tokens']:,} tokens | "
-              f"skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> {os.path.join(cfg.out_dir, 'meta.json')}",
-              flush=True)
+        split = " | ".join(f"{name}: {v['files']} files, {v['seconds'] / 3600:.2f} h, {v['tokens']:,} tokens"
+                           for name, v in meta["splits"].items())
+        print(f"{split} | skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> "
+              f"{os.path.join(cfg.out_dir, 'meta.json')}", flush=True)
     dist.close()
 
 

@@ -72,7 +72,8 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
     """
     fs, block_size = layout.frame_size, model.config.block_size
     device = model.lm_head.weight.device
-    prompt = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+    prompt = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long)
+    prompt = prompt.reshape(-1)
     assert len(prompt) % fs == 0, f"prompt of {len(prompt)} tokens is not whole {fs}-token frames"
     if model.config.vocab_size < layout.vocab_size:
         raise ValueError(f"the model knows {model.config.vocab_size} token ids, the tokenizer layout needs "

@@ -175,7 +175,8 @@ class Layout:
     def from_meta(cls, meta: dict) -> "Layout":
         """The layout recorded in a meta.json or checkpoint; an unknown layout name is a ValueError."""
         if meta.get("layout") != LAYOUT_NAME:
-            raise ValueError(f"token layout '{meta.get('layout')}' is not supported (expected '{LAYOUT_NAME}'); re-run prepare_audio.py")
+            raise ValueError(f"token layout '{meta.get('layout')}' is not supported (expected '{LAYOUT_NAME}'); "
+                             "re-run prepare_audio.py")
         return cls(tuple(meta["vq_strides"]), int(meta["codebook_size"]))
 
 
@@ -294,7 +295,8 @@ class AudioTokenizer:
         return -(-n_samples // self.frame_hop)
 
     @torch.inference_mode()
-    def encode_codes(self, audio: torch.Tensor, chunk_seconds: float = 60.0, margin_seconds: float = 0.75) -> list[torch.Tensor]:
+    def encode_codes(self, audio: torch.Tensor, chunk_seconds: float = 60.0,
+                     margin_seconds: float = 0.75) -> list[torch.Tensor]:
         """Mono audio (samples,) at the codec rate -> codes per level, (n_frames * codes_per_frame[l],) each.
 
         Long audio goes through the codec in chunks so memory stays bounded. Each chunk is encoded with
@@ -322,7 +324,8 @@ class AudioTokenizer:
             f"chunked encode gave {[c.shape for c in codes]} for {n_frames} frames"
         return codes
 
-    def encode(self, waveform, sample_rate: int, chunk_seconds: float = 60.0, margin_seconds: float = 0.75) -> np.ndarray:
+    def encode(self, waveform, sample_rate: int, chunk_seconds: float = 60.0,
+               margin_seconds: float = 0.75) -> np.ndarray:
         """Audio (samples,) or (samples, channels) at any rate -> int64 token ids, ceil(duration / frame) frames."""
         audio = self.to_mono(waveform, sample_rate)
         codes = self.encode_codes(audio, chunk_seconds=chunk_seconds, margin_seconds=margin_seconds)
@@ -361,7 +364,8 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenize
         config_path, weights_path = os.path.join(codec, "config.json"), os.path.join(codec, "pytorch_model.bin")
         for p in (config_path, weights_path):
             if not os.path.isfile(p):
-                raise ValueError(f"codec folder {codec}: missing {os.path.basename(p)} (expected config.json + pytorch_model.bin)")
+                raise ValueError(f"codec folder {codec}: missing {os.path.basename(p)} (expected config.json + "
+                                 "pytorch_model.bin)")
     elif os.path.exists(codec) or codec.startswith((".", "/")) or codec.count("/") != 1:
         raise ValueError(f"codec '{codec}': not a folder and not a Hub id like '{DEFAULT_CODEC}'")
     else:
@@ -371,8 +375,9 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenize
             weights_path = hf_hub_download(repo_id=codec, filename="pytorch_model.bin")
         except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
             raise ValueError(
-                f"codec '{codec}': cannot download it from the Hugging Face Hub ({type(e).__name__}). Without internet, "
-                f"copy its config.json and pytorch_model.bin into a folder and pass --codec=<that folder>") from None
+                f"codec '{codec}': cannot download it from the Hugging Face Hub ({type(e).__name__}). Without "
+                f"internet, copy its config.json and pytorch_model.bin into a folder and pass --codec=<that folder>"
+            ) from None
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)

@@ -166,7 +166,7 @@ def test_prompt_continuation_files(ckpt, quiet_tok, tmp_path):
     r = run(f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'out'}", "--num_samples=1", "--seconds=0.3", f"--prompt={path}")
     assert r.returncode == 0, r.stderr
     assert "warning: prompt" in r.stderr and "longer than the model's context" in r.stderr  # 15 frames > 64 tokens
-    hop, fs = quiet_tok.frame_hop, quiet_tok.layout.frame_size
+    hop = quiet_tok.frame_hop
     p_frames = sampling.keep_frames(quiet_tok.layout, BLOCK_SIZE)
     full, sr = sf.read(tmp_path / "out" / "sample_0.wav", dtype="float32")
     cont, _ = sf.read(tmp_path / "out" / "sample_0_continuation.wav", dtype="float32")
@@ -175,7 +175,8 @@ def test_prompt_continuation_files(ckpt, quiet_tok, tmp_path):
     np.testing.assert_array_equal(full[p_frames * hop:], cont)
     assert str(tmp_path / "out" / "sample_0_continuation.wav") in r.stdout
     # streamed, the prompt's audio comes first, then the continuation: same files to PCM_16 rounding
-    r = run(f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'stream'}", "--num_samples=1", "--seconds=0.3", f"--prompt={path}",
+    r = run(f"--ckpt={ckpt}", f"--out_dir={tmp_path / 'stream'}", "--num_samples=1", "--seconds=0.3",
+            f"--prompt={path}",
             "--stream=True", "--stream_frames=2")
     assert r.returncode == 0, r.stderr
     for name, ref in (("sample_0.wav", full), ("sample_0_continuation.wav", cont)):
@@ -250,7 +251,8 @@ def test_bad_inputs(ckpt, tok, codec_dir, tmp_path):
 def test_help_lists_options():
     r = run("--help")
     assert r.returncode == 0
-    for key in ("--ckpt=", "--temperature=1.0", "--top_k=0", "--top_p=1.0", "--seed=1337", "--prompt_seconds=", "--stream=False"):
+    for key in ("--ckpt=", "--temperature=1.0", "--top_k=0", "--top_p=1.0", "--seed=1337", "--prompt_seconds=",
+                "--stream=False"):
         assert key in r.stdout
 
 

@@ -154,8 +154,8 @@ def test_no_audio_or_no_hub_is_one_line_and_writes_nothing(tmp_path, codec_dir):
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
         assert not out.exists()
     r = run_prepare("--help")
-    assert r.returncode == 0 and all(f"--{k}=" in r.stdout for k in ("dataset", "codec", "out_dir", "device",
-                                                                         "chunk_seconds", "val_files", "shard_tokens", "strict"))
+    keys = ("dataset", "codec", "out_dir", "device", "chunk_seconds", "val_files", "shard_tokens", "strict")
+    assert r.returncode == 0 and all(f"--{k}=" in r.stdout for k in keys)
 
 
 def test_torchrun_two_processes_equal_one(prepared, tmp_path):

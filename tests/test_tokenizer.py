@@ -50,7 +50,8 @@ def test_layout_4_levels():
     codes = random_codes(rng, (8, 4, 2, 1), (2,), 5)
     tokens = layout.codes_to_tokens(codes)
     per_level = [1, 2, 4, 8]
-    expected = [[lvl * CB + codes[lvl][b, i * per_level[lvl] + j] for i in range(5) for lvl, j in order] for b in range(2)]
+    expected = [[lvl * CB + codes[lvl][b, i * per_level[lvl] + j] for i in range(5) for lvl, j in order]
+                for b in range(2)]
     assert tokens.tolist() == expected
     assert layout.frame_size == 15 and layout.vocab_size == 4 * CB + 1
     back = layout.tokens_to_codes(torch.from_numpy(tokens))
