@@ -188,6 +188,16 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
         raise
 
 
+def remove_stale_temp_files(folder: str, names: tuple[str, ...]) -> list[str]:
+    """Delete the temp files atomic_write leaves behind when killed mid-write (`<name>.<random>.tmp`, as big as
+    the file itself) for the given file names in folder; returns the names removed. Call it before writing."""
+    pattern = re.compile("|".join(rf"{re.escape(n)}\.\w+\.tmp" for n in names))
+    removed = sorted(f for f in os.listdir(folder) if pattern.fullmatch(f)) if os.path.isdir(folder) else []
+    for name in removed:
+        os.remove(os.path.join(folder, name))
+    return removed
+
+
 def write_json(path: str, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), mode="w")
 

@@ -17,14 +17,16 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from common import UserError, load_checkpoint, parse_config, pick_device, pick_dtype, run_main, user_errors
 from model import GPT
-from sampling import StreamDecoder, decode_in_chunks, keep_frames, sample_frames, generate_tokens
-from tokenizer import AudioTokenizer, BadAudio, Layout, load_codec, read_audio
+from sampling import DECODE_FRAMES, StreamDecoder, keep_frames, sample_frames
+from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, load_codec, read_audio,
+                       read_audio_tail)
 
 
 @dataclass
@@ -46,48 +48,75 @@ class GenerateConfig:
     stream_frames: int = 12  # frames per streamed chunk (12 frames = 1 s at 24 kHz)
 
 
-class WavWriter:
-    """Appends to a WAV under a temp name beside `path`, renamed into place by close() (never half a file)."""
+class SampleWriters:
+    """One WAV per sample (and per continuation when there is a prompt), appended to under temp names beside the
+    final ones and renamed into place by close(); on any error every temp file is removed (never half a file)."""
 
-    def __init__(self, path: str, sample_rate: int):
+    def __init__(self, paths: list[str], cont_paths: list[str], sample_rate: int, prompt_samples: int):
         import soundfile as sf
-        self.path, self.tmp = path, f"{path}.{os.getpid()}.tmp"
-        self.f = sf.SoundFile(self.tmp, "w", samplerate=sample_rate, channels=1, format="WAV", subtype="PCM_16")
+        self.paths, self.cont_paths, self.prompt_samples = paths, cont_paths, prompt_samples
+        self.tmps = [f"{p}.{os.getpid()}.tmp" for p in paths + cont_paths]
+        self.files = [sf.SoundFile(t, "w", samplerate=sample_rate, channels=1, format="WAV", subtype="PCM_16")
+                      for t in self.tmps]
+        self.written = 0  # samples written to each sample_<i>.wav so far
 
     def write(self, audio: np.ndarray) -> None:
-        if len(audio):
-            self.f.write(audio)
+        """Audio (B, samples) that follows what was written; the continuation files skip the prompt's samples."""
+        start = max(0, self.prompt_samples - self.written)  # where the continuation starts inside this piece
+        for i, row in enumerate(audio):
+            self.files[i].write(row)
+            if self.cont_paths and start < len(row):
+                self.files[len(self.paths) + i].write(row[start:])
+        self.written += audio.shape[1]
 
-    def close(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
+    def __enter__(self) -> "SampleWriters":
+        return self
 
-    def abort(self) -> None:
-        self.f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for f in self.files:
+            f.close()
+        for tmp, path in zip(self.tmps, self.paths + self.cont_paths):
+            if exc_type is None:
+                os.replace(tmp, path)
+            elif os.path.exists(tmp):
+                os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
 # the script
 
 def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float) -> torch.Tensor:
-    """An audio file -> the tokens of its whole frames (the last prompt_seconds of it when that is > 0)."""
+    """An audio file -> the tokens of its whole frames (the last prompt_seconds of it when that is > 0).
+
+    With prompt_seconds only the file's tail is decoded: the frames kept, plus codec context before them, starting
+    on the frame grid of the whole file, so the tokens are those of encoding the whole file and keeping its end."""
     if not os.path.isfile(path):
         raise UserError(f"prompt {path}: not found (pass --prompt=<an audio file>)")
+    sr, hop = tok.sample_rate, tok.frame_hop
+    frames = math.ceil(prompt_seconds * sr / hop)
     try:
-        wav, sr = read_audio(path)
+        if prompt_seconds > 0:
+            # slack: one partial frame at the end, the codec's context margin, and a grid step at the start
+            wav, rate, first = read_audio_tail(path, (frames + 1) * hop / sr + ENCODE_MARGIN_SECONDS + 0.5)
+        else:
+            (wav, rate), first = read_audio(path), 0
+        n_frames = max(1, tok.resampled_length(first + len(wav), rate) // hop)  # whole frames of the whole file
+        # start the tail on a codec sample that is both a frame start and the image of a file sample, so resampling
+        # and encoding see the grid they see in the whole file
+        step = math.lcm(hop, sr // math.gcd(sr, rate))
+        first_codec = -(-first * sr // rate)  # the tail's first sample in codec samples, rounded up
+        start = -(-first_codec // step) * step  # ... and up to the grid
+        if first and start > (n_frames - frames) * hop - ENCODE_MARGIN_SECONDS * sr:  # a coarse grid (odd rate)
+            (wav, rate), first, start = read_audio(path), 0, 0
     except BadAudio as e:
-        raise UserError(f"prompt {path}: {e}; expected WAV, FLAC, OGG, MP3 or another format libsndfile reads") from None
+        raise UserError(f"prompt {path}: {e}; expected WAV, FLAC, OGG, MP3 or another format libsndfile "
+                        "reads") from None
     # keep whole frames of real audio: a partial last frame would be padded with silence by the codec, and the
     # model would continue from that silence
-    audio = tok.to_mono(wav, sr)
-    audio = audio[:max(1, len(audio) // tok.frame_hop) * tok.frame_hop]
-    tokens = torch.from_numpy(tok.encode(audio.numpy(), tok.sample_rate))
-    if prompt_seconds > 0:
-        frames = math.ceil(prompt_seconds * tok.sample_rate / tok.frame_hop)
-        tokens = tokens[-frames * tok.layout.frame_size:]
-    return tokens
+    wav = wav[start * rate // sr - first:]
+    audio = tok.to_mono(wav, rate)[:n_frames * hop - start]
+    tokens = torch.from_numpy(tok.encode(audio.numpy(), sr))
+    return tokens[-frames * tok.layout.frame_size:] if prompt_seconds > 0 else tokens
 
 
 def load_model(cfg: GenerateConfig, device: str, dtype: str):
@@ -105,12 +134,41 @@ def load_model(cfg: GenerateConfig, device: str, dtype: str):
         tok = load_codec(codec, device=device)
     if tok.layout != layout:
         raise UserError(f"codec {codec}: its layout (vq_strides {list(tok.layout.vq_strides)}, codebook_size "
-                        f"{tok.layout.codebook_size}) is not the one the checkpoint was trained on ({meta.get('vq_strides')}, "
-                        f"{meta.get('codebook_size')}); pass the checkpoint's codec with --codec")
+                        f"{tok.layout.codebook_size}) is not the one the checkpoint was trained on "
+                        f"({meta.get('vq_strides')}, {meta.get('codebook_size')}); pass the checkpoint's codec "
+                        "with --codec")
     model = GPT.from_checkpoint(ckpt).to(device).eval()
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))  # inference only: half-precision weights, no per-step autocast casts
     return model, tok
+
+
+def check_writable(folder: str) -> None:
+    if not folder:
+        raise UserError("out_dir is empty: pass --out_dir=<folder for the WAV files>")
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"out_dir {folder}: not writable (pass another --out_dir)")
+
+
+def stream_audio(dec: StreamDecoder, prompt: torch.Tensor | None, frames: Iterator[torch.Tensor], num_samples: int,
+                 timer: dict[str, float]) -> Iterator[torch.Tensor]:
+    """Final audio (B, samples) as the decoder releases it: the prompt's first, then the generated frames'.
+    Adds the seconds spent sampling and decoding to timer["lm"] and timer["codec"] (not the caller's writing)."""
+    pieces = [dec.push(prompt.expand(num_samples, -1))] if prompt is not None else []
+    t0 = time.perf_counter()
+    for frame in frames:
+        t1 = time.perf_counter()
+        pieces.append(dec.push(frame))
+        timer["lm"], timer["codec"] = timer["lm"] + t1 - t0, timer["codec"] + time.perf_counter() - t1
+        yield from (p for p in pieces if p is not None)
+        pieces.clear()
+        t0 = time.perf_counter()
+    t1 = time.perf_counter()
+    last = dec.flush()
+    timer["codec"] += time.perf_counter() - t1
+    if last is not None:
+        yield last
 
 
 def check_config(cfg: GenerateConfig) -> None:
@@ -136,94 +194,44 @@ def main() -> None:
     print(f"config: {cfg}", flush=True)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    paths = [os.path.join(cfg.out_dir, f"sample_{i}.wav") for i in range(cfg.num_samples)]
+    cont_paths = [p[:-4] + "_continuation.wav" for p in paths] if cfg.prompt else []
+    check_writable(cfg.out_dir)  # before any sampling time is spent
     model, tok = load_model(cfg, device, dtype)
     layout, fs, hop, sr = tok.layout, tok.layout.frame_size, tok.frame_hop, tok.sample_rate
     n_frames = math.ceil(cfg.seconds * sr / hop)
 
-    prompt = None
+    t_start = time.perf_counter()  # the wall time includes encoding the prompt
+    prompt, p_frames = None, 0
     if cfg.prompt:
         prompt = load_prompt(cfg.prompt, tok, cfg.prompt_seconds)
         if 1 + len(prompt) > model.config.block_size:
             prompt = prompt[-keep_frames(layout, model.config.block_size) * fs:]
-            print(f"warning: prompt {cfg.prompt} is longer than the model's context ({model.config.block_size} tokens); "
-                  f"using its last {len(prompt) // fs * hop / sr:.2f} s", file=sys.stderr, flush=True)
-    p_frames = 0 if prompt is None else len(prompt) // fs
-    print(f"generating {cfg.num_samples} x {n_frames * hop / sr:.2f} s ({n_frames} frames, {n_frames * fs} tokens)"
-          + (f" after a {p_frames * hop / sr:.2f} s prompt" if prompt is not None else "") + f" on {device}", flush=True)
+            print(f"warning: prompt {cfg.prompt} is longer than the model's context ({model.config.block_size} "
+                  f"tokens); using its last {len(prompt) // fs * hop / sr:.2f} s", file=sys.stderr, flush=True)
+        p_frames = len(prompt) // fs
+        prompt = prompt.to(device)
+    after = f" after a {p_frames * hop / sr:.2f} s prompt" if prompt is not None else ""
+    print(f"generating {cfg.num_samples} x {n_frames * hop / sr:.2f} s ({n_frames} frames, {n_frames * fs} "
+          f"tokens){after} on {device}", flush=True)
 
+    # one path: without --stream, audio is decoded in large chunks (bounded memory) and written when ready
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    knobs = dict(num_samples=cfg.num_samples, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                 generator=generator)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    paths = [os.path.join(cfg.out_dir, f"sample_{i}.wav") for i in range(cfg.num_samples)]
-    cont_paths = [p[:-4] + "_continuation.wav" for p in paths] if prompt is not None else []
-
-    t_lm = t_codec = 0.0
-    t_start = time.perf_counter()
-    if not cfg.stream:
-        t0 = time.perf_counter()
-        tokens = generate_tokens(model, layout, prompt, n_frames, **knobs)  # (B, (p_frames + n_frames) * fs)
-        t_lm = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        audio = decode_in_chunks(tok, tokens).cpu().numpy()  # (B, samples)
-        t_codec = time.perf_counter() - t0
-        writers = [WavWriter(p, sr) for p in paths + cont_paths]
-        for i in range(cfg.num_samples):
-            writers[i].write(audio[i])
-            if cont_paths:
-                writers[cfg.num_samples + i].write(audio[i, p_frames * hop:])
-        for w in writers:
-            w.close()
-    else:
-        writers = [WavWriter(p, sr) for p in paths + cont_paths]
-        try:
-            dec = StreamDecoder(tok, cfg.stream_frames)
-            written = 0  # samples written to each sample_<i>.wav so far
-
-            def emit(audio: torch.Tensor | None) -> None:
-                nonlocal written
-                if audio is None:
-                    return
-                audio = audio.cpu().numpy()  # (B, samples)
-                start = max(0, p_frames * hop - written)  # where the continuation starts inside this chunk
-                for i in range(cfg.num_samples):
-                    writers[i].write(audio[i])
-                    if cont_paths:
-                        writers[cfg.num_samples + i].write(audio[i, start:])
-                written += audio.shape[1]
+    frames = sample_frames(model, layout, prompt, n_frames, num_samples=cfg.num_samples, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+    dec = StreamDecoder(tok, cfg.stream_frames if cfg.stream else DECODE_FRAMES)
+    timer = {"lm": 0.0, "codec": 0.0}
+    with SampleWriters(paths, cont_paths, sr, p_frames * hop) as out:
+        for audio in stream_audio(dec, prompt, frames, cfg.num_samples, timer):
+            out.write(audio.cpu().numpy())
+            if cfg.stream:
                 wall = time.perf_counter() - t_start
-                print(f"streamed {written / sr:6.2f} s of audio in {wall:6.2f} s ({written / sr / wall:.2f}x real time)",
-                      flush=True)
-
-            if prompt is not None:
-                t0 = time.perf_counter()
-                a = dec.push(prompt.to(device).expand(cfg.num_samples, -1))
-                t_codec += time.perf_counter() - t0
-                emit(a)
-            t0 = time.perf_counter()
-            for frame in sample_frames(model, layout, prompt, n_frames, **knobs):
-                t1 = time.perf_counter()
-                t_lm += t1 - t0
-                a = dec.push(frame)
-                t_codec += time.perf_counter() - t1
-                emit(a)
-                t0 = time.perf_counter()  # the next frame's LM time starts here
-            t0 = time.perf_counter()
-            a = dec.flush()
-            t_codec += time.perf_counter() - t0
-            emit(a)
-        except BaseException:
-            for w in writers:
-                w.abort()
-            raise
-        for w in writers:
-            w.close()
-    wall = time.perf_counter() - t_start
-    gen_seconds = n_frames * hop / sr
-    print(f"LM: {cfg.num_samples * n_frames * fs / t_lm:.1f} tokens/s ({cfg.num_samples} samples), "
-          f"{cfg.num_samples * gen_seconds / t_lm:.2f}x real time | codec: "
-          f"{cfg.num_samples * (p_frames + n_frames) * hop / sr / max(t_codec, 1e-9):.2f}x real time | "
-          f"wall {wall:.1f} s", flush=True)
+                print(f"streamed {out.written / sr:6.2f} s of audio in {wall:6.2f} s "
+                      f"({out.written / sr / wall:.2f}x real time)", flush=True)
+    print(f"LM: {cfg.num_samples * n_frames * fs / timer['lm']:.1f} tokens/s ({cfg.num_samples} samples), "
+          f"{cfg.num_samples * n_frames * hop / sr / timer['lm']:.2f}x real time | codec: "
+          f"{cfg.num_samples * (p_frames + n_frames) * hop / sr / max(timer['codec'], 1e-9):.2f}x real time | "
+          f"wall {time.perf_counter() - t_start:.1f} s", flush=True)
     for p in paths + cont_paths:
         print(p)
 

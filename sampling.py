@@ -18,6 +18,9 @@ from tokenizer import AudioTokenizer, Layout
 # decoding a chunk with 3 frames of real codes on each side matches one pass over the whole stream to 6e-7,
 # 5 frames to 0. Streaming decodes this many frames on each side of a chunk and keeps only the middle.
 CODEC_CONTEXT_FRAMES = 4
+# frames of audio one codec call decodes at most (all rows together): 240 frames = 20 s at 24 kHz, ~1.5 GB of
+# activations for SNAC 24 kHz
+DECODE_FRAMES = 240
 # when the context is full, the window keeps about this fraction of block_size (whole frames): the larger, the
 # more history the model sees, the smaller, the fewer re-prefills (one forward of the window each)
 KEEP_FRACTION = 0.75
@@ -133,7 +136,10 @@ class StreamDecoder:
         """Audio (B, samples) of frames [done, stop), decoded with context on both sides."""
         lo, hi = max(0, self.done - self.context), min(len(self.frames), stop + self.context)
         tokens = torch.cat(self.frames[lo:hi], dim=1)  # (B, (hi - lo) * frame_size)
-        audio = self.tok.decode_codes(self.tok.layout.tokens_to_codes(tokens))
+        # the codec's activations grow with rows x frames: decode a few rows at a time, so peak memory is bounded by
+        # DECODE_FRAMES whatever the batch size
+        rows = max(1, DECODE_FRAMES // (hi - lo))
+        audio = torch.cat([self.tok.decode_codes(self.tok.layout.tokens_to_codes(t)) for t in tokens.split(rows)])
         hop = self.tok.frame_hop
         audio = audio[:, (self.done - lo) * hop:(stop - lo) * hop]
         self.done = stop
@@ -151,7 +157,7 @@ class StreamDecoder:
         return self._decode(len(self.frames)) if self.done < len(self.frames) else None
 
 
-def decode_in_chunks(tok: AudioTokenizer, tokens: torch.Tensor, chunk_frames: int = 240) -> torch.Tensor:
+def decode_in_chunks(tok: AudioTokenizer, tokens: torch.Tensor, chunk_frames: int = DECODE_FRAMES) -> torch.Tensor:
     """(B, n_frames * frame_size) tokens -> (B, n_frames * frame_hop) audio, decoded 20 s at a time with codec
     context on both sides, so memory stays bounded however long the samples are."""
     dec = StreamDecoder(tok, chunk_frames)

@@ -37,6 +37,8 @@ import torch
 
 DEFAULT_CODEC = "hubertsiuzdak/snac_24khz"
 LAYOUT_NAME = "snac-depth-first-v1"
+# real audio encoded on each side of a chunk (whose codes are then dropped), so chunked codes equal one pass's
+ENCODE_MARGIN_SECONDS = 0.75
 
 
 @dataclass(frozen=True)
@@ -212,19 +214,39 @@ def captured_c_stderr():
 
 def read_audio(path: str) -> tuple[np.ndarray, int]:
     """Decode a whole file -> (float32 mono samples at the file's own rate, rate). Raises BadAudio(reason)."""
+    audio, rate, _ = _read_audio(path, 0.0)
+    return audio, rate
+
+
+def read_audio_tail(path: str, seconds: float) -> tuple[np.ndarray, int, int]:
+    """Only the last `seconds` of a file -> (float32 mono samples, rate, index in the file of the first one).
+    Memory is the tail's, whatever the file's length: formats that can seek start there; MP3 (whose length is only
+    an estimate) is decoded block by block, keeping the tail. Raises BadAudio(reason)."""
+    return _read_audio(path, seconds)
+
+
+def _read_audio(path: str, last_seconds: float) -> tuple[np.ndarray, int, int]:
     import soundfile as sf
     if os.path.getsize(path) == 0:
         raise BadAudio("empty file (0 bytes)")
-    blocks = []
+    blocks: list[np.ndarray] = []
+    first = 0  # index in the file of blocks[0][0]
     try:
         with captured_c_stderr(), sf.SoundFile(path) as f:
             rate, declared, info = f.samplerate, f.frames, f.extra_info
+            keep = math.ceil(last_seconds * rate) if last_seconds > 0 else 0
+            if keep and f.seekable() and f.format != "MP3" and declared > keep:
+                first = f.seek(declared - keep)
+            end = first  # index of the next sample to decode
             while True:
                 # f.read stops at the end of what can be decoded (f.blocks() would pad a truncated mp3 with stale data)
                 block = f.read(READ_BLOCK, dtype="float32", always_2d=True)  # (n, channels)
                 if not len(block):
                     break
                 blocks.append(downmix(block))
+                end += len(block)
+                while keep and len(blocks) > 1 and end - first - len(blocks[0]) >= keep:
+                    first += len(blocks.pop(0))  # a whole block before the tail
     except (sf.SoundFileError, RuntimeError, OSError, ValueError) as e:
         reason = (getattr(e, "error_string", None) or str(e).splitlines()[0]).strip()
         if "does not exist" in reason:  # what libsndfile says of data in no format it knows, though the file exists
@@ -234,15 +256,16 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
     m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)
     if m and int(m.group(3)) < int(m.group(2)):
         raise BadAudio(f"truncated: its header declares {m.group(2)} bytes of audio, only {m.group(3)} are present")
+    if declared > 0 and end < 0.99 * declared:  # mp3 lengths are estimates: allow 1%
+        raise BadAudio(f"truncated or corrupt: decodes to {end} of the {declared} samples its header declares")
     audio = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
-    if declared > 0 and len(audio) < 0.99 * declared:  # mp3 lengths are estimates: allow 1%
-        raise BadAudio(f"truncated or corrupt: decodes to {len(audio)} of the {declared} samples its header declares")
+    if keep and len(audio) > keep:
+        audio, first = audio[len(audio) - keep:], end - keep
     if len(audio) == 0:
         raise BadAudio("holds no audio samples")
     if not np.isfinite(audio).all():
         raise BadAudio("holds NaN or infinite samples")
-    return audio, rate
-
+    return audio, rate, first
 
 
 class AudioTokenizer:
@@ -296,7 +319,7 @@ class AudioTokenizer:
 
     @torch.inference_mode()
     def encode_codes(self, audio: torch.Tensor, chunk_seconds: float = 60.0,
-                     margin_seconds: float = 0.75) -> list[torch.Tensor]:
+                     margin_seconds: float = ENCODE_MARGIN_SECONDS) -> list[torch.Tensor]:
         """Mono audio (samples,) at the codec rate -> codes per level, (n_frames * codes_per_frame[l],) each.
 
         Long audio goes through the codec in chunks so memory stays bounded. Each chunk is encoded with
@@ -325,7 +348,7 @@ class AudioTokenizer:
         return codes
 
     def encode(self, waveform, sample_rate: int, chunk_seconds: float = 60.0,
-               margin_seconds: float = 0.75) -> np.ndarray:
+               margin_seconds: float = ENCODE_MARGIN_SECONDS) -> np.ndarray:
         """Audio (samples,) or (samples, channels) at any rate -> int64 token ids, ceil(duration / frame) frames."""
         audio = self.to_mono(waveform, sample_rate)
         codes = self.encode_codes(audio, chunk_seconds=chunk_seconds, margin_seconds=margin_seconds)

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, user_errors, atomic_write, autocast, load_checkpoint, parse_config, pick_device, pick_dtype, read_json,
-                    run_main, save_checkpoint, write_json)
+from common import (Dist, UserError, atomic_write, autocast, load_checkpoint, parse_config, peak_flops, pick_device,
+                    pick_dtype, remove_stale_temp_files, run_main, save_checkpoint, user_errors, write_json)
 from model import GPT, GPTConfig
+from dataset import TokenStream, eval_starts, load_dataset, train_starts
 
 
 @dataclass
@@ -36,10 +37,11 @@ class TrainConfig:
     out_dir: str = "out"  # ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, config.json
     data_dir: str = "data/sherlock"  # written by prepare_audio.py: train_*.bin, val_*.bin, meta.json
     init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    overwrite: bool = False  # allow a run from scratch to replace the checkpoints already in out_dir
     eval_interval: int = 250  # evaluate on val and write checkpoints every this many iterations (and at the end)
     eval_iters: int = 20  # val windows = eval_iters * batch_size, the same fixed windows at every eval
     log_interval: int = 10  # print and log the training loss every this many iterations
-    wandb_log: bool = False  # also log to Weights & Biases (imported only when on)
+    wandb_log: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "gpt2o"
     wandb_run_name: str = "run"
     # data
@@ -70,175 +72,9 @@ class TrainConfig:
     seed: int = 1337  # model init, data order and dropout all derive from it
 
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the MFU figure. First match wins,
-# so longer names come first. In float32 (TF32) the peak is taken as half of these (true for A100/H100).
-GPU_PEAK_FLOPS = [
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
-    ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12),
-    ("4090", 165e12), ("4080", 97e12), ("3090", 71e12), ("3080", 59e12),
-]
-
-
-def measure_matmul_flops(device: str, dtype: torch.dtype = torch.float32, n: int = 1024, repeat: int = 3) -> float:
-    """Achieved FLOP/s of an n x n matmul on `device`: the practical peak on CPUs and unknown GPUs."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else torch.mps.synchronize if device == "mps" else None
-    best = float("inf")
-    for _ in range(repeat + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        a @ b
-        if sync:
-            sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def peak_flops_for(device: str, dtype: str, override: float) -> float:
-    if override > 0:
-        return override
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS:
-            if key in name:
-                return flops if dtype != "float32" else flops / 2
-    return measure_matmul_flops(device, getattr(torch, dtype))
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters, then min_lr."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
-# -----------------------------------------------------------------------------
-# data: every shard of a split is one virtual concatenated stream, read through np.memmap
-
-class TokenStream:
-    """The shards of one split as one stream of len(self) tokens; windows may cross shard ends."""
-
-    def __init__(self, paths: list[str], sizes: list[int]):
-        keep = [i for i, n in enumerate(sizes) if n > 0]  # an empty file cannot be memory-mapped
-        self.paths = [paths[i] for i in keep]
-        self.sizes = np.array([sizes[i] for i in keep], dtype=np.int64)
-        self.ends = np.cumsum(self.sizes)
-
-    def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
-
-    def read(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Windows [s, s+length) for each s in starts -> int64 (len(starts), length).
-
-        The memmaps are opened per call and dropped after it, as in nanoGPT: a long-lived memmap keeps every page
-        it ever touched mapped, so resident memory would grow towards the dataset size."""
-        out = np.empty((len(starts), length), dtype=np.int64)
-        maps: dict[int, np.memmap] = {}
-        for row, start in enumerate(starts):
-            i, pos = int(np.searchsorted(self.ends, start, side="right")), 0
-            while pos < length:
-                if i not in maps:
-                    maps[i] = np.memmap(self.paths[i], dtype="<u2", mode="r")
-                offset = start + pos - (self.ends[i] - self.sizes[i])
-                take = int(min(length - pos, self.sizes[i] - offset))
-                out[row, pos:pos + take] = maps[i][offset:offset + take]
-                pos, i = pos + take, i + 1
-        return out
-
-
-def load_dataset(data_dir: str) -> tuple[dict, dict[str, TokenStream]]:
-    """meta.json and one TokenStream per split; every shard is checked against meta.json up front."""
-    if not os.path.isdir(data_dir):
-        raise UserError(f"data_dir {data_dir}: folder not found; write it with "
-                        f"`python prepare_audio.py --out_dir={data_dir}` or pass --data_dir=<dataset folder>")
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"data_dir {data_dir}: has no meta.json; it must be a dataset folder written by prepare_audio.py")
-    meta = read_json(meta_path, "dataset meta")
-    from tokenizer import Layout
-    missing = [k for k in ("vocab_size", "tokens_per_second", "codebook_size", "n_levels", "shards") if k not in meta]
-    if missing:
-        raise UserError(f"{meta_path}: missing {', '.join(missing)}; re-run prepare_audio.py")
-    with user_errors():
-        layout = Layout.from_meta(meta)
-    if meta["vocab_size"] != layout.vocab_size or meta.get("dtype", "uint16") != "uint16":
-        raise UserError(f"{meta_path}: vocab_size {meta['vocab_size']} / dtype {meta.get('dtype')} do not match "
-                        f"the layout (expected {layout.vocab_size} / uint16); re-run prepare_audio.py")
-    streams = {}
-    for split in ("train", "val"):
-        shards = [s for s in meta["shards"] if s.get("split") == split]
-        paths = [os.path.join(data_dir, s["file"]) for s in shards]
-        for s, p in zip(shards, paths):
-            if not os.path.isfile(p):
-                raise UserError(f"shard {p}: listed in meta.json but not found; re-run prepare_audio.py")
-            if os.path.getsize(p) != 2 * int(s["tokens"]):
-                raise UserError(f"shard {p}: {os.path.getsize(p)} bytes, but meta.json says {s['tokens']} tokens "
-                                f"({2 * int(s['tokens'])} bytes of uint16); the dataset is damaged, re-run prepare_audio.py")
-        streams[split] = TokenStream(paths, [int(s["tokens"]) for s in shards])
-    return meta, streams
-
-
-def train_starts(seed: int, it: int, n_windows: int, n_starts: int) -> np.ndarray:
-    """Start offsets of every window of iteration `it` of the whole job: a function of (seed, it) only."""
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, it)))
-    return rng.integers(0, n_starts, size=n_windows)
-
-
-def eval_starts(seed: int, n_windows: int, n_starts: int) -> np.ndarray:
-    """The fixed val windows; when the split has no more possible windows than that, every one of them once."""
-    if n_starts <= n_windows:
-        return np.arange(n_starts)
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,))).integers(0, n_starts, size=n_windows)
-
-
-def to_device(batch: np.ndarray, device: str, vocab_size: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T+1) token windows -> inputs x and targets y, (B, T) each, on device."""
-    if batch.max(initial=0) >= vocab_size:
-        raise UserError(f"{split} shards: token id {batch.max()} >= vocab_size {vocab_size}; the shards do not match meta.json")
-    t = torch.from_numpy(batch)
-    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-        t = t.pin_memory().to(device, non_blocking=True)
-    else:
-        t = t.to(device)
-    return t[:, :-1], t[:, 1:]  # one copy of the (B, T+1) windows, sliced on the device
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, block: int, cfg: TrainConfig,
-             meta: dict, device: str, dtype: str, ddp: bool) -> dict:
-    """Val loss over this rank's share of the fixed windows; the sums are all-reduced, so every rank and every
-    world size get the same figures. Per-level losses group tokens by the level of the TARGET token
-    (id // codebook_size); boundary tokens are the 'special' group."""
-    n_levels, cb = int(meta["n_levels"]), int(meta["codebook_size"])
-    acc = torch.float32 if device == "mps" else torch.float64  # MPS has no float64
-    sums = torch.zeros(2, n_levels + 1, device=device, dtype=acc)  # [loss sum, token count] per group
-    model.eval()
-    for i in range(0, len(starts), cfg.batch_size):
-        x, y = to_device(stream.read(starts[i:i + cfg.batch_size], block + 1), device, int(meta["vocab_size"]), "val")
-        with autocast(device, dtype):
-            logits, _ = model(x, y)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        group = torch.clamp(y.reshape(-1) // cb, max=n_levels)
-        sums[0].index_add_(0, group, loss.to(acc))
-        sums[1].index_add_(0, group, torch.ones_like(loss, dtype=acc))
-    model.train()
-    if ddp:
-        torch.distributed.all_reduce(sums)
-    loss_sum, count = sums.cpu().tolist()
-    val_loss = sum(loss_sum) / max(1.0, sum(count))
-    names = [f"L{i}" for i in range(n_levels)] + ["special"]
-    levels = {name: s / c for name, s, c in zip(names, loss_sum, count) if c > 0}
-    return {"val_loss": val_loss, "val_bps": val_loss * float(meta["tokens_per_second"]) / math.log(2),
-            "val_loss_levels": levels}
-
-
 def check_config(cfg: TrainConfig, world_size: int) -> None:
-    positive = ["batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                "log_interval", "n_layer", "n_head", "n_embd"]
-    for key in positive:
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                "log_interval", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)}: must be at least 1")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
@@ -255,24 +91,113 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: must be divisible by the "
                         f"number of processes ({world_size}); it counts the micro-steps of the whole job")
+    if not cfg.out_dir:
+        raise UserError("out_dir is empty: pass --out_dir=<folder for checkpoints and logs>")
 
 
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters, then min_lr."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def check_resume(ckpt: dict, ckpt_path: str, meta: dict, cfg: TrainConfig) -> None:
-    """The checkpoint must fit the data (same tokens) and the config (same architecture)."""
+# -----------------------------------------------------------------------------
+# data
+
+def get_batch(stream: TokenStream, starts: np.ndarray, block: int, device: str,
+              vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of block + 1 tokens -> inputs x and targets y, (B, block) each, on device."""
+    batch = stream.read(starts, block + 1)  # (B, block + 1)
+    if batch.max(initial=0) >= vocab_size:
+        raise UserError(f"token id {batch.max()} >= vocab_size {vocab_size}: the shards do not match meta.json; "
+                        "re-run prepare_audio.py")
+    t = torch.from_numpy(batch)
+    # pinned memory lets the copy overlap with compute; one copy of the windows, sliced on the device
+    t = t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t.to(device)
+    return t[:, :-1], t[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# eval
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, block: int, batch_size: int,
+             meta: dict, device: str, dtype: str, dist: Dist) -> dict:
+    """Val loss over this rank's share of the fixed windows; the sums are all-reduced, so every rank and every
+    world size get the same figures. Per-level losses group tokens by the level of the TARGET token
+    (id // codebook_size); boundary tokens are the 'special' group."""
+    n_levels, cb = int(meta["n_levels"]), int(meta["codebook_size"])
+    acc = torch.float32 if device == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(2, n_levels + 1, device=device, dtype=acc)  # [loss sum, token count] per group
+    model.eval()
+    for i in range(0, len(starts), batch_size):
+        x, y = get_batch(stream, starts[i:i + batch_size], block, device, int(meta["vocab_size"]))
+        with autocast(device, dtype):
+            logits, _ = model(x, y)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        group = torch.clamp(y.reshape(-1) // cb, max=n_levels)
+        sums[0].index_add_(0, group, loss.to(acc))
+        sums[1].index_add_(0, group, torch.ones_like(loss, dtype=acc))
+    model.train()
+    if dist.ddp:
+        torch.distributed.all_reduce(sums)
+    loss_sum, count = sums.cpu().tolist()
+    val_loss = sum(loss_sum) / max(1.0, sum(count))
+    names = [f"L{i}" for i in range(n_levels)] + ["special"]
+    levels = {name: s / c for name, s, c in zip(names, loss_sum, count) if c > 0}
+    return {"val_loss": val_loss, "val_bps": val_loss * float(meta["tokens_per_second"]) / math.log(2),
+            "val_loss_levels": levels}
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: save_state writes exactly what restore_state reads back, which is what makes a resumed run
+# identical to an uninterrupted one (weights, optimizer, loss scaler, RNG, and iter_num, which is also the data
+# position since the data order is a function of (seed, iteration))
+
+def save_state(paths: list[str], model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               cfg: TrainConfig, meta: dict, iter_num: int, best_val_loss: float) -> None:
+    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []},
+            "data": {"seed": cfg.seed, "next_iter": iter_num},
+            "config": dataclasses.asdict(cfg), "meta": meta}
+    for path in paths:
+        save_checkpoint(path, ckpt)
+
+
+def restore_state(ckpt: dict, model: GPT, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler) -> tuple[int, float]:
+    """Load what save_state wrote; returns (iter_num, best_val_loss)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] and scaler.is_enabled():  # empty when the checkpoint's run did not scale (bf16, fp32)
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+
+
+def check_resume(ckpt: dict, path: str, meta: dict, model_config: GPTConfig, data_dir: str) -> None:
+    """The checkpoint must fit the data (same tokens) and the config (same architecture; dropout may change)."""
     missing = [k for k in ("optimizer", "iter_num", "best_val_loss", "meta", "rng", "scaler") if k not in ckpt]
     if missing:
-        raise UserError(f"checkpoint {ckpt_path}: has no {', '.join(missing)}; only train.py's ckpt.pt can be resumed")
+        raise UserError(f"checkpoint {path}: has no {', '.join(missing)}; only train.py's ckpt.pt can be resumed")
     for key in ("layout", "vq_strides", "codebook_size", "vocab_size"):
         if ckpt["meta"].get(key) != meta.get(key):
-            raise UserError(f"checkpoint {ckpt_path}: was trained on {key}={ckpt['meta'].get(key)} but {cfg.data_dir} "
+            raise UserError(f"checkpoint {path}: was trained on {key}={ckpt['meta'].get(key)} but {data_dir} "
                             f"has {key}={meta.get(key)}; use the dataset it was trained on or a new out_dir")
-    for key in ARCH_KEYS:
-        if ckpt["model_args"][key] != getattr(cfg, key):
-            raise UserError(f"checkpoint {ckpt_path}: has {key}={ckpt['model_args'][key]} but the config says "
-                            f"{getattr(cfg, key)}; pass --{key}={ckpt['model_args'][key]} to resume it")
+    for key, value in dataclasses.asdict(model_config).items():
+        if key != "dropout" and ckpt["model_args"].get(key) != value:
+            raise UserError(f"checkpoint {path}: has {key}={ckpt['model_args'].get(key)} but the config says "
+                            f"{value}; pass --{key}={ckpt['model_args'].get(key)} to resume it")
 
 
 def trim_log(path: str, iter_num: int) -> None:
@@ -289,100 +214,91 @@ def trim_log(path: str, iter_num: int) -> None:
 
 def main() -> None:
     cfg = parse_config(TrainConfig, sys.argv[1:], __doc__)
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    master = rank == 0
-    check_config(cfg, world_size)
+    dist = Dist.from_env()
+    master = dist.master
+    check_config(cfg, dist.world_size)
+    if cfg.wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("wandb_log=True: wandb is not installed; `pip install wandb` or drop --wandb_log") from None
     device = pick_device(cfg.device)
-    if ddp and device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
+    device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device)
-    meta, streams = load_dataset(cfg.data_dir)
+
+    # data
+    with user_errors():
+        meta, streams = load_dataset(cfg.data_dir)
     train_data, val_data = streams["train"], streams["val"]
     if len(train_data) < cfg.block_size + 1:
         raise UserError(f"block_size={cfg.block_size}: longer than the train split of {cfg.data_dir} "
                         f"({len(train_data)} tokens, a window needs block_size + 1); use a smaller --block_size")
     val_block = min(cfg.block_size, len(val_data) - 1)  # a val split shorter than a window is read whole
+    val_starts = eval_starts(cfg.seed, cfg.eval_iters * cfg.batch_size, len(val_data) - val_block) \
+        if val_block > 0 else np.zeros(0, dtype=np.int64)
+    vocab_size = int(meta["vocab_size"])
 
+    # the checkpoint to resume, checked before anything is written
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    model_args = dict(block_size=cfg.block_size, vocab_size=int(meta["vocab_size"]), n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
+    ckpt = None
     if cfg.init_from == "resume":
         if not os.path.isfile(ckpt_path):
             raise UserError(f"init_from=resume: no checkpoint {ckpt_path}; train from scratch first or fix --out_dir")
         ckpt = load_checkpoint(ckpt_path)
-        check_resume(ckpt, ckpt_path, meta, cfg)
-        iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        check_resume(ckpt, ckpt_path, meta, model_config, cfg.data_dir)
+    elif not cfg.overwrite and any(os.path.exists(p) for p in (ckpt_path, best_path)):
+        raise UserError(f"out_dir {cfg.out_dir}: already holds a checkpoint; continue it with --init_from=resume, "
+                        "train into a new --out_dir, or pass --overwrite=True to replace it")
 
-    if ddp:
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    try:
-        if master:
-            print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
-            print(f"device {device} | dtype {dtype} | processes {world_size} | train {len(train_data):,} tokens | "
-                  f"val {len(val_data):,} tokens | {meta['tokens_per_second']:.2f} tokens per second of audio", flush=True)
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
-            if cfg.init_from == "resume":
-                trim_log(log_path, iter_num)
-            elif os.path.exists(log_path):
-                os.remove(log_path)
-        if device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: float32 range, much faster on Ampere+
-            torch.backends.cudnn.allow_tf32 = True
-        train(cfg, meta, train_data, val_data, val_block, model_args, ckpt, iter_num, best_val_loss,
-              device, dtype, ddp, rank, world_size, ckpt_path, best_path, log_path)
-    finally:
-        if ddp:
-            torch.distributed.destroy_process_group()
+    device = dist.init(device)  # torchrun: join the process group; on CUDA each rank takes its local GPU
+    if master:
+        print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
+        print(f"device {device} | dtype {dtype} | processes {dist.world_size} | train {len(train_data):,} tokens | "
+              f"val {len(val_data):,} tokens | {meta['tokens_per_second']:.2f} tokens per second of audio", flush=True)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        for name in remove_stale_temp_files(cfg.out_dir, ("ckpt.pt", "best.pt", "log.jsonl", "config.json")):
+            print(f"note: removed {name}, a partial file left by a run that was killed while writing it", flush=True)
+        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+        if ckpt:
+            trim_log(log_path, int(ckpt["iter_num"]))
+        elif os.path.exists(log_path):
+            os.remove(log_path)
+        if cfg.wandb_log:
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: float32 range, much faster on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
 
-
-def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: TokenStream, val_block: int,
-          model_args: dict, ckpt: dict | None, iter_num: int, best_val_loss: float, device: str, dtype: str,
-          ddp: bool, rank: int, world_size: int, ckpt_path: str, best_path: str, log_path: str) -> None:
-    master = rank == 0
+    # model and optimizer, from scratch or restored
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = GPT(GPTConfig(**model_args))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    raw_model = model.to(device)  # the uncompiled, unwrapped model: its state_dict goes into checkpoints
+    raw_model = GPT(model_config).to(device)  # uncompiled, unwrapped: its state_dict is what checkpoints hold
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               device.split(":")[0])
+                                               device_type)
     # fp16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") and scaler.is_enabled():  # empty when the checkpoint's run did not scale (bf16)
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.startswith("cuda") and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    iter_num, best_val_loss = restore_state(ckpt, raw_model, optimizer, scaler) if ckpt else (0, float("inf"))
+    resumed_at = iter_num if ckpt else -1
     ckpt = None  # free the memory
-    eval_model = torch.compile(raw_model) if cfg.compile and device.startswith("cuda") else raw_model
-    model = eval_model
-    if ddp:
+    model = torch.compile(raw_model) if cfg.compile and device_type == "cuda" else raw_model
+    if dist.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(eval_model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-    if master and cfg.wandb_log:
-        import wandb
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+        model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
 
-    micro_steps = cfg.gradient_accumulation_steps // world_size  # this rank's share of every iteration
+    micro_steps = cfg.gradient_accumulation_steps // dist.world_size  # this rank's share of every iteration
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     n_train_starts = len(train_data) - cfg.block_size
-    val_starts = eval_starts(cfg.seed, cfg.eval_iters * cfg.batch_size, len(val_data) - val_block) \
-        if val_block > 0 else np.zeros(0, dtype=np.int64)
-    my_val_starts = val_starts[rank::world_size]
-    peak = peak_flops_for(device, dtype, cfg.peak_flops) if master else 0.0
+    peak = peak_flops(device, dtype, cfg.peak_flops) if master else 0.0
     if master:
         print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration | "
               f"{micro_steps} micro-steps of {cfg.batch_size} x {cfg.block_size} per process | "
               f"peak {peak / 1e12:.3g} TFLOP/s for MFU", flush=True)
-        if val_block <= 0:
+        if cfg.compile and device_type != "cuda":
+            print(f"note: compile is used on CUDA only (on {device_type} it is slow to start and gains little)",
+                  flush=True)
+        if not len(val_starts):
             print(f"note: {cfg.data_dir} has no val tokens, so there is no eval and no best.pt", flush=True)
 
     def log(row: dict) -> None:
@@ -400,7 +316,7 @@ def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: Token
             return {}
         its, sums = [it for it, _ in pending], torch.stack([s for _, s in pending]).float()
         pending.clear()
-        if ddp:
+        if dist.ddp:
             torch.distributed.all_reduce(sums)
         losses = dict(zip(its, (sums / cfg.gradient_accumulation_steps).tolist()))  # mean over all micro-steps
         for it, loss in losses.items():
@@ -411,7 +327,6 @@ def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: Token
                                 f"stopped, {kept}; lower --learning_rate or raise --warmup_iters")
         return losses
 
-    resumed_at = iter_num if cfg.init_from == "resume" else -1
     t0, iters_timed = time.perf_counter(), 0
     while True:
         # eval + checkpoint (skipped right after a resume: that checkpoint was written after this very eval)
@@ -419,7 +334,8 @@ def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: Token
             flush_losses()  # never checkpoint weights that came from a NaN step
             row = {"iter": iter_num}
             if len(val_starts):
-                row.update(evaluate(eval_model, val_data, my_val_starts, val_block, cfg, meta, device, dtype, ddp))
+                row.update(evaluate(model, val_data, val_starts[dist.rank::dist.world_size], val_block,
+                                    cfg.batch_size, meta, device, dtype, dist))
             if master:
                 if "val_loss" in row:
                     levels = " ".join(f"{k} {v:.3f}" for k, v in row["val_loss_levels"].items())
@@ -428,35 +344,27 @@ def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: Token
                     log(row)
                 improved = row.get("val_loss", float("inf")) < best_val_loss
                 best_val_loss = min(best_val_loss, row.get("val_loss", float("inf")))
-                ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
-                        "best_val_loss": best_val_loss, "config": dataclasses.asdict(cfg), "meta": meta,
-                        "rng": {"torch": torch.get_rng_state(),
-                                "cuda": torch.cuda.get_rng_state_all() if device.startswith("cuda") else []},
-                        # the data order is a function of (seed, iteration): iter_num is the data position
-                        "data": {"seed": cfg.seed, "next_iter": iter_num}}
-                save_checkpoint(ckpt_path, ckpt)
-                if improved:
-                    save_checkpoint(best_path, ckpt)
-                ckpt = None
+                save_state([ckpt_path, best_path] if improved else [ckpt_path], raw_model, optimizer, scaler, cfg,
+                           meta, iter_num, best_val_loss)
             t0, iters_timed = time.perf_counter(), 0  # eval time is not training time
         if iter_num >= cfg.max_iters:
             break
 
+        # one iteration: this rank's micro-steps of the job's windows, then one optimizer step
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = train_starts(cfg.seed, iter_num, cfg.gradient_accumulation_steps * cfg.batch_size, n_train_starts)
-        starts = starts.reshape(cfg.gradient_accumulation_steps, cfg.batch_size)[rank * micro_steps:(rank + 1) * micro_steps]
+        starts = starts.reshape(cfg.gradient_accumulation_steps, cfg.batch_size)  # (micro-steps of the job, B)
         loss_sum = None
         for micro_step in range(micro_steps):
+            job_step = dist.rank * micro_steps + micro_step
             # dropout masks from (seed, iteration, micro-step of the whole job) alone: a resumed run, and a run on
             # another number of processes, draw the same masks
-            job_step = rank * micro_steps + micro_step
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, iter_num, job_step]).generate_state(1)[0]))
-            x, y = to_device(train_data.read(starts[micro_step], cfg.block_size + 1), device, model_args["vocab_size"], "train")
+            x, y = get_batch(train_data, starts[job_step], cfg.block_size, device, model_config.vocab_size)
             # gradients are all-reduced only after the last micro-step of the iteration
-            sync = model.no_sync() if ddp and micro_step < micro_steps - 1 else nullcontext()
+            sync = model.no_sync() if dist.ddp and micro_step < micro_steps - 1 else nullcontext()
             with sync:
                 with autocast(device, dtype):
                     _, loss = model(x, y)
@@ -477,7 +385,7 @@ def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: Token
             loss = flush_losses()[iter_num]  # the read-back also waits for the device, so the timing is true
             dt = (time.perf_counter() - t0) / iters_timed
             tok_s = tokens_per_iter / dt
-            mfu = raw_model.estimate_mfu(tok_s / world_size, peak) if peak else 0.0
+            mfu = raw_model.estimate_mfu(tok_s / dist.world_size, peak) if peak else 0.0
             if master:
                 print(f"iter {iter_num} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
                       f"{tok_s / 1e3:.1f}k tok/s | mfu {mfu * 100:.1f}%", flush=True)
@@ -485,7 +393,9 @@ def train(cfg: TrainConfig, meta: dict, train_data: TokenStream, val_data: Token
             t0, iters_timed = time.perf_counter(), 0
         iter_num += 1
     if master:
-        print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoints in {cfg.out_dir}", flush=True)
+        best = f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else "no eval (no val split)"
+        print(f"done: {iter_num} iterations, {best}, checkpoints in {cfg.out_dir}", flush=True)
+    dist.close()
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def data(tmp_path_factory):
 
 
 def test_token_stream_reads_across_shards(data):
-    from train import load_dataset
+    from dataset import load_dataset
     meta, streams = load_dataset(data)
     whole = np.concatenate([np.fromfile(os.path.join(data, s["file"]), dtype="<u2")
                             for s in meta["shards"] if s["split"] == "train"])
