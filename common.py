@@ -13,6 +13,7 @@ import json
 import math
 import operator
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -29,7 +30,8 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's main(): a UserError becomes `error: <message>` on stderr and exit code 1, no traceback."""
+    """Run a script's main(): a UserError becomes `error: <message>` on stderr and exit code 1, no traceback.
+    Under torchrun every rank meets the same bad input, so only rank 0 prints it (every rank still exits 1)."""
     try:
         main()
     except UserError as e:
@@ -37,13 +39,14 @@ def run_main(main: Callable[[], Any]) -> None:
     except OSError as e:
         if e.filename is None:  # not about a file the user named: a real bug, keep the traceback
             raise
-        die(f"{e.filename}: {e.strerror} (check the path and its permissions)")
+        die(f"{e.filename or '(an empty path)'}: {e.strerror} (check the path and its permissions)")
     except KeyboardInterrupt:
         die("interrupted")
 
 
 def die(msg: str) -> NoReturn:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(1)
 
 
@@ -61,19 +64,49 @@ def user_errors(hint: str = ""):
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
+# bounds on what a config value may evaluate to, checked before each operation: `9**9**9` or `"a" * 10**11` would
+# otherwise hang or fill memory before any check on the result could run
+MAX_NUMBER = 10 ** 18
+MAX_LENGTH = 10_000
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _binop(op: ast.operator, a: Any, b: Any) -> Any:
+    if isinstance(op, ast.Pow) and _number(a) and _number(b) and abs(b) > 64:
+        raise ValueError(f"the exponent {b} is too large (at most 64)")
+    if isinstance(op, ast.Mult) and isinstance(a, (str, list)) + isinstance(b, (str, list)) == 1:
+        seq, n = (a, b) if isinstance(a, (str, list)) else (b, a)
+        if not isinstance(n, int) or len(seq) * max(n, 0) > MAX_LENGTH:
+            raise ValueError(f"a text or list longer than {MAX_LENGTH} items")
+    value = _BINOPS[type(op)](a, b)
+    if _number(value) and not abs(value) <= MAX_NUMBER:  # also catches inf and nan
+        raise ValueError(f"{value:.3g} is out of range (at most {MAX_NUMBER:.0e} in size)")
+    if isinstance(value, (str, list)) and len(value) > MAX_LENGTH:
+        raise ValueError(f"a text or list longer than {MAX_LENGTH} items")
+    return value
 
 
 def _eval_node(node: ast.AST, names: dict[str, Any], where: str) -> Any:
-    """Evaluate a literal, a list/tuple of literals, simple arithmetic, or a name assigned earlier in the file."""
+    """Evaluate a literal, a list/tuple of literals, bounded arithmetic, or a name assigned earlier in the file."""
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_eval_node(e, names, where) for e in node.elts]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _eval_node(node.operand, names, where)
+        if not _number(v):
+            raise UserError(f"{where}: a sign only goes before a number, got `{ast.unparse(node)}`")
         return -v if isinstance(node.op, ast.USub) else +v
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_eval_node(node.left, names, where), _eval_node(node.right, names, where))
+        a, b = _eval_node(node.left, names, where), _eval_node(node.right, names, where)
+        try:
+            return _binop(node.op, a, b)
+        except (ArithmeticError, TypeError, ValueError) as e:  # 1/0, "abc" - 1, 10.0 ** 400, ...
+            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise UserError(f"{where}: `{ast.unparse(node)}` cannot be evaluated: {reason}") from None
     if isinstance(node, ast.Name) and node.id in names:
         return names[node.id]
     raise UserError(f"{where}: only literals, arithmetic and earlier names are allowed, got `{ast.unparse(node)}`")
@@ -98,7 +131,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             continue  # a docstring
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
             raise UserError(f"{where}: expected `key = value`, got `{ast.unparse(stmt)[:60]}`")
-        values[stmt.targets[0].id] = _eval_node(stmt.value, values, where)
+        key = stmt.targets[0].id
+        values[key] = _eval_node(stmt.value, values, f"{where}, key {key}")
     return values
 
 
@@ -314,10 +348,16 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
         raise UserError(f"checkpoint {path}: not found (train one with train.py, or pass --ckpt=<path to ckpt.pt>)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path}: cannot be loaded, the file is damaged or not a checkpoint "
-                        f"({first[:200]})") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a refused object: garbage bytes
+            raise UserError(f"checkpoint {path}: cannot be loaded: the file is damaged, truncated or not a PyTorch "
+                            "checkpoint; use another checkpoint, e.g. best.pt") from None
+        # torch's own message suggests weights_only=False: never do that with a file you did not write yourself
+        raise UserError(f"checkpoint {path}: holds Python objects that a safe load refuses, so it was not written "
+                        "by gpt2o's train.py (gpt2o only loads checkpoints with weights_only=True)") from None
+    except Exception as e:  # torch raises many types for a damaged file; its messages are long and unhelpful here
+        raise UserError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}): the file is damaged, truncated "
+                        "or not a PyTorch checkpoint; use another checkpoint, e.g. best.pt") from None
     for key in ("model", "model_args"):
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise UserError(f"checkpoint {path}: has no '{key}' entry; it was not written by gpt2o's train.py")

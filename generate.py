@@ -130,7 +130,9 @@ def load_model(cfg: GenerateConfig, device: str, dtype: str):
     codec = cfg.codec or meta.get("codec")
     if not codec:
         raise UserError(f"checkpoint {cfg.ckpt}: its meta names no codec; pass --codec=<Hub id or local folder>")
-    with user_errors():
+    hint = "" if cfg.codec else (" (the codec the checkpoint was trained with; pass --codec=<Hub id, or a folder with "
+                                 "config.json + pytorch_model.bin> to use a copy of it)")
+    with user_errors(hint):
         tok = load_codec(codec, device=device)
     if tok.layout != layout:
         raise UserError(f"codec {codec}: its layout (vq_strides {list(tok.layout.vq_strides)}, codebook_size "

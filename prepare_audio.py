@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import zipfile
@@ -224,8 +225,12 @@ def assemble(cfg: PrepareConfig, tok, root: str, files: list[str], folder: str) 
 
 def main() -> None:
     cfg = parse_config(PrepareConfig, sys.argv[1:], __doc__)
-    if cfg.shard_tokens < 1 or cfg.val_files < 0 or cfg.chunk_seconds <= 0:
-        raise UserError("shard_tokens must be >= 1, val_files >= 0 and chunk_seconds > 0")
+    for key, ok, expected in (("shard_tokens", cfg.shard_tokens >= 1, "at least 1"),
+                              ("val_files", cfg.val_files >= 0, "0 (no val split) or more"),
+                              ("chunk_seconds", cfg.chunk_seconds > 0, "more than 0"),
+                              ("out_dir", cfg.out_dir, "a folder for the shards")):
+        if not ok:
+            raise UserError(f"{key}={getattr(cfg, key)!r}: must be {expected}")
     from tqdm import tqdm
 
     dist = Dist.from_env()  # torchrun: each rank encodes its share of the files
@@ -249,6 +254,7 @@ def main() -> None:
     if tok.layout.vocab_size > 1 << 16:
         raise UserError(f"codec {cfg.codec}: vocab_size {tok.layout.vocab_size} does not fit the uint16 shards")
     folder = cache_folder(cfg.out_dir, tok, cfg)  # nothing is written before this point
+    new_dirs = [d for d in (cfg.out_dir, os.path.join(cfg.out_dir, ".cache")) if not os.path.isdir(d)]
     os.makedirs(folder, exist_ok=True)
 
     # each rank encodes files i % world == rank into the shared cache
@@ -267,7 +273,13 @@ def main() -> None:
             bar.update(1)
     dist.barrier()
     if master:
-        meta = assemble(cfg, tok, root, files, folder)
+        try:
+            meta = assemble(cfg, tok, root, files, folder)
+        except UserError:
+            # nothing came of this run (no usable file, or --strict): leave no folder behind that it made
+            for d in reversed(new_dirs):
+                shutil.rmtree(d, ignore_errors=True)
+            raise
         split = " | ".join(f"{name}: {v['files']} files, {v['seconds'] / 3600:.2f} h, {v['tokens']:,} tokens"
                            for name, v in meta["splits"].items())
         print(f"{split} | skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> "

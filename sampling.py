@@ -127,8 +127,9 @@ class StreamDecoder:
     """Turns frames into audio as they arrive. A chunk of `chunk_frames` is decoded with CODEC_CONTEXT_FRAMES
     real frames on each side and only its middle is kept, so chunk edges sound (and are) the same as one pass."""
 
-    def __init__(self, tok: AudioTokenizer, chunk_frames: int, context_frames: int = CODEC_CONTEXT_FRAMES):
-        self.tok, self.chunk, self.context = tok, chunk_frames, context_frames
+    def __init__(self, tok: AudioTokenizer, chunk_frames: int, context_frames: int = CODEC_CONTEXT_FRAMES,
+                 max_frames: int = DECODE_FRAMES):
+        self.tok, self.chunk, self.context, self.max_frames = tok, chunk_frames, context_frames, max_frames
         self.frames: list[torch.Tensor] = []  # (B, frame_size) each, all so far
         self.done = 0  # frames already turned into audio
 
@@ -137,8 +138,8 @@ class StreamDecoder:
         lo, hi = max(0, self.done - self.context), min(len(self.frames), stop + self.context)
         tokens = torch.cat(self.frames[lo:hi], dim=1)  # (B, (hi - lo) * frame_size)
         # the codec's activations grow with rows x frames: decode a few rows at a time, so peak memory is bounded by
-        # DECODE_FRAMES whatever the batch size
-        rows = max(1, DECODE_FRAMES // (hi - lo))
+        # max_frames whatever the batch size
+        rows = max(1, self.max_frames // (hi - lo))
         audio = torch.cat([self.tok.decode_codes(self.tok.layout.tokens_to_codes(t)) for t in tokens.split(rows)])
         hop = self.tok.frame_hop
         audio = audio[:, (self.done - lo) * hop:(stop - lo) * hop]

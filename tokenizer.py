@@ -248,9 +248,10 @@ def _read_audio(path: str, last_seconds: float) -> tuple[np.ndarray, int, int]:
                 while keep and len(blocks) > 1 and end - first - len(blocks[0]) >= keep:
                     first += len(blocks.pop(0))  # a whole block before the tail
     except (sf.SoundFileError, RuntimeError, OSError, ValueError) as e:
-        reason = (getattr(e, "error_string", None) or str(e).splitlines()[0]).strip()
-        if "does not exist" in reason:  # what libsndfile says of data in no format it knows, though the file exists
-            reason = f"not audio in any format libsndfile knows, or damaged; libsndfile: {reason}"
+        reason = (getattr(e, "error_string", None) or str(e).splitlines()[0]).strip().rstrip(".")
+        if "does not exist" in reason or "not recognised" in reason:
+            # libsndfile says "File does not exist or is not a regular file" of bytes in no format it knows
+            reason = "not audio in a format libsndfile knows, or damaged beyond reading"
         raise BadAudio(f"cannot be decoded ({reason})") from None
     # a truncated WAV/AIFF reads "fine" (libsndfile shortens it silently) but its header log says so
     m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)

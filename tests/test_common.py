@@ -80,3 +80,50 @@ def test_a_binary_first_argument_is_one_line(tmp_path):
     with pytest.raises(UserError, match="not a text file.*--key=value"):
         parse_config(Cfg, [str(path)])
 
+
+
+@pytest.mark.parametrize("text,message", [
+    ("n = 9**9**9\n", "exponent"),  # would run for hours at 100% CPU
+    ("name = 'a' * 10**11\n", "longer than"),  # would fill memory
+    ("n = 1/0\n", "ZeroDivisionError"),
+    ("name = 'abc' - 1\n", "TypeError"),
+    ("lr = 10.0 ** 400\n", "exponent"),
+    ("n = 2**40 * 2**40\n", "out of range"),
+    ("name = -'x'\n", "sign only goes before a number"),
+])
+def test_config_values_are_bounded_and_errors_name_line_and_key(tmp_path, text, message):
+    path = write(tmp_path, "flag = True\n" + text)
+    key = text.split(" =")[0]
+    with pytest.raises(UserError, match=message) as e:
+        parse_config(Cfg, [path])
+    assert f"config file {path}, line 2, key {key}:" in str(e.value)
+
+
+def test_checkpoint_errors_are_whole_sentences_and_never_advise_an_unsafe_load(tmp_path):
+    import collections
+
+    import torch
+
+    from common import load_checkpoint
+    good = str(tmp_path / "good.pt")
+    torch.save({"model": {"w": torch.zeros(4096)}, "model_args": {}}, good)
+    data = open(good, "rb").read()
+    cases = {"garbage.pt": os.urandom(3000), "truncated.pt": data[: len(data) // 2]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save({"model": collections.OrderedDict(), "obj": Cfg()}, tmp_path / "pickled.pt")  # a pickled object
+    for name, expect in (("garbage.pt", "damaged"), ("truncated.pt", "damaged"), ("pickled.pt", "safe load refuses")):
+        with pytest.raises(UserError) as e:
+            load_checkpoint(str(tmp_path / name))
+        message = str(e.value)
+        assert name in message and expect in message, message
+        assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+        assert message.endswith(("best.pt", "weights_only=True)")), message  # not cut mid-sentence
+
+
+def test_stale_temp_files_of_our_pattern_only(tmp_path):
+    from common import remove_stale_temp_files
+    for name in ("ckpt.pt.k3j_x9a1.tmp", "best.pt.abc.tmp", "ckpt.pt", "other.bin.x1.tmp", "ckpt.pt.tmp"):
+        (tmp_path / name).write_text("x")
+    assert remove_stale_temp_files(str(tmp_path), ("ckpt.pt", "best.pt")) == ["best.pt.abc.tmp", "ckpt.pt.k3j_x9a1.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.tmp", "other.bin.x1.tmp"]

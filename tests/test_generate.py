@@ -266,3 +266,77 @@ def test_decode_in_chunks_matches_one_pass(quiet_tok):
     chunked = sampling.decode_in_chunks(quiet_tok, tokens, chunk_frames=8)
     assert chunked.shape == one.shape == (2, 30 * quiet_tok.frame_hop)
     assert (chunked - one).abs().max() < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# bounded work and memory
+
+def test_prompt_reads_only_the_tail_it_needs(tok, tmp_path):
+    import tracemalloc
+
+    from tokenizer import read_audio, read_audio_tail
+    audio = synth_audio(8.0, 44100, channels=2, seed=4)
+    formats = {"long.wav": "WAV", "long.flac": "FLAC"}
+    if "MP3" in sf.available_formats():
+        formats["long.mp3"] = "MP3"
+    for name, fmt in formats.items():
+        sf.write(tmp_path / name, audio, 44100, format=fmt)
+        whole, rate = read_audio(str(tmp_path / name))
+        tail, rate2, first = read_audio_tail(str(tmp_path / name), 2.0)
+        assert rate == rate2 == 44100 and len(tail) == 88200 and first == len(whole) - 88200, name
+        np.testing.assert_array_equal(tail, whole[first:])  # seeking (wav, flac) and block decoding (mp3) alike
+    path = str(tmp_path / "long.wav")
+    tracemalloc.start()
+    p = generate.load_prompt(path, tok, prompt_seconds=0.5)
+    tail_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    whole = generate.load_prompt(path, tok, prompt_seconds=0)
+    whole_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(p) == 6 * tok.layout.frame_size  # ceil(0.5 s / 85.3 ms) frames
+    # the same tokens as encoding the whole file and keeping its end (the tail starts on the whole file's grid)
+    assert (p == whole[-len(p):]).float().mean() >= 0.99
+    assert tail_peak < whole_peak / 2, (tail_peak, whole_peak)  # 8 s of stereo float32 alone is 2.8 MB
+
+
+def test_decoding_memory_does_not_grow_with_the_batch(quiet_tok):
+    layout = quiet_tok.layout
+    calls = []
+    decode = quiet_tok.codec.decode
+
+    def spy(codes):  # SNAC's decode, recording how many frames of audio each call holds (all rows together)
+        calls.append(codes[0].shape[0] * codes[0].shape[1] // layout.codes_per_frame[0])
+        return decode(codes)
+    g = torch.Generator().manual_seed(1)
+    frames = torch.randint(0, layout.codebook_size, (6, 8, layout.frame_size), generator=g)
+    tokens = (frames + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(6, -1)
+    one_pass = quiet_tok.decode_codes(layout.tokens_to_codes(tokens))
+    quiet_tok.codec.decode = spy
+    try:
+        dec = sampling.StreamDecoder(quiet_tok, chunk_frames=8, max_frames=20)  # 6 rows x 8 frames = 48 > 20
+        dec.push(tokens)
+        audio = dec.flush()
+    finally:
+        quiet_tok.codec.decode = decode
+    torch.testing.assert_close(audio, one_pass, rtol=0, atol=1e-5)
+    assert max(calls) <= 20 and sum(calls) == 48, calls
+
+
+def test_out_dir_and_codec_problems_are_said_before_sampling(ckpt, tok, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    r = run(f"--ckpt={ckpt}", f"--out_dir={a_file}")
+    assert_one_line_error(r, "a_file")
+    assert "generating" not in r.stdout  # no sampling time spent before the error
+    assert_one_line_error(run(f"--ckpt={ckpt}", "--out_dir="), "out_dir")
+    # a checkpoint whose codec folder is gone: say how to point at a copy
+    gone = str(tmp_path / "ckpt_gone.pt")
+    m = tiny_gpt(tok.layout.vocab_size)
+    save_checkpoint(gone, {"model": m.state_dict(), "model_args": asdict(m.config),
+                           "meta": {**tok.meta(), "codec": str(tmp_path / "deleted_codec")}})
+    assert_one_line_error(run(f"--ckpt={gone}", f"--out_dir={tmp_path}"), "deleted_codec", "--codec=")
+    noise = tmp_path / "noise.wav"
+    noise.write_bytes(os.urandom(4000))
+    r = run(f"--ckpt={ckpt}", f"--prompt={noise}", f"--out_dir={tmp_path}")
+    assert_one_line_error(r, "noise.wav", "not audio in a format")
+    assert "does not exist" not in r.stderr

@@ -28,7 +28,7 @@ def layout_stream(n_tokens: int, seed: int) -> np.ndarray:
         doc = np.concatenate([[LAYOUT.boundary_id], (codes + LAYOUT.frame_levels * LAYOUT.codebook_size).reshape(-1)])
         out.append(doc)
         total += len(doc)
-    return np.concatenate(out)[:n_tokens].astype(np.uint16)
+    return np.concatenate(out or [[]])[:n_tokens].astype(np.uint16)
 
 
 def write_dataset(folder: str, train_tokens: list[int], val_tokens: list[int], seed: int = 0) -> str:
@@ -194,3 +194,46 @@ def test_configs_parse():
         cfg = parse_config(TrainConfig, [os.path.join(ROOT, "configs", f"{name}.py")])
         check_config(cfg, world_size=1)
     assert cfg.block_size == 2048 and cfg.dropout > 0
+
+
+def test_scratch_run_never_replaces_a_trained_model(data, tmp_path):
+    out = f"{tmp_path}/out"
+    args = TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
+    assert run_train(args).returncode == 0
+    before = {name: open(f"{out}/{name}", "rb").read() for name in ("ckpt.pt", "best.pt", "log.jsonl")}
+    # the Colab user who forgot --init_from=resume: one line naming the ways on, and nothing touched
+    bad(args + ["--max_iters=1"], "out_dir", "--init_from=resume", "--out_dir", "--overwrite=True")
+    assert before == {name: open(f"{out}/{name}", "rb").read() for name in before}
+    # a run killed while writing a checkpoint left a temp file as big as the checkpoint: the next run removes it
+    with open(f"{out}/ckpt.pt.x8k2_q1z.tmp", "wb") as f:
+        f.write(before["ckpt.pt"][:1000])
+    r = run_train(args + ["--max_iters=6", "--init_from=resume"])
+    assert r.returncode == 0, r.stderr
+    assert "removed ckpt.pt.x8k2_q1z.tmp" in r.stdout and not os.path.exists(f"{out}/ckpt.pt.x8k2_q1z.tmp")
+    r = run_train(args + ["--max_iters=1", "--overwrite=True"])  # said explicitly: a new run in that out_dir
+    assert r.returncode == 0, r.stderr
+    assert torch.load(f"{out}/ckpt.pt", weights_only=True)["iter_num"] == 1
+
+
+def test_no_val_split_compile_on_cpu_and_wandb_are_said_plainly(tmp_path):
+    data = write_dataset(f"{tmp_path}/noval", [600], [])
+    r = run_train(TINY + [f"--data_dir={data}", f"--out_dir={tmp_path}/out", "--max_iters=2", "--compile=True"])
+    assert r.returncode == 0, r.stderr
+    assert "no eval" in r.stdout and "inf" not in r.stdout
+    assert "compile is used on CUDA only" in r.stdout
+    try:
+        import wandb  # noqa: F401
+        return  # installed here: nothing to check
+    except ImportError:
+        pass
+    bad(TINY + [f"--data_dir={data}", f"--out_dir={tmp_path}/w", "--wandb_log=True"], "pip install wandb")
+    assert not os.path.exists(f"{tmp_path}/w")  # before any work
+
+
+def test_torchrun_bad_config_is_said_once(data, tmp_path):
+    r = run_train(TINY + [f"--data_dir={data}", f"--out_dir={tmp_path}/out", "--gradient_accumulation_steps=3"],
+                  torchrun=2)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "gradient_accumulation_steps=3" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr.split("error:")[0]  # nothing of ours before it
