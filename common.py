@@ -336,7 +336,11 @@ def autocast(device: str, dtype: str):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: plain dicts of tensors, numbers, strings, lists and dicts
+# checkpoints: plain dicts of tensors, numbers, strings, lists and dicts; exported models: safetensors + JSON.
+# Neither is ever unpickled.
+
+EXPORTED_FILES = ("model.safetensors", "config.json", "meta.json")  # what export.py writes and load_model reads
+
 
 def save_checkpoint(path: str, ckpt: dict) -> None:
     atomic_write(path, lambda f: torch.save(ckpt, f))
@@ -362,6 +366,62 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise UserError(f"checkpoint {path}: has no '{key}' entry; it was not written by gpt2o's train.py")
     return ckpt
+
+
+def untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory (the tied wte/lm_head weight): keep one name per storage, the
+    last in state_dict order (lm_head.weight), and return the dropped names as {dropped: kept}."""
+    kept: dict[tuple, str] = {}
+    for name, t in state.items():
+        kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = name
+    tied = {name: kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))]
+            for name, t in state.items()}
+    tied = {a: b for a, b in tied.items() if a != b}
+    return {k: v.contiguous() for k, v in state.items() if k not in tied}, tied
+
+
+def load_exported(folder: str) -> dict:
+    """A folder written by export.py -> a checkpoint-like dict {"model", "model_args", "meta"} (tied weights
+    re-tied: both names point at one tensor again, as in the model's own state_dict)."""
+    from safetensors import SafetensorError, safe_open
+    missing = [name for name in EXPORTED_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise UserError(f"model folder {folder}: has no {', '.join(missing)}; pass a folder written by export.py, "
+                        "a train.py checkpoint (.pt) or a Hub model id")
+    model_args = read_json(os.path.join(folder, "config.json"), "model config")
+    meta = read_json(os.path.join(folder, "meta.json"), "model meta")
+    path = os.path.join(folder, "model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            state = {name: f.get_tensor(name) for name in f.keys()}
+            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"model weights {path}: cannot be loaded, the file is damaged ({str(e)[:200]})") from None
+    for name, same in tied.items():
+        state[name] = state[same]
+    return {"model": state, "model_args": model_args, "meta": meta}
+
+
+def load_model_source(source: str) -> dict:
+    """The weights to sample from or fine-tune, as a checkpoint-like dict {"model", "model_args", "meta", ...}:
+    a train.py checkpoint (a .pt file), a folder written by export.py, or a Hugging Face Hub model id (downloaded
+    once into the Hub cache; with HF_HUB_OFFLINE=1 only the cache is used)."""
+    if source.endswith(".pt") or os.path.isfile(source):
+        return load_checkpoint(source)
+    if os.path.isdir(source):
+        return load_exported(source)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise UserError(f"model {source}: not found; pass a train.py checkpoint (.pt), a folder written by "
+                        "export.py, or a Hub model id like user/name")
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(repo_id=source, allow_patterns=list(EXPORTED_FILES))
+    except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"model {source}: not a file or folder here, and it cannot be downloaded from the Hugging "
+                        f"Face Hub ({type(e).__name__}: {first}); check the id and your connection, or pass a "
+                        "local .pt checkpoint or exported folder") from None
+    return load_exported(folder)
 
 
 # -----------------------------------------------------------------------------
@@ -400,3 +460,13 @@ def peak_flops(device: str, dtype: str, override: float = 0.0) -> float:
             if key in name:
                 return flops if dtype != "float32" else flops / 2
     return measure_matmul_flops(device, getattr(torch, dtype))
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: 45s, 12m30s, 3h05m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -1,0 +1,333 @@
+"""See a run: audio samples at every eval, and out_dir/report.html, one self-contained page of plots and players.
+
+    python report.py out/sherlock          # rebuild out/sherlock/report.html from log.jsonl and samples/
+
+train.py calls EvalSamples at every eval (rank 0 only) and build_report right after, so the page is always
+current while a run trains. The page holds its plots as inline PNG and the latest samples as inline WAV, so it can
+be copied or mailed as one file; earlier samples are linked relative to it (out_dir/samples/).
+"""
+from __future__ import annotations
+
+import base64
+import glob
+import html
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+from common import UserError, atomic_write, format_duration, read_json, run_main
+
+SAMPLE_SHARE = 0.1  # eval samples may take at most this share of the run's training time (first and last: always)
+SAMPLE_NAME = re.compile(r"^iter(\d+)_(\w+)\.wav$")  # samples/iter000500_uncond0.wav
+
+
+# -----------------------------------------------------------------------------
+# samples at every eval
+
+def sample_specs(meta: dict, n: int) -> list[tuple[str, torch.Tensor | None]]:
+    """What to sample at each eval: (name, prompt tokens, or None for unconditional). Samples with the same prompt
+    are generated in one batch. This is the list to extend: once the layout has text, add a fixed sentence here."""
+    return [(f"uncond{i}", None) for i in range(n)]
+
+
+def sample_path(out_dir: str, it: int, name: str) -> str:
+    return os.path.join(out_dir, "samples", f"iter{it:06d}_{name}.wav")
+
+
+def list_samples(out_dir: str) -> dict[int, list[str]]:
+    """{iteration: [wav paths]} of every eval sample in out_dir/samples/, by iteration."""
+    found: dict[int, list[str]] = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "samples", "iter*.wav"))):
+        m = SAMPLE_NAME.match(os.path.basename(path))
+        if m:
+            found.setdefault(int(m.group(1)), []).append(path)
+    return dict(sorted(found.items()))
+
+
+class EvalSamples:
+    """Rank 0's audio at every eval: a few short samples of the model, decoded with the dataset's codec.
+
+    Sampling draws from its own torch.Generator, and the codec's decoder noise from a forked global RNG, so the
+    training randomness (dropout masks, exact resume, 1 process = N processes) is untouched. On a fast GPU a few
+    seconds of sampling can be a large share of a short eval interval: an eval skips its samples when the samples
+    so far plus these would take more than SAMPLE_SHARE of the run's other time (the first and last never skip).
+    """
+
+    def __init__(self, out_dir: str, meta: dict, n: int, seconds: float, device: str, seed: int):
+        self.out_dir, self.meta, self.seconds, self.device, self.seed = out_dir, meta, seconds, device, seed
+        self.specs = sample_specs(meta, n)
+        self.tok = None  # the codec, loaded at the first eval
+        self.on = bool(self.specs)
+        self.t_start, self.spent, self.cost, self.calls = time.perf_counter(), 0.0, 0.0, 0
+
+    def due(self, last: bool) -> bool:
+        """Within the budget: the first and the last eval always; others while samples stay under SAMPLE_SHARE."""
+        other = time.perf_counter() - self.t_start - self.spent
+        return self.calls == 0 or last or self.spent + self.cost <= SAMPLE_SHARE * other
+
+    def __call__(self, model: torch.nn.Module, it: int, last: bool = False) -> dict:
+        """Write this eval's samples; returns the log entries ({"sample_s": seconds} when samples were written)."""
+        if not self.on or not self.due(last):
+            return {}
+        self.calls += 1
+        t0 = time.perf_counter()
+        cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        # the codec's initialisation and its decoder's noise draw from the global RNG: fork it, so training's is
+        # untouched, and seed it, so the noise is the same at every eval (like the samples' own generator)
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed)
+            if self.tok is None:
+                from tokenizer import load_codec
+                try:
+                    self.tok = load_codec(self.meta.get("codec") or "", device=self.device)
+                except ValueError as e:
+                    print(f"warning: eval samples are off: {e}; or pass --eval_samples=0", file=sys.stderr,
+                          flush=True)
+                    self.on = False
+                    return {}
+            paths = self.write(model, it)
+        self.cost = time.perf_counter() - t0
+        self.spent += self.cost
+        print(f"iter {it} | samples {len(paths)} x {self.seconds:g} s in {self.cost:.1f} s -> "
+              f"{os.path.join(self.out_dir, 'samples')}", flush=True)
+        return {"sample_s": self.cost}
+
+    @torch.no_grad()
+    def write(self, model: torch.nn.Module, it: int) -> list[str]:
+        import soundfile as sf
+        from sampling import decode_in_chunks, generate_tokens
+        tok = self.tok
+        n_frames = math.ceil(self.seconds * tok.sample_rate / tok.frame_hop)
+        batches: dict[int, tuple[torch.Tensor | None, list[str]]] = {}  # one batch per distinct prompt
+        for name, prompt in self.specs:
+            batches.setdefault(id(prompt), (prompt, []))[1].append(name)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        was_training, paths = model.training, []
+        model.eval()  # no dropout while sampling
+        try:
+            for prompt, names in batches.values():
+                tokens = generate_tokens(model, tok.layout, prompt, n_frames, num_samples=len(names),
+                                         generator=generator)  # (B, len(prompt) + n_frames * frame_size)
+                start = 0 if prompt is None else len(prompt)
+                audio = decode_in_chunks(tok, tokens[:, start:]).cpu().numpy()  # (B, n_frames * frame_hop)
+                for name, a in zip(names, audio):
+                    path = sample_path(self.out_dir, it, name)
+                    atomic_write(path, lambda f: sf.write(f, a, tok.sample_rate, format="WAV", subtype="PCM_16"))
+                    paths.append(path)
+        finally:
+            model.train(was_training)
+        return paths
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+def read_log(path: str) -> list[dict]:
+    """log.jsonl rows; a line cut short by a kill is skipped."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def png(fig) -> str:
+    """A matplotlib Figure -> a data: URI of its PNG (drawn by Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(train: list[dict], evals: list[dict], tokens_per_iter: int) -> list[tuple[str, str]]:
+    """(title, PNG data URI) of each curve against iterations (bottom axis) and tokens seen (top axis)."""
+    from matplotlib.figure import Figure
+
+    def axes(title: str, ylabel: str, log_y: bool = False):
+        fig = Figure(figsize=(4.1, 3.0), dpi=90)
+        fig.subplots_adjust(left=0.19, right=0.84, bottom=0.15, top=0.76)  # fixed margins: no layout engine
+        ax = fig.add_subplot()
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if log_y:
+            ax.set_yscale("log")
+        if tokens_per_iter:
+            top = ax.secondary_xaxis("top", functions=(lambda i: i * tokens_per_iter / 1e6,
+                                                       lambda t: t * 1e6 / tokens_per_iter))
+            top.set_xlabel("tokens seen (millions)", fontsize=8)
+        return fig, ax
+
+    def col(rows: list[dict], key: str) -> tuple[list, list]:
+        rows = [r for r in rows if r.get(key) is not None]
+        return [r["iter"] for r in rows], [r[key] for r in rows]
+
+    out = []
+    fig, ax = axes("loss", "nats per token")
+    ax.plot(*col(train, "loss"), label="train", lw=1)
+    ax.plot(*col(evals, "val_loss"), "o-", label="val", ms=3)
+    ax.legend()
+    out.append(("loss", png(fig)))
+    fig, ax = axes("val bits per second of audio", "bits/s")
+    ax.plot(*col(evals, "val_bps"), "o-", color="C1", ms=3)
+    out.append(("val bits per second", png(fig)))
+    fig, ax = axes("val loss per codec level (of the target token)", "nats per token")
+    names = sorted({k for r in evals for k in r.get("val_loss_levels", {})}, key=lambda k: (k == "special", k))
+    for name in names:
+        its = [r["iter"] for r in evals if name in r.get("val_loss_levels", {})]
+        ax.plot(its, [r["val_loss_levels"][name] for r in evals if name in r.get("val_loss_levels", {})], "o-",
+                label=name, ms=3)
+    if names:
+        ax.legend(fontsize=8)
+    out.append(("val loss per level", png(fig)))
+    fig, ax = axes("learning rate", "lr")
+    ax.plot(*col(train, "lr"), color="C2")
+    out.append(("learning rate", png(fig)))
+    fig, ax = axes("throughput", "thousand tokens/s")
+    its, tok_s = col(train, "tok_s")
+    ax.plot(its, [t / 1e3 for t in tok_s], color="C3")
+    ratio = [r["mfu"] / r["tok_s"] for r in train if r.get("mfu") and r.get("tok_s")]
+    if ratio:  # MFU is tok/s times a constant (FLOPs per token / peak): one line, a second scale on the right
+        k = float(np.mean(ratio)) * 1e3 * 100
+        ax.secondary_yaxis("right", functions=(lambda t: t * k, lambda m: m / k)).set_ylabel("MFU %")
+    out.append(("throughput and MFU", png(fig)))
+    return out
+
+
+def spectrogram(audio: np.ndarray, sample_rate: int) -> str:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4.1, 2.0), dpi=90)
+    fig.subplots_adjust(left=0.19, right=0.96, bottom=0.24, top=0.95)
+    ax = fig.add_subplot()
+    if len(audio) >= 512:
+        ax.specgram(audio, NFFT=512, Fs=sample_rate, noverlap=384, cmap="magma", vmin=-120)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("Hz")
+    return png(fig)
+
+
+def audio_uri(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:audio/wav;base64," + base64.b64encode(f.read()).decode()
+
+
+def table(items: dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items.items())
+    return f"<table>{rows}</table>"
+
+
+def dataset_summary(meta: dict | None, where: str) -> dict:
+    if not meta:
+        return {"meta.json": f"not found at {where}"}
+    out = {"dataset": meta.get("dataset"), "codec": meta.get("codec"), "sample rate": meta.get("sample_rate"),
+           "tokens per second of audio": meta.get("tokens_per_second"), "layout": meta.get("layout"),
+           "vocab size": meta.get("vocab_size")}
+    for split, s in (meta.get("splits") or {}).items():
+        out[f"{split} split"] = (f"{s.get('tokens', 0):,} tokens, {s.get('seconds', 0) / 3600:.2f} h of audio, "
+                                 f"{s.get('files', 0)} files")
+    if meta.get("skipped"):
+        out["skipped files"] = len(meta["skipped"])
+    return out
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1160px;color:#222}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd}
+.summary{color:#444;margin:6px 0 0;line-height:1.5}.grid{display:flex;flex-wrap:wrap;gap:10px}
+.grid img{border:1px solid #eee}.sample{border:1px solid #ddd;padding:8px;border-radius:6px}
+.sample audio{width:100%;display:block;margin:6px 0}table{border-collapse:collapse;font-size:13px}
+th,td{text-align:left;padding:2px 10px;border-bottom:1px solid #f0f0f0;vertical-align:top}
+th{font-weight:600;color:#555}.cols{display:flex;gap:40px;flex-wrap:wrap}a{color:#0645ad}"""
+
+
+def build_report(out_dir: str, meta: dict | None = None) -> str:
+    """Write out_dir/report.html (atomically) from config.json, log.jsonl and samples/; returns its path.
+    meta is the dataset's meta.json (read from the config's data_dir when not given)."""
+    cfg = read_json(os.path.join(out_dir, "config.json"), "run config")
+    meta_path = os.path.join(cfg.get("data_dir", ""), "meta.json")
+    if meta is None and os.path.isfile(meta_path):
+        meta = read_json(meta_path, "dataset meta")
+    rows = read_log(os.path.join(out_dir, "log.jsonl"))
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    tokens_per_iter = cfg.get("gradient_accumulation_steps", 0) * cfg.get("batch_size", 0) * cfg.get("block_size", 0)
+    it = max((r["iter"] for r in rows), default=0)
+    summary = [f"iteration {it:,} of {cfg.get('max_iters', '?'):,}", f"{it * tokens_per_iter / 1e6:,.1f}M tokens seen"]
+    if train:
+        summary.append(f"train loss {train[-1]['loss']:.4f}")
+        ms = [r["ms"] for r in train[-5:] if "ms" in r]
+        if ms and isinstance(cfg.get("max_iters"), int) and it < cfg["max_iters"]:
+            summary.append(f"time left about {format_duration(max(0, cfg['max_iters'] - it) * np.mean(ms) / 1e3)}")
+    if evals:
+        best = min(evals, key=lambda r: r["val_loss"])
+        summary.append(f"best val loss {best['val_loss']:.4f} ({best['val_bps']:.0f} bits/s) at iteration "
+                       f"{best['iter']:,}")
+    summary.append("updated " + time.strftime("%Y-%m-%d %H:%M:%S"))
+
+    body = [f"<h1>gpt2o run: {html.escape(os.path.abspath(out_dir))}</h1>",
+            f"<p class=summary>{' &middot; '.join(html.escape(s) for s in summary)}</p>", "<h2>Curves</h2>"]
+    if rows:
+        body.append("<div class=grid>" + "".join(f'<img alt="{html.escape(t)}" src="{uri}">'
+                                                 for t, uri in plots(train, evals, tokens_per_iter)) + "</div>")
+    else:
+        body.append("<p>No log lines yet.</p>")
+
+    samples = list_samples(out_dir)
+    body.append("<h2>Samples</h2>")
+    if samples:
+        import soundfile as sf
+        latest = max(samples)
+        body.append(f"<p>At iteration {latest:,}:</p><div class=grid>")
+        for path in samples[latest]:
+            audio, sr = sf.read(path, dtype="float32")
+            name = SAMPLE_NAME.match(os.path.basename(path)).group(2)
+            body.append(f'<div class=sample><b>{html.escape(name)}</b> ({len(audio) / sr:.1f} s)'
+                        f'<audio controls preload="metadata" src="{audio_uri(path)}"></audio>'
+                        f'<img alt="spectrogram of {html.escape(name)}" src="{spectrogram(audio, sr)}"></div>')
+        body.append("</div>")
+        earlier = [f"{i:,}: " + ", ".join(f'<a href="samples/{html.escape(os.path.basename(p))}">'
+                                          f'{html.escape(SAMPLE_NAME.match(os.path.basename(p)).group(2))}</a>'
+                                          for p in paths)
+                   for i, paths in reversed(samples.items()) if i != latest]
+        if earlier:
+            body.append("<p>Earlier (files next to this page, in samples/): " + " &middot; ".join(earlier) + "</p>")
+    else:
+        body.append("<p>No samples yet (they are written at every eval; --eval_samples=0 turns them off).</p>")
+
+    body.append("<div class=cols><div><h2>Config</h2>" + table(cfg) + "</div><div><h2>Dataset</h2>"
+                + table(dataset_summary(meta, meta_path)) + "</div></div>")
+    page = ("<!doctype html><html><head><meta charset=utf-8><title>gpt2o: "
+            f"{html.escape(os.path.basename(os.path.abspath(out_dir)))}</title><style>{CSS}</style></head><body>"
+            + "\n".join(body) + "</body></html>\n")
+    path = os.path.join(out_dir, "report.html")
+    atomic_write(path, lambda f: f.write(page), mode="w")
+    return path
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
+    if len(args) != 1:
+        raise UserError(f"expected one argument, the out_dir of a train.py run (got {len(args)}): "
+                        "python report.py out/sherlock")
+    if not os.path.isfile(os.path.join(args[0], "config.json")):
+        raise UserError(f"out_dir {args[0]}: has no config.json; pass the out_dir of a train.py run")
+    print(build_report(args[0]))
+
+
+if __name__ == "__main__":
+    run_main(main)
