@@ -1,4 +1,5 @@
-"""What the scripts share: one-line errors, config parsing, atomic writes, processes, devices, checkpoints.
+"""What the scripts share: one-line errors, config parsing, atomic writes, processes, devices, checkpoints and
+exported models.
 
 Nothing here runs at import and nothing prints; scripts call these from their main(). The library modules
 (model.py, tokenizer.py, sampling.py) do not import this file: they raise ValueError, which scripts turn into
@@ -386,8 +387,10 @@ def load_exported(folder: str) -> dict:
     from safetensors import SafetensorError, safe_open
     missing = [name for name in EXPORTED_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
-        raise UserError(f"model folder {folder}: has no {', '.join(missing)}; pass a folder written by export.py, "
-                        "a train.py checkpoint (.pt) or a Hub model id")
+        pt = [name for name in ("best.pt", "ckpt.pt") if os.path.isfile(os.path.join(folder, name))]
+        hint = f"; it holds {pt[0]}: pass {os.path.join(folder, pt[0])}" if pt else ""
+        raise UserError(f"model folder {folder}: has no {', '.join(missing)}, so it is not a folder written by "
+                        f"export.py{hint}")
     model_args = read_json(os.path.join(folder, "config.json"), "model config")
     meta = read_json(os.path.join(folder, "meta.json"), "model meta")
     path = os.path.join(folder, "model.safetensors")
@@ -417,7 +420,7 @@ def load_model_source(source: str) -> dict:
     try:
         folder = snapshot_download(repo_id=source, allow_patterns=list(EXPORTED_FILES))
     except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise UserError(f"model {source}: not a file or folder here, and it cannot be downloaded from the Hugging "
                         f"Face Hub ({type(e).__name__}: {first}); check the id and your connection, or pass a "
                         "local .pt checkpoint or exported folder") from None

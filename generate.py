@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from common import UserError, load_checkpoint, parse_config, pick_device, pick_dtype, run_main, user_errors
+from common import UserError, load_model_source, parse_config, pick_device, pick_dtype, run_main, user_errors
 from model import GPT
 from sampling import DECODE_FRAMES, StreamDecoder, keep_frames, sample_frames
 from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, load_codec, read_audio,
@@ -31,7 +31,7 @@ from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, 
 
 @dataclass
 class GenerateConfig:
-    ckpt: str = "out/sherlock/ckpt.pt"  # checkpoint written by train.py
+    ckpt: str = "out/sherlock/ckpt.pt"  # a train.py checkpoint (.pt), a folder written by export.py, or a Hub model id
     out_dir: str = "samples"  # sample_<i>.wav (and sample_<i>_continuation.wav with a prompt) go here
     num_samples: int = 4  # generated together, in one batch
     seconds: float = 10.0  # audio to generate per sample (after the prompt)
@@ -120,7 +120,7 @@ def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float) -> torch.
 
 
 def load_model(cfg: GenerateConfig, device: str, dtype: str):
-    ckpt = load_checkpoint(cfg.ckpt)
+    ckpt = load_model_source(cfg.ckpt)
     meta = ckpt.get("meta")
     if not isinstance(meta, dict) or "layout" not in meta:
         raise UserError(f"checkpoint {cfg.ckpt}: has no tokenizer meta ('meta' with the codec and token layout); "

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Dist, UserError, atomic_write, autocast, load_checkpoint, parse_config, peak_flops, pick_device,
-                    pick_dtype, remove_stale_temp_files, run_main, save_checkpoint, user_errors, write_json)
+from common import (Dist, UserError, atomic_write, autocast, format_duration, load_checkpoint, load_model_source,
+                    parse_config, peak_flops, pick_device, pick_dtype, remove_stale_temp_files, run_main,
+                    save_checkpoint, user_errors, write_json)
 from model import GPT, GPTConfig
 from dataset import TokenStream, eval_starts, load_dataset, train_starts
+from report import EvalSamples, build_report
 
 
 @dataclass
@@ -36,11 +38,13 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"  # ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, config.json
     data_dir: str = "data/sherlock"  # written by prepare_audio.py: train_*.bin, val_*.bin, meta.json
-    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from: str = "scratch"  # scratch, resume (out_dir/ckpt.pt), or weights to fine-tune (.pt, exported, Hub id)
     overwrite: bool = False  # allow a run from scratch to replace the checkpoints already in out_dir
     eval_interval: int = 250  # evaluate on val and write checkpoints every this many iterations (and at the end)
     eval_iters: int = 20  # val windows = eval_iters * batch_size, the same fixed windows at every eval
     log_interval: int = 10  # print and log the training loss every this many iterations
+    eval_samples: int = 2  # audio samples written to out_dir/samples/ at every eval (then report.html); 0 = off
+    eval_sample_seconds: float = 5.0  # the length of each eval sample
     wandb_log: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "gpt2o"
     wandb_run_name: str = "run"
@@ -86,8 +90,11 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise UserError(f"dropout={cfg.dropout}: must be in [0, 1)")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd}: must be divisible by n_head={cfg.n_head}")
-    if cfg.init_from not in ("scratch", "resume"):
-        raise UserError(f"init_from={cfg.init_from}: expected 'scratch' or 'resume'")
+    if not cfg.init_from:
+        raise UserError("init_from is empty: expected scratch, resume, or a .pt checkpoint, export.py folder or Hub id")
+    if cfg.eval_samples < 0 or not cfg.eval_sample_seconds > 0:
+        raise UserError(f"eval_samples={cfg.eval_samples}, eval_sample_seconds={cfg.eval_sample_seconds}: expected "
+                        ">= 0 samples (0 = off) of > 0 seconds")
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: must be divisible by the "
                         f"number of processes ({world_size}); it counts the micro-steps of the whole job")
@@ -200,6 +207,22 @@ def check_resume(ckpt: dict, path: str, meta: dict, model_config: GPTConfig, dat
                             f"{value}; pass --{key}={ckpt['model_args'].get(key)} to resume it")
 
 
+def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
+    """init_from=<.pt, export.py folder or Hub id>: its weights, and cfg with its architecture (dropout stays the
+    config's). Only the weights: the optimizer, iteration count and schedule start fresh."""
+    try:
+        ckpt = load_model_source(cfg.init_from)
+    except UserError as e:
+        raise UserError(f"init_from={cfg.init_from}: {e} (or scratch, or resume)") from None
+    theirs = ckpt.get("meta") or {}
+    for key in ("layout", "vq_strides", "codebook_size", "vocab_size"):
+        if theirs.get(key) != meta.get(key):
+            raise UserError(f"init_from={cfg.init_from}: the model was trained on {key}={theirs.get(key)} but "
+                            f"{cfg.data_dir} has {key}={meta.get(key)}; prepare the data with the model's codec")
+    arch = {k: ckpt["model_args"][k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias")}
+    return dataclasses.replace(cfg, **arch), ckpt["model"]
+
+
 def trim_log(path: str, iter_num: int) -> None:
     """On resume, drop log lines written after the checkpoint, so the log reads as one uninterrupted run."""
     if not os.path.isfile(path):
@@ -230,6 +253,9 @@ def main() -> None:
     with user_errors():
         meta, streams = load_dataset(cfg.data_dir)
     train_data, val_data = streams["train"], streams["val"]
+    init_weights = None
+    if cfg.init_from not in ("scratch", "resume"):  # fine-tune: the architecture comes with the weights
+        cfg, init_weights = load_pretrained(cfg, meta)
     if len(train_data) < cfg.block_size + 1:
         raise UserError(f"block_size={cfg.block_size}: longer than the train split of {cfg.data_dir} "
                         f"({len(train_data)} tokens, a window needs block_size + 1); use a smaller --block_size")
@@ -279,6 +305,8 @@ def main() -> None:
                                                device_type)
     # fp16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+    if init_weights:
+        raw_model.load_state_dict(init_weights)
     iter_num, best_val_loss = restore_state(ckpt, raw_model, optimizer, scaler) if ckpt else (0, float("inf"))
     resumed_at = iter_num if ckpt else -1
     ckpt = None  # free the memory
@@ -327,6 +355,8 @@ def main() -> None:
                                 f"stopped, {kept}; lower --learning_rate or raise --warmup_iters")
         return losses
 
+    samples = EvalSamples(cfg.out_dir, meta, cfg.eval_samples if master else 0, cfg.eval_sample_seconds, device,
+                          cfg.seed)
     t0, iters_timed = time.perf_counter(), 0
     while True:
         # eval + checkpoint (skipped right after a resume: that checkpoint was written after this very eval)
@@ -337,6 +367,7 @@ def main() -> None:
                 row.update(evaluate(model, val_data, val_starts[dist.rank::dist.world_size], val_block,
                                     cfg.batch_size, meta, device, dtype, dist))
             if master:
+                row.update(samples(raw_model, iter_num, last=iter_num == cfg.max_iters))  # {"sample_s": ...}
                 if "val_loss" in row:
                     levels = " ".join(f"{k} {v:.3f}" for k, v in row["val_loss_levels"].items())
                     print(f"iter {iter_num} | val loss {row['val_loss']:.4f} | {row['val_bps']:.0f} bits/s | "
@@ -346,6 +377,7 @@ def main() -> None:
                 best_val_loss = min(best_val_loss, row.get("val_loss", float("inf")))
                 save_state([ckpt_path, best_path] if improved else [ckpt_path], raw_model, optimizer, scaler, cfg,
                            meta, iter_num, best_val_loss)
+                build_report(cfg.out_dir, meta)
             t0, iters_timed = time.perf_counter(), 0  # eval time is not training time
         if iter_num >= cfg.max_iters:
             break
@@ -388,7 +420,8 @@ def main() -> None:
             mfu = raw_model.estimate_mfu(tok_s / dist.world_size, peak) if peak else 0.0
             if master:
                 print(f"iter {iter_num} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                      f"{tok_s / 1e3:.1f}k tok/s | mfu {mfu * 100:.1f}%", flush=True)
+                      f"{tok_s / 1e3:.1f}k tok/s | mfu {mfu * 100:.1f}% | "
+                      f"eta {format_duration((cfg.max_iters - iter_num - 1) * dt)}", flush=True)
                 log({"iter": iter_num, "loss": loss, "lr": lr, "ms": dt * 1000, "tok_s": tok_s, "mfu": mfu})
             t0, iters_timed = time.perf_counter(), 0
         iter_num += 1

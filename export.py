@@ -1,0 +1,216 @@
+"""Export a trained checkpoint as a folder anyone can load without pickle, and optionally publish it on the Hub.
+
+    python export.py --ckpt=out/sherlock/best.pt --out=exported/sherlock
+    python export.py --ckpt=out/sherlock/best.pt --out=exported/sherlock --repo_id=you/gpt2o-sherlock --push
+    python generate.py --ckpt=exported/sherlock          # or --ckpt=you/gpt2o-sherlock once it is pushed
+    python export.py --help
+
+The folder holds model.safetensors (the weights; lm_head.weight is stored once, transformer.wte.weight is tied to
+it on load), config.json (the GPTConfig), meta.json (token layout, codec, dataset summary, training summary) and
+README.md, a model card with the run's figures, the latest eval samples and the commands to use it. It is written
+to a temp folder and renamed into place. --push uploads it with huggingface_hub (your token: HF_TOKEN or
+`hf auth login`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from common import UserError, atomic_write, load_checkpoint, parse_config, run_main, untie, write_json
+from report import list_samples, read_log
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = "out/sherlock/best.pt"  # a checkpoint written by train.py
+    out: str = "exported/sherlock"  # the folder to write; an earlier export there is replaced
+    license: str = "mit"  # the model card's license (a Hub license id: mit, apache-2.0, cc-by-4.0, ...)
+    repo_id: str = ""  # user/name on the Hugging Face Hub: the model card names it, --push uploads there
+    push: bool = False  # upload the folder to repo_id (creates the repo if needed)
+    private: bool = False  # create the Hub repo private
+
+
+def training_summary(ckpt: dict, ckpt_path: str) -> dict:
+    """What the model card reports: iterations, tokens seen, and the val figures of this very checkpoint (from
+    the run's log.jsonl beside it; best.pt's own val loss is its best_val_loss)."""
+    cfg = ckpt.get("config") or {}
+    it = int(ckpt.get("iter_num", 0))
+    tokens_per_iter = cfg.get("gradient_accumulation_steps", 0) * cfg.get("batch_size", 0) * cfg.get("block_size", 0)
+    out = {"iter_num": it, "tokens_seen": it * tokens_per_iter, "init_from": cfg.get("init_from", "scratch"),
+           "config": cfg}
+    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    rows = [r for r in read_log(os.path.join(run_dir, "log.jsonl")) if r.get("iter") == it and "val_loss" in r]
+    if rows:
+        out.update({k: rows[-1][k] for k in ("val_loss", "val_bps", "val_loss_levels") if k in rows[-1]})
+    elif os.path.basename(ckpt_path) == "best.pt" and math.isfinite(ckpt.get("best_val_loss", math.inf)):
+        out["val_loss"] = ckpt["best_val_loss"]
+        out["val_bps"] = out["val_loss"] * float(ckpt["meta"]["tokens_per_second"]) / math.log(2)
+    return out
+
+
+def model_card(cfg: ExportConfig, meta: dict, model_args: dict, n_params: int, summary: dict,
+               samples: list[str]) -> str:
+    name = cfg.repo_id or os.path.basename(os.path.abspath(cfg.out))
+    where = cfg.repo_id or cfg.out
+    tps, hop, sr = float(meta["tokens_per_second"]), meta.get("frame_hop"), meta.get("sample_rate")
+    splits = meta.get("splits") or {}
+    data = ", ".join(f"{split}: {s.get('seconds', 0) / 3600:.2f} h of audio, {s.get('tokens', 0):,} tokens, "
+                     f"{s.get('files', 0)} files" for split, s in splits.items())
+    codec = meta.get("codec", "")
+    local_codec = os.path.isabs(codec)
+    codec_flag = " --codec=<your copy of the codec folder>" if local_codec else ""
+    lines = [
+        "---", f"license: {cfg.license}", "tags:", "- audio", "- speech", "- snac", "- gpt2", "- gpt2o", "---", "",
+        f"# {name}", "",
+        f"A GPT-2 that speaks: a {n_params / 1e6:.1f}M-parameter GPT-2 trained with gpt2o on the discrete codes of "
+        f"the SNAC neural codec `{codec}`, flattened into one stream of {tps:.2f} tokens per second of "
+        f"{sr} Hz audio ({meta.get('frame_size')} tokens per {hop}-sample frame, layout `{meta.get('layout')}`). "
+        "It continues audio, or makes it up from nothing, one token at a time; the codec turns the tokens back "
+        "into sound.", "",
+        "## Use", "",
+        "```bash",
+        "pip install -r requirements.txt     # in a checkout of gpt2o",
+        f"python generate.py --ckpt={where} --num_samples=4 --seconds=10{codec_flag}",
+        f"python generate.py --ckpt={where} --prompt=voice.flac --prompt_seconds=5 --seconds=10{codec_flag}",
+        f"python train.py configs/sherlock.py --init_from={where} --data_dir=data/yours   # fine-tune it",
+        "```", "",
+    ]
+    if local_codec:
+        lines += [f"The codec was a local folder when this model was trained (`{codec}`): pass your copy of it "
+                  "with `--codec`.", ""]
+    lines += ["## Model", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in model_args.items()]
+    lines += [f"| parameters | {n_params:,} |",
+              f"| context | {model_args['block_size']} tokens = {model_args['block_size'] / tps:.1f} s of audio |", "",
+              "## Data", "", f"`{meta.get('dataset', 'unknown')}`: {data or 'no split summary recorded'}.", "",
+              "## Training", ""]
+    it, tokens = summary["iter_num"], summary["tokens_seen"]
+    lines.append(f"- {it:,} iterations, {tokens:,} tokens seen ({tokens / tps / 3600:,.1f} h of audio)")
+    if summary.get("init_from") not in (None, "scratch", "resume"):
+        lines.append(f"- fine-tuned from `{summary['init_from']}`")
+    if "val_loss" in summary:
+        lines.append(f"- val loss {summary['val_loss']:.4f} nats per token = **{summary['val_bps']:.0f} bits per "
+                     "second** of audio (the raw codes take "
+                     f"{math.log2(int(meta['codebook_size'])) * tps:.0f} bits/s)")
+    if summary.get("val_loss_levels"):
+        lines.append("- val loss per codec level: " + ", ".join(f"{k} {v:.3f}"
+                                                                for k, v in summary["val_loss_levels"].items()))
+    run = summary.get("config") or {}
+    if run:
+        per_iter = run.get("gradient_accumulation_steps", 0) * run.get("batch_size", 0) * run.get("block_size", 0)
+        lines.append(f"- learning rate {run.get('learning_rate')}, dropout {run.get('dropout')}, {per_iter:,} tokens "
+                     "per iteration; the whole config is in meta.json")
+    lines.append("")
+    if samples:
+        lines += ["## Samples", "", f"Written by train.py at its eval of iteration {it:,} (unconditional):", ""]
+        lines += [f'<audio controls src="samples/{os.path.basename(p)}"></audio>' for p in samples]
+        lines.append("")
+    lines += ["## Files", "",
+              "- `model.safetensors`: the weights (`lm_head.weight` is stored once; `transformer.wte.weight` is the "
+              "same tensor, tied on load)",
+              "- `config.json`: the model's `GPTConfig`",
+              "- `meta.json`: the token layout and codec (what the tokens mean), the dataset summary and the "
+              "training summary and config", ""]
+    return "\n".join(lines)
+
+
+def write_folder(out: str, fill) -> None:
+    """Fill a temp folder beside `out`, then rename it into place: `out` is never half written. An earlier export
+    in `out` is replaced; any other non-empty folder is left alone (an error)."""
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        is_export = os.path.isfile(os.path.join(out, "model.safetensors"))
+        if not os.path.isdir(out) or (os.listdir(out) and not is_export):
+            raise UserError(f"out {out}: exists and is not an earlier export (no model.safetensors); pass a new "
+                            "--out folder")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(out) + ".", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; give it the permissions mkdir would
+        fill(tmp)
+        if os.path.exists(out):
+            old = tmp + ".old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def push(folder: str, repo_id: str, private: bool, message: str) -> str:
+    """Upload the folder to a Hub model repo (created if missing); returns its URL. Any failure is one line."""
+    from huggingface_hub import HfApi
+    try:
+        api = HfApi()
+        url = api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=message)
+    except Exception as e:  # offline, no token, no permission: huggingface_hub raises many types
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"push to the Hugging Face Hub failed ({type(e).__name__}: {first}); the folder {folder} "
+                        f"is ready: once online and logged in (`hf auth login` or HF_TOKEN), run this command again "
+                        f"or `hf upload {repo_id} {folder}`") from None
+    return str(url)
+
+
+def main() -> None:
+    cfg = parse_config(ExportConfig, sys.argv[1:], __doc__)
+    if cfg.push and not cfg.repo_id:
+        raise UserError("push=True needs --repo_id=<user>/<name> (the Hub repo to upload to)")
+    if cfg.repo_id and (cfg.repo_id.count("/") != 1 or not all(cfg.repo_id.split("/"))):
+        raise UserError(f"repo_id={cfg.repo_id}: expected <user or organisation>/<name>")
+    if not cfg.out or not cfg.license:
+        raise UserError("out and license must not be empty: pass --out=<folder> and --license=<id, e.g. mit>")
+    ckpt = load_checkpoint(cfg.ckpt)
+    meta = ckpt.get("meta")
+    if not isinstance(meta, dict) or "layout" not in meta:
+        raise UserError(f"checkpoint {cfg.ckpt}: has no tokenizer meta ('meta' with the codec and token layout); "
+                        "it was not written by gpt2o's train.py from a prepare_audio.py dataset")
+    import safetensors.torch
+    weights, tied = untie(ckpt["model"])
+    n_params = sum(t.numel() for t in weights.values())
+    summary = training_summary(ckpt, cfg.ckpt)
+    # the latest eval samples up to this checkpoint's iteration, when the run wrote any
+    found = {i: p for i, p in list_samples(os.path.dirname(os.path.abspath(cfg.ckpt))).items()
+             if i <= summary["iter_num"]}
+    samples = found[max(found)] if found else []
+    # the shard list is this machine's files; the rest says what the tokens mean and what the model saw
+    meta_out = {k: v for k, v in meta.items() if k not in ("shards", "skipped")}
+    meta_out["training"] = summary
+    card = model_card(cfg, meta, ckpt["model_args"], n_params, summary, samples)
+
+    def fill(folder: str) -> None:
+        blob = safetensors.torch.save(weights, metadata={"format": "pt", "tied": json.dumps(tied)})
+        atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(blob))
+        write_json(os.path.join(folder, "config.json"), ckpt["model_args"])
+        write_json(os.path.join(folder, "meta.json"), meta_out)
+        atomic_write(os.path.join(folder, "README.md"), lambda f: f.write(card), mode="w")
+        for p in samples:
+            os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+            shutil.copyfile(p, os.path.join(folder, "samples", os.path.basename(p)))
+
+    write_folder(cfg.out, fill)
+    print(f"exported {cfg.ckpt} ({n_params / 1e6:.2f}M parameters, iteration {summary['iter_num']:,}) -> {cfg.out}: "
+          f"model.safetensors, config.json, meta.json, README.md" + (f", {len(samples)} samples" if samples else ""),
+          flush=True)
+    if os.path.isabs(meta.get("codec", "")):
+        print(f"note: the codec is a local folder ({meta['codec']}); users of this export pass their copy of it "
+              "with generate.py --codec", flush=True)
+    print(f"use it: python generate.py --ckpt={cfg.out}", flush=True)
+    if cfg.push:
+        url = push(cfg.out, cfg.repo_id, cfg.private, f"gpt2o export: iteration {summary['iter_num']}")
+        print(f"pushed to {url}; use it: python generate.py --ckpt={cfg.repo_id}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
