@@ -82,7 +82,6 @@ class EvalSamples:
         # the codec's initialisation and its decoder's noise draw from the global RNG: fork it, so training's is
         # untouched, and seed it, so the noise is the same at every eval (like the samples' own generator)
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(self.seed)
             if self.tok is None:
                 from tokenizer import load_codec
                 try:
@@ -92,6 +91,7 @@ class EvalSamples:
                           flush=True)
                     self.on = False
                     return {}
+            torch.manual_seed(self.seed)
             paths = self.write(model, it)
         self.cost = time.perf_counter() - t0
         self.spent += self.cost

@@ -53,7 +53,7 @@ def write_dataset(folder: str, train_tokens: list[int], val_tokens: list[int], s
 
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=2", "--dropout=0.0", "--learning_rate=3e-3", "--warmup_iters=2", "--peak_flops=1e11",
-        "--eval_iters=2"]
+        "--eval_iters=2", "--eval_samples=0"]  # this dataset names no codec; tests/test_report.py samples
 
 
 def run_train(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
