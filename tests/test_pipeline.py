@@ -30,11 +30,13 @@ def test_prepare_train_generate(codec_dir, tmp_path):
     assert meta["splits"]["val"]["files"] == 1 and meta["splits"]["train"]["files"] == 2
 
     run("train.py", os.path.join(ROOT, "configs", "tiny.py"), f"--data_dir={data}", f"--out_dir={out}",
-        "--block_size=64", "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=1")
+        "--block_size=64", "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=1",
+        "--eval_sample_seconds=0.5")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 4 and ckpt["meta"]["codec"] == codec_dir  # generate.py finds the codec from here
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4]
+    assert (out / "samples" / "iter000004_uncond1.wav").is_file() and (out / "report.html").is_file()
 
     r = run("generate.py", f"--ckpt={out / 'ckpt.pt'}", f"--out_dir={samples}", "--num_samples=2", "--seconds=0.5",
             "--device=cpu")
