@@ -2,7 +2,7 @@
 because shared machines are noisy.
 
     python bench.py                 # everything
-    python bench.py tokenizer       # one part: tokenizer, prepare, train, generate
+    python bench.py tokenizer       # one part: tokenizer, prepare, train, generate, watch
 """
 from __future__ import annotations
 
@@ -320,7 +320,78 @@ def bench_generate() -> None:
     row(f"codec streamed decode {seconds:.0f}s, 12-frame chunks", n * tok.frame_hop / 24000 / t_stream, 1.0, "x")
 
 
-PARTS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "generate": bench_generate}
+# --- watch --------------------------------------------------------------------
+def bench_watch() -> None:
+    """What watching a run costs: train.py's eval samples (2 x 5 s, as by default) and report.html rebuild, against
+    the training of configs/sherlock.py's default schedule (2500 iterations of 65k tokens, an eval every 100).
+    Runs train.py itself with the sherlock config on random tokens and a random-weight SNAC 24 kHz. On CUDA that is
+    the real loop (compile, bf16/fp16); on a CPU the iterations are 1 window of 2048 tokens, scaled up to 65k (an
+    estimate: the CPU is compute-bound in training and samples far faster relative to it than a GPU does)."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+    import numpy as np
+    import torch
+    import report
+    from common import read_config_file
+    from tokenizer import Layout
+    root = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(root, "tests"))
+    from conftest import SNAC_24KHZ_CONFIG, save_random_snac
+
+    cuda = torch.cuda.is_available()
+    cfg = read_config_file(os.path.join(root, "configs", "sherlock.py"))
+    tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
+    layout = Layout((4, 2, 1), 4096)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        os.makedirs(data)
+        rng = np.random.default_rng(0)
+        shards = []
+        for split, n in (("train", 2_000_000), ("val", 400_000)):
+            rng.integers(0, layout.vocab_size, n, dtype=np.uint16).tofile(os.path.join(data, f"{split}_000.bin"))
+            shards.append({"file": f"{split}_000.bin", "split": split, "tokens": n, "sources": []})
+        meta = {"codec": save_random_snac(os.path.join(tmp, "snac"), SNAC_24KHZ_CONFIG), "sample_rate": 24000,
+                "frame_hop": 2048, "tokens_per_second": 24000 / 2048 * 7, **layout.meta(), "dtype": "uint16",
+                "dataset": "bench", "shards": shards, "skipped": [], "splits": {}}
+        with open(os.path.join(data, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        out = os.path.join(tmp, "out")
+        # 3 evals: the first and the last always sample (the first also loads the codec), the middle one if the
+        # time budget allows
+        args = ["--max_iters=40", "--eval_interval=20", "--log_interval=5"] if cuda else \
+            ["--max_iters=4", "--eval_interval=2", "--log_interval=1", "--batch_size=1",
+             "--gradient_accumulation_steps=1", "--eval_iters=1", "--device=cpu", "--compile=False"]
+        r = subprocess.run([sys.executable, os.path.join(root, "train.py"), os.path.join(root, "configs/sherlock.py"),
+                            f"--data_dir={data}", f"--out_dir={out}"] + args, cwd=root, capture_output=True,
+                           text=True)
+        if r.returncode:
+            raise SystemExit(f"error: train.py failed: {r.stderr}")
+        rows = report.read_log(os.path.join(out, "log.jsonl"))
+        t0 = time.perf_counter()
+        report.build_report(out, meta)
+        t_report = time.perf_counter() - t0
+    train = [x for x in rows if "ms" in x][2:]  # past compile and warm-up
+    ms = float(np.median([x["ms"] for x in train])) * (1 if cuda else tokens_per_iter / (cfg["block_size"]))
+    samples = [x["sample_s"] for x in rows if "sample_s" in x]
+    device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device {device}; sherlock iteration {ms / 1e3:.3g} s" + ("" if cuda else " (1 window x 32, estimated)")
+          + f"; samples {', '.join(f'{s:.2f}' for s in samples)} s (the first loads the codec); report "
+          f"{t_report:.2f} s", flush=True)
+    interval = cfg["eval_interval"] * ms / 1e3  # training time between two evals
+    row("eval samples (2 x 5 s) per eval vs 100 iterations", samples[-1], interval, "s", higher_is_better=False)
+    row("report.html rebuild per eval vs 100 iterations", t_report, interval, "s", higher_is_better=False)
+    n_evals = cfg["max_iters"] // cfg["eval_interval"] + 1
+    run_s = cfg["max_iters"] * ms / 1e3
+    every = samples[0] + (n_evals - 1) * samples[-1]
+    print(f"sherlock schedule: training {run_s / 60:.1f} min; samples at all {n_evals} evals {every:.0f} s = "
+          f"{100 * every / run_s:.1f}% (capped at {100 * report.SAMPLE_SHARE:.0f}% by skipping evals), report "
+          f"{n_evals * t_report:.0f} s = {100 * n_evals * t_report / run_s:.1f}%", flush=True)
+
+
+PARTS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "generate": bench_generate,
+         "watch": bench_watch}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(PARTS)
