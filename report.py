@@ -2,7 +2,7 @@
 
     python report.py out/sherlock          # rebuild out/sherlock/report.html from log.jsonl and samples/
 
-train.py calls EvalSamples at every eval (rank 0 only) and build_report right after, so the page is always
+train.py calls EvalSamples at every eval (rank 0 only) and refresh right after, so the page is always
 current while a run trains. The page holds its plots as inline PNG and the latest samples as inline WAV, so it can
 be copied or mailed as one file; earlier samples are linked relative to it (out_dir/samples/).
 """
@@ -92,7 +92,12 @@ class EvalSamples:
                     self.on = False
                     return {}
             torch.manual_seed(self.seed)
-            paths = self.write(model, it)
+            try:
+                paths = self.write(model, it)
+            except ValueError as e:  # a model that cannot sample (a context shorter than 2 frames)
+                print(f"warning: eval samples are off: {e}", file=sys.stderr, flush=True)
+                self.on = False
+                return {}
         self.cost = time.perf_counter() - t0
         self.spent += self.cost
         print(f"iter {it} | samples {len(paths)} x {self.seconds:g} s in {self.cost:.1f} s -> "
@@ -297,7 +302,7 @@ def build_report(out_dir: str, meta: dict | None = None) -> str:
                         f'<audio controls preload="metadata" src="{audio_uri(path)}"></audio>'
                         f'<img alt="spectrogram of {html.escape(name)}" src="{spectrogram(audio, sr)}"></div>')
         body.append("</div>")
-        earlier = [f"{i:,}: " + ", ".join(f'<a href="samples/{html.escape(os.path.basename(p))}">'
+        earlier = [f"iteration {i:,}: " + ", ".join(f'<a href="samples/{html.escape(os.path.basename(p))}">'
                                           f'{html.escape(SAMPLE_NAME.match(os.path.basename(p)).group(2))}</a>'
                                           for p in paths)
                    for i, paths in reversed(samples.items()) if i != latest]
@@ -314,6 +319,15 @@ def build_report(out_dir: str, meta: dict | None = None) -> str:
     path = os.path.join(out_dir, "report.html")
     atomic_write(path, lambda f: f.write(page), mode="w")
     return path
+
+
+def refresh(out_dir: str, meta: dict) -> None:
+    """build_report for train.py at every eval: a page that cannot be built is a warning, not the end of a run."""
+    try:
+        build_report(out_dir, meta)
+    except Exception as e:  # any bug here must not cost hours of training
+        print(f"warning: {os.path.join(out_dir, 'report.html')} not updated ({type(e).__name__}: {e}); "
+              f"`python report.py {out_dir}` shows the whole error", file=sys.stderr, flush=True)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from common import (Dist, UserError, atomic_write, autocast, format_duration, lo
                     save_checkpoint, user_errors, write_json)
 from model import GPT, GPTConfig
 from dataset import TokenStream, eval_starts, load_dataset, train_starts
-from report import EvalSamples, build_report
+from report import EvalSamples, refresh
 
 
 @dataclass
@@ -377,7 +377,7 @@ def main() -> None:
                 best_val_loss = min(best_val_loss, row.get("val_loss", float("inf")))
                 save_state([ckpt_path, best_path] if improved else [ckpt_path], raw_model, optimizer, scaler, cfg,
                            meta, iter_num, best_val_loss)
-                build_report(cfg.out_dir, meta)
+                refresh(cfg.out_dir, meta)  # out_dir/report.html
             t0, iters_timed = time.perf_counter(), 0  # eval time is not training time
         if iter_num >= cfg.max_iters:
             break
