@@ -340,7 +340,7 @@ def autocast(device: str, dtype: str):
 # checkpoints: plain dicts of tensors, numbers, strings, lists and dicts; exported models: safetensors + JSON.
 # Neither is ever unpickled.
 
-EXPORTED_FILES = ("model.safetensors", "config.json", "meta.json")  # what export.py writes and load_model reads
+EXPORTED_FILES = ("model.safetensors", "config.json", "meta.json")  # what export.py writes and load_exported reads
 
 
 def save_checkpoint(path: str, ckpt: dict) -> None:
