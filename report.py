@@ -60,8 +60,9 @@ class EvalSamples:
     so far plus these would take more than SAMPLE_SHARE of the run's other time (the first and last never skip).
     """
 
-    def __init__(self, out_dir: str, meta: dict, n: int, seconds: float, device: str, seed: int):
+    def __init__(self, out_dir: str, meta: dict, n: int, seconds: float, device: str, seed: int, codec: str = ""):
         self.out_dir, self.meta, self.seconds, self.device, self.seed = out_dir, meta, seconds, device, seed
+        self.codec = codec or meta.get("codec") or ""  # a Hub id or local folder; by default the dataset's
         self.specs = sample_specs(meta, n)
         self.tok = None  # the codec, loaded at the first eval
         self.on = bool(self.specs)
@@ -82,27 +83,38 @@ class EvalSamples:
         # the codec's initialisation and its decoder's noise draw from the global RNG: fork it, so training's is
         # untouched, and seed it, so the noise is the same at every eval (like the samples' own generator)
         with torch.random.fork_rng(devices=cuda):
-            if self.tok is None:
-                from tokenizer import load_codec
-                try:
-                    self.tok = load_codec(self.meta.get("codec") or "", device=self.device)
-                except ValueError as e:
-                    print(f"warning: eval samples are off: {e}; or pass --eval_samples=0", file=sys.stderr,
-                          flush=True)
-                    self.on = False
-                    return {}
+            if self.tok is None and not self.load_codec():
+                return {}
             torch.manual_seed(self.seed)
             try:
                 paths = self.write(model, it)
             except ValueError as e:  # a model that cannot sample (a context shorter than 2 frames)
-                print(f"warning: eval samples are off: {e}", file=sys.stderr, flush=True)
-                self.on = False
-                return {}
+                return self.off(str(e))
         self.cost = time.perf_counter() - t0
         self.spent += self.cost
         print(f"iter {it} | samples {len(paths)} x {self.seconds:g} s in {self.cost:.1f} s -> "
               f"{os.path.join(self.out_dir, 'samples')}", flush=True)
         return {"sample_s": self.cost}
+
+    def off(self, why: str) -> dict:
+        """Training goes on without samples: one warning line, once."""
+        print(f"warning: eval samples are off: {why}; or pass --eval_samples=0", file=sys.stderr, flush=True)
+        self.on = False
+        return {}
+
+    def load_codec(self) -> bool:
+        from tokenizer import load_codec
+        try:
+            tok = load_codec(self.codec, device=self.device)
+        except ValueError as e:
+            return bool(self.off(str(e)))
+        theirs = (list(tok.layout.vq_strides), tok.layout.codebook_size)
+        if theirs != (self.meta.get("vq_strides"), self.meta.get("codebook_size")):
+            return bool(self.off(f"codec {self.codec} has vq_strides {theirs[0]} and codebook_size {theirs[1]}, the "
+                                 f"dataset {self.meta.get('vq_strides')} and {self.meta.get('codebook_size')}; pass "
+                                 "the dataset's codec with --codec"))
+        self.tok = tok
+        return True
 
     @torch.no_grad()
     def write(self, model: torch.nn.Module, it: int) -> list[str]:

@@ -45,6 +45,7 @@ class TrainConfig:
     log_interval: int = 10  # print and log the training loss every this many iterations
     eval_samples: int = 2  # audio samples written to out_dir/samples/ at every eval (then report.html); 0 = off
     eval_sample_seconds: float = 5.0  # the length of each eval sample
+    codec: str = ""  # decodes the eval samples: Hub id or local folder; "" = the one in the dataset's meta.json
     wandb_log: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "gpt2o"
     wandb_run_name: str = "run"
@@ -356,7 +357,7 @@ def main() -> None:
         return losses
 
     samples = EvalSamples(cfg.out_dir, meta, cfg.eval_samples if master else 0, cfg.eval_sample_seconds, device,
-                          cfg.seed)
+                          cfg.seed, cfg.codec)
     t0, iters_timed = time.perf_counter(), 0
     while True:
         # eval + checkpoint (skipped right after a resume: that checkpoint was written after this very eval)

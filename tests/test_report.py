@@ -104,11 +104,17 @@ def test_sample_budget(codec_dir, tmp_path):
     assert report.EvalSamples(str(tmp_path), {}, 0, SECONDS, "cpu", seed=1)(None, 0) == {}  # --eval_samples=0
 
 
-def test_unloadable_codec_turns_samples_off_with_one_warning(tmp_path, capsys):
+def test_unloadable_or_wrong_codec_turns_samples_off_with_one_warning(codec_dir, tmp_path, capsys):
     samples = report.EvalSamples(str(tmp_path), {"codec": str(tmp_path / "no_codec")}, 2, SECONDS, "cpu", seed=1)
     assert samples(None, 0) == {} and samples(None, 2, last=True) == {}
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: eval samples are off") and "--eval_samples=0" in err[0]
+    # --codec names a codec that is not the dataset's (another codebook size): off, not garbage audio
+    meta = {"codec": "elsewhere", "vq_strides": [4, 2, 1], "codebook_size": 2048}
+    samples = report.EvalSamples(str(tmp_path), meta, 2, SECONDS, "cpu", seed=1, codec=codec_dir)
+    assert samples(None, 0) == {} and not os.path.exists(tmp_path / "samples")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "codebook_size 4096" in err[0] and "--codec" in err[0]
 
 
 def test_report_script_and_bad_input(runs, tmp_path):
