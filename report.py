@@ -9,6 +9,7 @@ be copied or mailed as one file; earlier samples are linked relative to it (out_
 from __future__ import annotations
 
 import base64
+import functools
 import glob
 import html
 import io
@@ -236,9 +237,17 @@ def spectrogram(audio: np.ndarray, sample_rate: int) -> str:
     return png(fig)
 
 
-def audio_uri(path: str) -> str:
+@functools.lru_cache(maxsize=8)
+def sample_card(path: str, mtime: float) -> str:
+    """A sample's name, player (the WAV inline) and spectrogram. Cached by (path, mtime): evals that skip their
+    samples rebuild the page without drawing these again."""
+    import soundfile as sf
+    audio, sr = sf.read(path, dtype="float32")
     with open(path, "rb") as f:
-        return "data:audio/wav;base64," + base64.b64encode(f.read()).decode()
+        uri = "data:audio/wav;base64," + base64.b64encode(f.read()).decode()
+    name = html.escape(SAMPLE_NAME.match(os.path.basename(path)).group(2))
+    return (f'<div class=sample><b>{name}</b> ({len(audio) / sr:.1f} s)<audio controls preload="metadata" '
+            f'src="{uri}"></audio><img alt="spectrogram of {name}" src="{spectrogram(audio, sr)}"></div>')
 
 
 def table(items: dict) -> str:
@@ -304,15 +313,9 @@ def build_report(out_dir: str, meta: dict | None = None) -> str:
     samples = list_samples(out_dir)
     body.append("<h2>Samples</h2>")
     if samples:
-        import soundfile as sf
         latest = max(samples)
         body.append(f"<p>At iteration {latest:,}:</p><div class=grid>")
-        for path in samples[latest]:
-            audio, sr = sf.read(path, dtype="float32")
-            name = SAMPLE_NAME.match(os.path.basename(path)).group(2)
-            body.append(f'<div class=sample><b>{html.escape(name)}</b> ({len(audio) / sr:.1f} s)'
-                        f'<audio controls preload="metadata" src="{audio_uri(path)}"></audio>'
-                        f'<img alt="spectrogram of {html.escape(name)}" src="{spectrogram(audio, sr)}"></div>')
+        body += [sample_card(path, os.path.getmtime(path)) for path in samples[latest]]
         body.append("</div>")
         earlier = [f"iteration {i:,}: " + ", ".join(f'<a href="samples/{html.escape(os.path.basename(p))}">'
                                           f'{html.escape(SAMPLE_NAME.match(os.path.basename(p)).group(2))}</a>'
