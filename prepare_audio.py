@@ -1,33 +1,39 @@
-"""Audio files -> SNAC tokens -> uint16 shards + meta.json, the dataset format train.py reads.
+"""Audio files, or parquet files of audio or of SNAC codes -> SNAC tokens -> uint16 shards + meta.json, the dataset
+format train.py reads.
 
     python prepare_audio.py                                   # Sherlock Holmes chapters from the Hub -> data/sherlock/
     python prepare_audio.py --dataset=/path/to/my/audio --out_dir=data/mine
+    python prepare_audio.py --dataset=owner/parquet-dataset --out_dir=data/big --max_hours=1000   # Hub parquet files
+    python prepare_audio.py --dataset=/path/to/parquet --codes_column=snac24khz   # already tokenised: no codec runs
     python prepare_audio.py --codec=/path/to/snac_24khz       # offline: a folder with config.json + pytorch_model.bin
     torchrun --standalone --nproc_per_node=4 prepare_audio.py    # files split across 4 GPUs (or 4 CPU processes)
     python prepare_audio.py --help
 
-Every source file becomes one document, [BOUNDARY] + its tokens, in sorted path order. The tokens of each file are
-cached in <out_dir>/.cache/ as soon as it is encoded, so a killed run, started again with the same arguments, only
-encodes the files still missing; the shards and meta.json are built from that cache at the end and come out
-byte-identical to an uninterrupted run.
+Every audio file, and every row of a parquet file, becomes one document, [BOUNDARY] + its tokens, in sorted path
+(then row) order. Work is cached in <out_dir>/.cache/ as it is done, one entry per audio file or per parquet row
+group, so a killed run, started again with the same arguments, only does what is still missing; the shards and
+meta.json are built from that cache at the end and come out byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import time
 import zipfile
+from collections import deque
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 from common import Dist, UserError, atomic_write, parse_config, pick_device, run_main, user_errors, write_json
-from tokenizer import DEFAULT_CODEC, BadAudio, load_codec, read_audio
+from tokenizer import DEFAULT_CODEC, BadAudio, Layout, load_codec, read_audio, resampled_length, to_mono
 
 # -----------------------------------------------------------------------------
 # config
@@ -35,24 +41,52 @@ from tokenizer import DEFAULT_CODEC, BadAudio, load_codec, read_audio
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "eastwind/tiny-sherlock-audio"  # Hub dataset id, or a local folder searched recursively for audio
+    dataset: str = "eastwind/tiny-sherlock-audio"  # Hub dataset id, or a local folder of audio or .parquet files
     codec: str = DEFAULT_CODEC  # SNAC codec: Hub id, or a local folder with config.json + pytorch_model.bin
-    out_dir: str = "data/sherlock"  # shards + meta.json go here; finished files are cached in out_dir/.cache/
+    out_dir: str = "data/sherlock"  # shards + meta.json go here; finished work is cached in out_dir/.cache/
     device: str = "auto"  # auto = cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu
-    chunk_seconds: float = 60.0  # audio per codec call, our batch size: longer is faster on a GPU, memory grows with it
-    val_files: int = 1  # the first N usable files in sorted order are the val split (Sherlock: chapter 01)
+    chunk_seconds: float = 60.0  # longer audio is encoded in chunks of this length (plus 0.77 s of context a side)
+    batch_seconds: float = 0.0  # audio per codec call (equal-length chunks); 0 = 4 x chunk_seconds on CUDA, else 1 x
+    workers: int = -1  # processes that decode + resample audio: -1 = the CPU cores (shared by torchrun ranks), 0 = none
+    val_files: int = 1  # the first N usable documents (files, or parquet rows) in order are the val split
     shard_tokens: int = 100_000_000  # tokens per shard file (2 bytes each); documents may span two shards
-    strict: bool = False  # an unreadable/corrupt/truncated file stops the run instead of being skipped with a warning
+    max_hours: float = 0.0  # keep only the first documents, up to this many hours of audio (0 = all)
+    max_items: int = 0  # keep only the first N usable documents (0 = all)
+    codes_column: str = ""  # parquet SNAC codes: a flattened column (snac24khz) or one per level (snac_0,snac_1,snac_2)
+    text_column: str = ""  # parquet transcripts (default: text, transcription, sentence, ... if present)
+    keep_downloads: bool = False  # keep the Hub parquet files in out_dir/.downloads/ instead of deleting each when done
+    strict: bool = False  # an unreadable/corrupt/truncated file or row stops the run instead of being skipped
 
 
 # extensions we look for; soundfile (libsndfile) decodes all of them, mp3 since libsndfile 1.1
 AUDIO_EXTENSIONS = {"wav": "WAV", "wave": "WAV", "flac": "FLAC", "ogg": "OGG", "oga": "OGG", "opus": "OGG",
                     "mp3": "MP3", "aiff": "AIFF", "aif": "AIFF", "aifc": "AIFF", "au": "AU", "snd": "AU",
                     "caf": "CAF", "w64": "W64", "rf64": "RF64", "voc": "VOC"}
+# parquet columns recognised without a flag, first match wins
+TEXT_COLUMNS = ("text", "transcription", "transcript", "sentence", "normalized_text", "text_normalized", "raw_text")
+CODES_COLUMNS = ("snac24khz", "snac_24khz", "snac32khz", "snac_32khz", "snac44khz", "snac_44khz", "snac_codes",
+                 "snac", "codes", "audio_codes")  # flattened, 7 codes per frame (24 kHz) in depth-first order
+LEVEL_PREFIXES = ("snac_", "codes_", "snac_l", "level_")  # one column per level: snac_0, snac_1, snac_2
 
 
 # -----------------------------------------------------------------------------
-# finding and reading audio
+# the dataset: sources (audio files or parquet files) in order, local or on the Hub
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # path relative to the dataset folder or Hub repo, as messages and meta.json show it
+    key: str  # cache identity: a changed file gets new entries
+    path: str  # the local file; for a Hub parquet file its path in the repo, downloaded when its turn comes
+
+
+@dataclass
+class Dataset:
+    kind: str  # "audio" (a file is a document) or "parquet" (a row is a document)
+    sources: list[Source]
+    root: str  # the local folder searched, or the Hub repo id
+    repo: str = ""  # Hub dataset id when parquet files are downloaded one at a time
+    revision: str = ""  # the commit they are read at
 
 
 def audio_extensions() -> list[str]:
@@ -61,27 +95,9 @@ def audio_extensions() -> list[str]:
     return sorted(ext for ext, fmt in AUDIO_EXTENSIONS.items() if fmt in formats)
 
 
-def resolve_dataset(dataset: str) -> str:
-    """A local folder as is; a Hub dataset id is downloaded (or found in the Hugging Face cache) first."""
-    if os.path.isdir(dataset):
-        return dataset
-    if os.path.exists(dataset):
-        raise UserError(f"dataset {dataset}: is a file; pass a folder of audio files or a Hub dataset id")
-    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
-        raise UserError(f"dataset '{dataset}': no such folder, and not a Hub dataset id like "
-                        "'eastwind/tiny-sherlock-audio'")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(repo_id=dataset, repo_type="dataset")
-    except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
-        raise UserError(f"dataset '{dataset}': cannot download it from the Hugging Face Hub ({type(e).__name__}). "
-                        "Without internet, copy the audio files into a folder and pass --dataset=<that folder>"
-                        ) from None
-
-
-def find_audio(root: str, exclude: str) -> list[str]:
-    """Audio files under root (hidden folders and `exclude` left out), as sorted relative posix paths."""
-    extensions = set(audio_extensions())
+def find_files(root: str, exclude: str, extensions: set[str]) -> list[str]:
+    """Files with these extensions under root (hidden folders and `exclude` left out), as sorted relative posix
+    paths."""
     exclude = os.path.realpath(exclude)
     found = []
     for folder, dirs, files in os.walk(root):
@@ -92,60 +108,412 @@ def find_audio(root: str, exclude: str) -> list[str]:
     return sorted(found)
 
 
+def local_dataset(root: str, exclude: str) -> Dataset:
+    """A folder of .parquet files (searched recursively), else a folder of audio files."""
+    def source(rel: str) -> Source:
+        st = os.stat(os.path.join(root, rel))  # a source file that changes gets new cache entries
+        key = hashlib.sha1(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+        return Source(rel, key, os.path.join(root, rel))
+
+    parquet = find_files(root, exclude, {"parquet"})
+    if parquet:
+        return Dataset("parquet", [source(rel) for rel in parquet], root)
+    return Dataset("audio", [source(rel) for rel in find_files(root, exclude, set(audio_extensions()))], root)
+
+
+def open_dataset(dataset: str, exclude: str) -> Dataset:
+    """A local folder as is. A Hub dataset stored as parquet is listed here and its files are downloaded one at a
+    time later; any other Hub dataset is downloaded whole (or found in the Hugging Face cache) first."""
+    if os.path.isdir(dataset):
+        return local_dataset(dataset, exclude)
+    if os.path.exists(dataset):
+        raise UserError(f"dataset {dataset}: is a file; pass a folder of audio or .parquet files, or a Hub dataset id")
+    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
+        raise UserError(f"dataset '{dataset}': no such folder, and not a Hub dataset id like "
+                        "'eastwind/tiny-sherlock-audio'")
+    from huggingface_hub import HfApi, snapshot_download
+    try:
+        info = HfApi().dataset_info(dataset, files_metadata=True)
+        parquet = sorted((s for s in info.siblings if s.rfilename.endswith(".parquet")), key=lambda s: s.rfilename)
+        if parquet:
+            return Dataset("parquet", [Source(s.rfilename, hashlib.sha1(
+                f"{dataset}\0{s.rfilename}\0{s.blob_id}".encode()).hexdigest()[:24], s.rfilename) for s in parquet],
+                dataset, repo=dataset, revision=info.sha)
+    except Exception:  # offline, unknown repo, auth: a snapshot in the local cache may still do, see below
+        pass
+    try:
+        root = snapshot_download(repo_id=dataset, repo_type="dataset")
+    except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
+        raise UserError(f"dataset '{dataset}': cannot download it from the Hugging Face Hub ({type(e).__name__}). "
+                        "Without internet, copy its audio or .parquet files into a folder and pass "
+                        "--dataset=<that folder>") from None
+    return local_dataset(root, exclude)
+
+
+def fetch(ds: Dataset, source: Source, out_dir: str) -> str:
+    """The local path of a source: a Hub parquet file is downloaded into out_dir/.downloads/ first."""
+    if not ds.repo:
+        return source.path
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(ds.repo, source.path, repo_type="dataset", revision=ds.revision,
+                               local_dir=os.path.join(out_dir, ".downloads"))
+    except Exception as e:  # network, disk, auth: huggingface_hub raises many types
+        raise UserError(f"dataset '{ds.repo}': cannot download {source.path} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); run again to resume, "
+                        "or download the .parquet files yourself and pass --dataset=<that folder>") from None
+
+
 # -----------------------------------------------------------------------------
-# per-file token cache: one .npz per source file, written atomically, so finished work survives a kill
+# parquet columns: audio (a struct with bytes, as the datasets library writes it) or SNAC codes, and transcripts
 
 
-def cache_folder(out_dir: str, tok, cfg: PrepareConfig) -> str:
-    """One cache folder per codec (by its weights, not its name) and encoding setting: a change never reuses stale
-    tokens, and the same codec from the Hub or from a local copy shares the cache."""
-    settings = {**tok.meta(), "codec": None, "chunk_seconds": cfg.chunk_seconds}
-    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
-    for name, tensor in sorted(tok.codec.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().numpy().tobytes())
-    return os.path.join(out_dir, ".cache", h.hexdigest()[:16])
+@dataclass(frozen=True)
+class Columns:
+    audio: str = ""  # struct<bytes, path> or binary: the bytes of an audio file
+    codes: tuple[str, ...] = ()  # one flattened column, or one per level (coarse first)
+    text: str = ""  # transcripts, carried along (not used by the audio-only layout)
 
 
-def cache_path(folder: str, root: str, rel: str) -> str:
-    st = os.stat(os.path.join(root, rel))  # a source file that changes gets a new entry
-    key = hashlib.sha1(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    return os.path.join(folder, key + ".npz")
+def read_schema(ds: Dataset):
+    """The arrow schema of the first parquet file that can be read (a Hub file: only its footer is fetched)."""
+    import pyarrow.parquet as pq
+    for source in ds.sources:
+        try:
+            if not ds.repo:
+                return pq.read_schema(source.path)
+            from huggingface_hub import HfFileSystem
+            with HfFileSystem().open(f"datasets/{ds.repo}@{ds.revision}/{source.path}", "rb") as f:
+                return pq.read_schema(f)
+        except (OSError, ValueError):  # pyarrow's errors derive from these; an unreadable file is reported later
+            continue
+    raise UserError(f"dataset {ds.root}: none of its {len(ds.sources)} .parquet files can be read")
+
+
+def pick_columns(schema, cfg: PrepareConfig, n_levels: int) -> Columns:
+    """The columns to read, from the flags or else by well-known names and types."""
+    import pyarrow as pa
+    names = schema.names
+    where = f"dataset {cfg.dataset}: columns {', '.join(names)}"
+
+    def check(column: str, flag: str) -> str:
+        if column not in names:
+            raise UserError(f"{flag}={column}: no such column ({where})")
+        return column
+
+    text = check(cfg.text_column, "--text_column") if cfg.text_column else next(
+        (c for c in TEXT_COLUMNS if c in names and pa.types.is_string(schema.field(c).type)), "")
+    if cfg.codes_column:
+        codes = tuple(check(c.strip(), "--codes_column") for c in cfg.codes_column.split(","))
+        if len(codes) not in (1, n_levels):
+            raise UserError(f"--codes_column={cfg.codes_column}: give one column of flattened codes or one column "
+                            f"per level ({n_levels} for this codec, coarse first), comma-separated")
+        return Columns(codes=codes, text=text)
+    flat = next((c for c in CODES_COLUMNS if c in names), "")
+    if flat:
+        return Columns(codes=(flat,), text=text)
+    for prefix in LEVEL_PREFIXES:
+        if all(f"{prefix}{level}" in names for level in range(n_levels)):
+            return Columns(codes=tuple(f"{prefix}{level}" for level in range(n_levels)), text=text)
+
+    def is_audio(column: str) -> bool:
+        t = schema.field(column).type
+        return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 or pa.types.is_binary(t) or \
+            pa.types.is_large_binary(t)
+    audio = next((c for c in ["audio"] + names if c in names and is_audio(c)), "")
+    if not audio:
+        raise UserError(f"{where}: found no audio column (a struct with 'bytes', as the datasets library writes "
+                        f"audio) and no SNAC codes column; name it with --codes_column=snac24khz (flattened) or "
+                        f"--codes_column=snac_0,snac_1,snac_2 (one per level)")
+    return Columns(audio=audio, text=text)
+
+
+# -----------------------------------------------------------------------------
+# work: groups of items (an audio file, or a parquet row group) -> cache entries
+
+
+@dataclass
+class Item:
+    row: int  # row in its parquet file; -1 for an audio file
+    payload: object  # an audio file's path or bytes, or a row's codes (a list, a string, or a tuple of levels)
+    text: str | None = None  # its transcript, if the dataset has them
+    error: str = ""  # why it cannot be used, known before decoding
+
+
+@dataclass
+class Group:
+    source: Source
+    index: int  # row group in its parquet file (0 for an audio file)
+    n_groups: int  # groups of the source: one entry each in the cache
+    path: str  # its cache entry
+    items: list[Item] | None  # None when its entry is cached already
+
+
+def entry_path(folder: str, source: Source, index: int, kind: str) -> str:
+    return os.path.join(folder, source.key + ("" if kind == "audio" else f"-{index:05d}") + ".npz")
 
 
 def load_entry(path: str) -> dict | None:
-    """A cached result: {"tokens": uint16 array, "seconds": float, "status": ok|bad|short, "reason": str}, or None."""
+    """A cached group: per item `status` (ok|bad|short), `reason`, `seconds`, `row`, `length` (tokens), `text`
+    (None where missing), the ok items' tokens one after another, and the source's `n_groups`; None if missing."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {"tokens": z["tokens"], "seconds": float(z["seconds"]), "status": str(z["status"]),
-                    "reason": str(z["reason"])}
+            entry = {k: z[k] for k in ("tokens", "length", "seconds", "row", "status", "reason", "n_groups")}
+            text, text_len = z["text"].tobytes(), z["text_len"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing (not done yet) or damaged: redo
         return None
+    ends = np.cumsum(np.maximum(text_len, 0))
+    entry["text"] = [None if n < 0 else text[e - n:e].decode() for n, e in zip(text_len.tolist(), ends.tolist())]
+    return entry
 
 
-def encode_file(path: str, tok, cfg: PrepareConfig) -> dict:
+def save_entry(path: str, group: Group, results: list[dict]) -> dict:
+    texts = [item.text for item in group.items]
+    blobs = [t.encode() if t is not None else b"" for t in texts]
+    arrays = {
+        "tokens": np.concatenate([np.zeros(0, np.uint16)] + [r["tokens"] for r in results if "tokens" in r]),
+        "length": np.array([len(r.get("tokens", ())) for r in results], dtype=np.int64),
+        "seconds": np.array([r["seconds"] for r in results], dtype=np.float64),
+        "row": np.array([item.row for item in group.items], dtype=np.int64),
+        "status": np.array([r["status"] for r in results], dtype="<U5"),
+        "reason": np.array([r["reason"] for r in results], dtype=str),
+        "n_groups": np.array(group.n_groups),
+        "text": np.frombuffer(b"".join(blobs), dtype=np.uint8),
+        "text_len": np.array([-1 if t is None else len(b) for t, b in zip(texts, blobs)], dtype=np.int64),
+    }
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return {**{k: v for k, v in arrays.items() if k not in ("text", "text_len")}, "text": texts}
+
+
+def cached_groups(folder: str, source: Source, kind: str) -> int | None:
+    """How many groups a source has, if every one of them is cached already (then it need not be read at all)."""
+    first = load_entry(entry_path(folder, source, 0, kind))
+    if first is None:
+        return None
+    n = int(first["n_groups"])
+    return n if all(os.path.exists(entry_path(folder, source, i, kind)) for i in range(1, n)) else None
+
+
+def read_groups(ds: Dataset, sources: list[Source], folder: str, columns: Columns,
+                cfg: PrepareConfig) -> Iterator[Group]:
+    """The groups of these sources in order, with their items unless cached. A Hub parquet file is downloaded when
+    its turn comes and deleted once its last row group has been read (memory: one row group; disk: one file)."""
+    for source in sources:
+        n = cached_groups(folder, source, ds.kind)
+        if n is not None:
+            yield from (Group(source, i, n, entry_path(folder, source, i, ds.kind), None) for i in range(n))
+        elif ds.kind == "audio":
+            yield Group(source, 0, 1, entry_path(folder, source, 0, ds.kind), [Item(-1, source.path)])
+        else:
+            path = fetch(ds, source, cfg.out_dir)
+            try:
+                yield from parquet_groups(path, source, folder, columns)
+            finally:
+                if ds.repo and not cfg.keep_downloads and os.path.exists(path):
+                    os.remove(path)
+
+
+def parquet_groups(path: str, source: Source, folder: str, columns: Columns) -> Iterator[Group]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     try:
-        audio, rate = read_audio(path)
+        pf = pq.ParquetFile(path)
+        missing = [c for c in (columns.audio, *columns.codes, columns.text) if c and c not in pf.schema_arrow.names]
+    except (pa.ArrowException, OSError, ValueError) as e:  # not parquet, damaged, empty
+        yield Group(source, 0, 1, entry_path(folder, source, 0, "parquet"),
+                    [Item(-1, None, error=f"cannot be read as parquet ({str(e).strip().splitlines()[0][:200]})")])
+        return
+    if missing:
+        raise UserError(f"parquet file {source.name}: has no column {', '.join(missing)} (its columns: "
+                        f"{', '.join(pf.schema_arrow.names)}); all files of a dataset need the same columns")
+    n = max(1, pf.num_row_groups)  # a file with no row groups is one empty group, so its entry says it is done
+    first = 0
+    for i in range(n):
+        rows = pf.metadata.row_group(i).num_rows if pf.num_row_groups else 0
+        entry = entry_path(folder, source, i, "parquet")
+        if os.path.exists(entry):
+            yield Group(source, i, n, entry, None)
+        else:
+            try:
+                table = pf.read_row_group(i, columns=[c for c in (columns.audio, *columns.codes, columns.text) if c]) \
+                    if rows else None
+                items = rows_to_items(table, columns, first) if rows else []
+            except (pa.ArrowException, OSError, ValueError) as e:
+                items = [Item(first, None, error=f"row group {i} ({rows} rows) cannot be read "
+                                                 f"({str(e).strip().splitlines()[0][:200]})")]
+            yield Group(source, i, n, entry, items)
+        first += rows
+
+
+def rows_to_items(table, columns: Columns, first: int) -> list[Item]:
+    texts = table.column(columns.text).to_pylist() if columns.text else [None] * table.num_rows
+    if columns.codes:
+        values = [table.column(c).to_pylist() for c in columns.codes]
+        payloads = values[0] if len(values) == 1 else list(zip(*values))
+        return [Item(first + j, p, t) for j, (p, t) in enumerate(zip(payloads, texts))]
+    items = []
+    for j, (cell, text) in enumerate(zip(table.column(columns.audio).to_pylist(), texts)):
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        error = "" if data else "no audio bytes in the row" + (
+            f" (only a path, {cell.get('path')!r}, which is not looked up)" if isinstance(cell, dict) and
+            cell.get("path") else "")
+        items.append(Item(first + j, data, text, error))
+    return items
+
+
+# -----------------------------------------------------------------------------
+# per item: decode + resample audio (in worker processes), or check pre-tokenised codes
+
+
+def decode_audio(source: str | bytes, rate: int, frame_hop: int) -> dict:
+    """An audio file (path or bytes) -> {"status": ok, "seconds", "audio": float32 mono at the codec rate}, or a
+    bad/short status with the reason."""
+    try:
+        audio, file_rate = read_audio(source)
     except BadAudio as e:
-        return {"tokens": np.zeros(0, np.uint16), "seconds": 0.0, "status": "bad", "reason": str(e)}
-    seconds = len(audio) / rate
-    if tok.resampled_length(len(audio), rate) < tok.frame_hop:
-        frame_ms = 1000 * tok.frame_hop / tok.sample_rate
-        return {"tokens": np.zeros(0, np.uint16), "seconds": seconds, "status": "short",
-                "reason": f"shorter than one frame ({1000 * seconds:.1f} ms < {frame_ms:.1f} ms)"}
-    tokens = tok.encode(audio, rate, chunk_seconds=cfg.chunk_seconds)
-    assert len(tokens) == tok.n_frames(tok.resampled_length(len(audio), rate)) * tok.layout.frame_size, \
-        f"{path}: {len(tokens)} tokens for {len(audio)} samples at {rate} Hz"
-    return {"tokens": tokens.astype(np.uint16), "seconds": seconds, "status": "ok", "reason": ""}
+        return {"status": "bad", "reason": str(e), "seconds": 0.0}
+    seconds = len(audio) / file_rate
+    if resampled_length(len(audio), file_rate, rate) < frame_hop:
+        return {"status": "short", "seconds": seconds,
+                "reason": f"shorter than one frame ({1000 * seconds:.1f} ms < {1000 * frame_hop / rate:.1f} ms)"}
+    return {"status": "ok", "reason": "", "seconds": seconds, "audio": to_mono(audio, file_rate, rate)}
 
 
-def report(rel: str, entry: dict, strict: bool) -> None:
-    """One warning line per unusable file; with --strict a bad (not merely short) file is an error."""
+def codes_to_tokens(value, layout: Layout) -> np.ndarray:
+    """A row's SNAC codes -> token ids of the layout. `value`: flattened codes, 7 per frame in depth-first order
+    (for 24 kHz), as a list of ints or a space-separated string; or a tuple of per-level lists, coarse first.
+    Codes are 0..codebook_size-1 (ids already offset by level, as in our layout, are accepted too).
+    Raises ValueError(reason)."""
+    cb, fs = layout.codebook_size, layout.frame_size
+    if value is None or isinstance(value, tuple) and any(v is None for v in value):
+        raise ValueError("no codes (null)")
+    try:
+        if isinstance(value, tuple):
+            levels = [np.asarray(v, dtype=np.int64).reshape(-1) for v in value]
+        elif isinstance(value, str):
+            levels = [np.array(value.split(), dtype=np.int64)]
+        else:
+            levels = [np.asarray(value, dtype=np.int64).reshape(-1)]
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("codes are not integers" + (" separated by spaces" if isinstance(value, str) else "")) \
+            from None
+    if not len(levels[0]):
+        raise ValueError("no codes (empty)")
+    for level, c in enumerate(levels):
+        if c.min() < 0 or c.max() >= cb * (1 if len(levels) > 1 else layout.n_levels):
+            bad = int(np.flatnonzero((c < 0) | (c >= cb))[0])
+            raise ValueError(f"code {int(c[bad])} at position {bad}{f' of level {level}' if len(levels) > 1 else ''}"
+                             f" is outside 0..{cb - 1}")
+    if len(levels) > 1:
+        n_frames = len(levels[0])
+        for level, (c, k) in enumerate(zip(levels, layout.codes_per_frame)):
+            if len(c) != n_frames * k:
+                raise ValueError(f"level {level} has {len(c)} codes, expected {n_frames * k} ({k} per frame for the "
+                                 f"{n_frames} frames of level 0)")
+        return layout.codes_to_tokens(levels)
+    flat = levels[0]
+    if len(flat) % fs:
+        raise ValueError(f"{len(flat)} codes is not a whole number of {fs}-code frames")
+    frames = flat.reshape(-1, fs)  # (n_frames, frame_size)
+    if frames.max() < cb:
+        return (frames + layout.frame_levels * cb).reshape(-1)
+    lo = layout.frame_levels * cb
+    wrong = (frames < lo) | (frames >= lo + cb)
+    if wrong.any():
+        bad = int(np.flatnonzero(wrong.reshape(-1))[0])
+        raise ValueError(f"code {int(flat[bad])} at position {bad} is outside 0..{cb - 1}")
+    return flat  # already level * codebook_size + code
+
+
+def check_codes(value, layout: Layout, seconds_per_frame: float) -> dict:
+    try:
+        tokens = codes_to_tokens(value, layout)
+    except ValueError as e:
+        return {"status": "bad", "reason": str(e), "seconds": 0.0}
+    return {"status": "ok", "reason": "", "seconds": len(tokens) // layout.frame_size * seconds_per_frame,
+            "tokens": tokens.astype(np.uint16)}
+
+
+def run_ahead(pool, tasks, ahead: int) -> Iterator:
+    """(tag, fn, args) -> (tag, fn(*args)) in order, up to `ahead` tasks running at once in the pool's processes
+    (no pool: run here, one at a time). fn None: `args` is the result already."""
+    window: deque = deque()
+    for tag, fn, args in tasks:
+        if fn is None or pool is None:
+            window.append((tag, args if fn is None else fn(*args), False))
+        else:
+            window.append((tag, pool.apply_async(fn, args), True))
+        while len(window) > ahead:
+            tag, result, running = window.popleft()
+            yield tag, result.get() if running else result
+    for tag, result, running in window:
+        yield tag, result.get() if running else result
+
+
+def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool, batch_seconds: float, pool,
+                  ahead: int) -> Iterator[tuple[Group, dict]]:
+    """(group, entry) in order: a cached entry as it is, any other group's items decoded (in the pool) and encoded,
+    its entry written to the cache. The codec gets all chunks of a group at once, batched by length; batches never
+    mix groups, so an entry does not depend on which run, or which rank, made it. On CUDA a group's codes are
+    collected after the next group is launched, so the GPU is not left waiting on the host."""
+    rate, hop, layout = tok.sample_rate, tok.frame_hop, tok.layout
+
+    def tasks():
+        for g in groups:
+            for item in g.items or ():
+                if item.error:
+                    yield (g, item), None, {"status": "bad", "reason": item.error, "seconds": 0.0}
+                elif codes:  # cheap: done here
+                    yield (g, item), None, check_codes(item.payload, layout, hop / rate)
+                else:
+                    yield (g, item), decode_audio, (item.payload, rate, hop)
+            yield (g, None), None, None  # the group is complete (or cached)
+
+    def finish(g: Group, results: list[dict], codes: list) -> tuple[Group, dict]:
+        it = iter(codes)
+        for r in results:
+            if "audio" in r:
+                c = next(it)
+                r["tokens"] = layout.codes_to_tokens([x.cpu().numpy() for x in c]).astype(np.uint16)
+                assert len(r["tokens"]) == tok.n_frames(len(r.pop("audio"))) * layout.frame_size, \
+                    f"{g.source.name}: {len(r['tokens'])} tokens for {r['seconds']} s"
+        return g, save_entry(g.path, g, results)
+
+    pending = None  # a group whose codes are still on their way from the codec
+    results: list[dict] = []
+    for (g, item), out in run_ahead(pool, tasks(), ahead):
+        if item is not None:
+            results.append(out)
+            continue
+        launched = None
+        if g.items is not None:  # every item of g is decoded: encode them (on CUDA: launch)
+            audio = [r["audio"] for r in results if "audio" in r]
+            launched = (g, results, tok.encode_many(audio, cfg.chunk_seconds, batch_seconds=batch_seconds))
+            results = []
+        if pending is not None:
+            yield finish(*pending)
+        pending = launched
+        if g.items is None:
+            entry = load_entry(g.path)
+            assert entry is not None, f"{g.path}: cache entry vanished"
+            yield g, entry
+    if pending is not None:
+        yield finish(*pending)
+
+
+def item_name(source: Source, row: int) -> str:
+    return source.name if row < 0 else f"{source.name} row {row}"
+
+
+def report(group: Group, entry: dict, strict: bool) -> None:
+    """One warning line per unusable file or row; with --strict a bad (not merely short) one is an error."""
     from tqdm import tqdm
-    if entry["status"] == "bad" and strict:
-        raise UserError(f"audio file {rel}: {entry['reason']} (fix or remove it, or run without --strict to skip it)")
-    if entry["status"] != "ok":
-        tqdm.write(f"warning: {rel}: {entry['reason']}; skipped", file=sys.stderr)  # above the progress bar
+    for status, reason, row in zip(entry["status"], entry["reason"], entry["row"]):
+        if status == "bad" and strict:
+            raise UserError(f"{item_name(group.source, int(row))}: {reason} (fix or remove it, or run without "
+                            "--strict to skip it)")
+        if status != "ok":
+            tqdm.write(f"warning: {item_name(group.source, int(row))}: {reason}; skipped", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -153,8 +521,8 @@ def report(rel: str, entry: dict, strict: bool) -> None:
 
 
 def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]:
-    """Concatenate documents (rel, uint16 array with its BOUNDARY first) into {split}_000.bin, ... of shard_tokens
-    tokens each."""
+    """Concatenate documents (source name, uint16 array with its BOUNDARY first) into {split}_000.bin, ... of
+    shard_tokens tokens each."""
     shards: list[dict] = []
     parts: list[np.ndarray] = []
     sources: list[str] = []
@@ -182,34 +550,80 @@ def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]
     return shards
 
 
-def assemble(cfg: PrepareConfig, tok, root: str, files: list[str], folder: str) -> dict:
-    """Rank 0, after every file is cached: shards + meta.json. meta.json is written last, so a folder with a
-    meta.json is always complete."""
-    entries = {}
-    for rel in files:
-        entry = load_entry(cache_path(folder, root, rel))
-        assert entry is not None, f"{rel}: no cached tokens after encoding"
-        if entry["status"] == "bad" and cfg.strict:
-            raise UserError(f"audio file {rel}: {entry['reason']} (fix or remove it, or run without --strict to "
-                            "skip it)")
-        entries[rel] = entry
-    usable = [rel for rel in files if entries[rel]["status"] == "ok"]
-    skipped = [{"file": rel, "reason": entries[rel]["reason"]} for rel in files if entries[rel]["status"] != "ok"]
-    if not usable:
-        raise UserError(f"dataset {cfg.dataset}: none of its {len(files)} audio files could be used (see the "
-                        "warnings above)")
-    if cfg.val_files and cfg.val_files >= len(usable):
-        raise UserError(f"val_files={cfg.val_files}: the dataset has only {len(usable)} usable files, so nothing is "
+def select(cfg: PrepareConfig, ds: Dataset, folder: str) -> tuple[list[tuple[Source, str, int]], list[dict], int]:
+    """The documents to keep, as (source, cache entry, items kept from its start) in order, the skipped ones, and the
+    number of usable ones: everything, or the prefix that --max_items / --max_hours allow (each rank stopped only
+    past that prefix)."""
+    limit = cfg.max_hours * 3600
+    kept, skipped, count, total = [], [], 0, 0.0
+    for source in ds.sources:
+        i, n = 0, 1
+        while i < n:
+            path = entry_path(folder, source, i, ds.kind)
+            entry = load_entry(path)
+            assert entry is not None, f"{source.name}: group {i} is not cached after encoding"
+            n = int(entry["n_groups"])
+            for j, (status, seconds) in enumerate(zip(entry["status"], entry["seconds"])):
+                if status == "ok" and limit and total + seconds > limit:
+                    kept.append((source, path, j))
+                    return kept, skipped, count
+                if status == "bad" and cfg.strict:
+                    raise UserError(f"{item_name(source, int(entry['row'][j]))}: {entry['reason'][j]} (fix or "
+                                    "remove it, or run without --strict to skip it)")
+                if status != "ok":
+                    skipped.append({"file": source.name, **({"row": int(entry["row"][j])} if entry["row"][j] >= 0
+                                                            else {}), "reason": str(entry["reason"][j])})
+                    continue
+                count, total = count + 1, total + seconds
+                if count == cfg.max_items:
+                    kept.append((source, path, j + 1))
+                    return kept, skipped, count
+            kept.append((source, path, len(entry["status"])))
+            i += 1
+    return kept, skipped, count
+
+
+def assemble(cfg: PrepareConfig, tok, ds: Dataset, folder: str) -> dict:
+    """Rank 0, after every rank is done: shards + meta.json, reading the cache one entry at a time. meta.json is
+    written last, so a folder with a meta.json is always complete."""
+    kept, skipped, n_usable = select(cfg, ds, folder)
+
+    def documents(start: int, stop: int):  # (source, tokens, seconds) of usable documents start..stop-1
+        i = 0
+        for source, path, upto in kept:
+            entry = load_entry(path)
+            ends = np.cumsum(entry["length"])
+            for j in range(upto):
+                if entry["status"][j] == "ok":
+                    if start <= i < stop:
+                        yield source.name, entry["tokens"][ends[j] - entry["length"][j]:ends[j]], entry["seconds"][j]
+                    i += 1
+                    if i == stop:
+                        return
+
+    what = "audio files" if ds.kind == "audio" else "parquet rows"
+    if not n_usable:
+        raise UserError(f"dataset {cfg.dataset}: none of its {len(ds.sources)} {ds.kind} files could be used (see "
+                        "the warnings above)" if ds.kind == "audio" else f"dataset {cfg.dataset}: none of the rows of "
+                        f"its {len(ds.sources)} parquet files could be used (see the warnings above)")
+    if cfg.val_files and cfg.val_files >= n_usable:
+        raise UserError(f"val_files={cfg.val_files}: the dataset has only {n_usable} usable {what}, so nothing is "
                         "left to train on; use a smaller --val_files (0 = no val split)")
     if os.path.exists(os.path.join(cfg.out_dir, "meta.json")):
         os.remove(os.path.join(cfg.out_dir, "meta.json"))  # the shards are about to change
     boundary = np.array([tok.layout.boundary_id], dtype=np.uint16)
     splits, shards = {}, []
-    for split, names in (("train", usable[cfg.val_files:]), ("val", usable[:cfg.val_files])):
-        docs = ((rel, np.concatenate([boundary, entries[rel]["tokens"]])) for rel in names)
-        shards += write_split(cfg.out_dir, split, docs, cfg.shard_tokens)
-        splits[split] = {"tokens": sum(len(entries[r]["tokens"]) + 1 for r in names),
-                         "seconds": round(sum(entries[r]["seconds"] for r in names), 3), "files": len(names)}
+    for split, start, stop in (("train", cfg.val_files, n_usable), ("val", 0, cfg.val_files)):
+        stats = {"tokens": 0, "seconds": 0.0, "files": 0}
+
+        def docs():
+            for name, tokens, seconds in documents(start, stop):
+                stats["tokens"] += len(tokens) + 1
+                stats["seconds"] += float(seconds)
+                stats["files"] += 1
+                yield name, np.concatenate([boundary, tokens])
+        shards += write_split(cfg.out_dir, split, docs(), cfg.shard_tokens)
+        splits[split] = {**stats, "seconds": round(stats["seconds"], 3)}
     keep = {s["file"] for s in shards}
     for name in os.listdir(cfg.out_dir):  # shards of an earlier, bigger run
         if re.fullmatch(r"(train|val)_\d{3,}\.bin", name) and name not in keep:
@@ -223,67 +637,129 @@ def assemble(cfg: PrepareConfig, tok, root: str, files: list[str], folder: str) 
 # -----------------------------------------------------------------------------
 
 
+def cache_folder(out_dir: str, tok, cfg: PrepareConfig, columns: Columns, runs_codec: bool) -> str:
+    """One cache folder per codec (by its weights, not its name), encoding settings and columns read: a change never
+    reuses stale work, and the same codec from the Hub or from a local copy shares the cache."""
+    settings = {**tok.meta(), "codec": None, "cache": 2, "columns": dataclasses.asdict(columns),
+                "chunk_seconds": cfg.chunk_seconds if runs_codec else None}
+    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
+    for name, tensor in sorted(tok.codec.state_dict().items()) if runs_codec else ():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().numpy().tobytes())
+    return os.path.join(out_dir, ".cache", h.hexdigest()[:16])
+
+
+def prepare_share(cfg: PrepareConfig, ds: Dataset, mine: list[Source], tok, columns: Columns, folder: str,
+                  batch_seconds: float, pool, n_workers: int, master: bool) -> None:
+    """Cache every group of these sources, in order. With --max_hours/--max_items it stops once its own share
+    passes the limit, which is past the prefix that select() keeps."""
+    from tqdm import tqdm
+    t0, hours, count, total = time.time(), 0.0, 0, 0.0
+    groups = read_groups(ds, mine, folder, columns, cfg)
+    work = encode_groups(groups, tok, cfg, bool(columns.codes), batch_seconds, pool, ahead=4 * n_workers + 8)
+    try:
+        with tqdm(total=len(mine), unit="file", disable=not master, desc="prepare", dynamic_ncols=True) as bar:
+            for group, entry in work:
+                report(group, entry, cfg.strict)
+                ok = entry["status"] == "ok"
+                count, total = count + int(ok.sum()), total + float(entry["seconds"][ok].sum())
+                if group.items is not None:
+                    hours += float(entry["seconds"].sum()) / 3600
+                bar.set_postfix_str(f"{count:,} docs | {hours / max(time.time() - t0, 1e-9):.3g} audio-h/s",
+                                    refresh=False)
+                bar.update(group.index == group.n_groups - 1)
+                if (cfg.max_items and count >= cfg.max_items) or (cfg.max_hours and total > cfg.max_hours * 3600):
+                    break
+    finally:
+        work.close()
+        groups.close()  # deletes a download that was only partly read
+
+
+def start_workers(cfg: PrepareConfig, dist: Dist) -> tuple[object, int]:
+    """The decoding processes, started first thing (a fork of a process with no threads and no GPU yet)."""
+    n = cfg.workers
+    if n < 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
+    if n == 0:
+        return None, 0
+    # fork on Linux: workers start in milliseconds; elsewhere spawn (macOS and Windows cannot fork safely)
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return ctx.Pool(n), n
+
+
 def main() -> None:
     cfg = parse_config(PrepareConfig, sys.argv[1:], __doc__)
     for key, ok, expected in (("shard_tokens", cfg.shard_tokens >= 1, "at least 1"),
                               ("val_files", cfg.val_files >= 0, "0 (no val split) or more"),
                               ("chunk_seconds", cfg.chunk_seconds > 0, "more than 0"),
+                              ("batch_seconds", cfg.batch_seconds >= 0, "0 (auto) or more"),
+                              ("max_hours", cfg.max_hours >= 0, "0 (all) or more"),
+                              ("max_items", cfg.max_items >= 0, "0 (all) or more"),
                               ("out_dir", cfg.out_dir, "a folder for the shards")):
         if not ok:
             raise UserError(f"{key}={getattr(cfg, key)!r}: must be {expected}")
-    from tqdm import tqdm
 
-    dist = Dist.from_env()  # torchrun: each rank encodes its share of the files
-    device = dist.init(pick_device(cfg.device))
-    rank, world, master = dist.rank, dist.world_size, dist.master
-    if master:
-        print(f"prepare_audio: {json.dumps(dataclasses.asdict(cfg))} | device {device} | {world} process(es)",
-              flush=True)
-    # rank 0 downloads the dataset and codec first (or fails alone, with one line); the others then find them cached
-    if not master:
-        dist.barrier()
-    root = resolve_dataset(cfg.dataset)
-    files = find_audio(root, exclude=cfg.out_dir)
-    if not files:
-        raise UserError(f"dataset {cfg.dataset}: no audio files found (searched {root} recursively for "
-                        f".{', .'.join(audio_extensions())}); point --dataset at a folder of audio files")
-    with user_errors():
-        tok = load_codec(cfg.codec, device)
-    if master:
-        dist.barrier()
-    if tok.layout.vocab_size > 1 << 16:
-        raise UserError(f"codec {cfg.codec}: vocab_size {tok.layout.vocab_size} does not fit the uint16 shards")
-    folder = cache_folder(cfg.out_dir, tok, cfg)  # nothing is written before this point
-    new_dirs = [d for d in (cfg.out_dir, os.path.join(cfg.out_dir, ".cache")) if not os.path.isdir(d)]
-    os.makedirs(folder, exist_ok=True)
+    if (cfg.codes_column or cfg.text_column) and os.path.isdir(cfg.dataset) and \
+            local_dataset(cfg.dataset, cfg.out_dir).kind != "parquet":
+        raise UserError(f"--codes_column/--text_column: dataset {cfg.dataset} has no .parquet files")
+    dist = Dist.from_env()  # torchrun: each rank prepares its share of the files
+    pool, n_workers = start_workers(cfg, dist)
+    try:
+        device = dist.init(pick_device(cfg.device))
+        rank, world, master = dist.rank, dist.world_size, dist.master
+        if master:
+            print(f"prepare_audio: {json.dumps(dataclasses.asdict(cfg))} | device {device} | {world} process(es), "
+                  f"{n_workers} decoding worker(s) each", flush=True)
+        # rank 0 lists/downloads the dataset and the codec first (or fails alone, with one line); the others then
+        # find them cached
+        if not master:
+            dist.barrier()
+        ds = open_dataset(cfg.dataset, exclude=cfg.out_dir)
+        if not ds.sources:
+            raise UserError(f"dataset {cfg.dataset}: no audio files or .parquet files found (searched {ds.root} "
+                            f"recursively for .parquet, .{', .'.join(audio_extensions())}); point --dataset at a "
+                            "folder of them")
+        with user_errors():
+            tok = load_codec(cfg.codec, "cpu", weights=False)  # the layout, for finding codes columns
+        columns = pick_columns(read_schema(ds), cfg, tok.layout.n_levels) if ds.kind == "parquet" else Columns()
+        runs_codec = not columns.codes
+        if runs_codec:
+            with user_errors():
+                tok = load_codec(cfg.codec, device)
+        if master:
+            dist.barrier()
+        if tok.layout.vocab_size > 1 << 16:
+            raise UserError(f"codec {cfg.codec}: vocab_size {tok.layout.vocab_size} does not fit the uint16 shards")
+        if master and ds.kind == "parquet":
+            print(f"reading columns {', '.join(columns.codes) or columns.audio}"
+                  f"{' (pre-tokenised SNAC codes: no codec runs)' if columns.codes else ''}", flush=True)
+            if columns.text:
+                print(f"note: transcripts in column '{columns.text}' are kept in the cache but not used yet "
+                      "(the shards hold audio tokens only)", flush=True)
+        folder = cache_folder(cfg.out_dir, tok, cfg, columns, runs_codec)  # nothing is written before this point
+        new_dirs = [d for d in (cfg.out_dir, os.path.join(cfg.out_dir, ".cache")) if not os.path.isdir(d)]
+        os.makedirs(folder, exist_ok=True)
 
-    # each rank encodes files i % world == rank into the shared cache
-    mine = files[rank::world]
-    t0, hours = time.time(), 0.0
-    with tqdm(total=len(mine), unit="file", disable=not master, desc="encode", dynamic_ncols=True) as bar:
-        for rel in mine:
-            path = cache_path(folder, root, rel)
-            entry = load_entry(path)
-            if entry is None:  # not done in an earlier run
-                entry = encode_file(os.path.join(root, rel), tok, cfg)
-                atomic_write(path, lambda f: np.savez(f, **entry))
-                hours += entry["seconds"] / 3600
-            report(rel, entry, cfg.strict)
-            bar.set_postfix_str(f"{hours / max(time.time() - t0, 1e-9):.3g} audio-h/s", refresh=False)
-            bar.update(1)
-    dist.barrier()
-    if master:
-        try:
-            meta = assemble(cfg, tok, root, files, folder)
-        except UserError:
-            # nothing came of this run (no usable file, or --strict): leave no folder behind that it made
-            for d in reversed(new_dirs):
-                shutil.rmtree(d, ignore_errors=True)
-            raise
-        split = " | ".join(f"{name}: {v['files']} files, {v['seconds'] / 3600:.2f} h, {v['tokens']:,} tokens"
-                           for name, v in meta["splits"].items())
-        print(f"{split} | skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> "
-              f"{os.path.join(cfg.out_dir, 'meta.json')}", flush=True)
+        # each rank does sources i % world == rank, in order, into the shared cache
+        batch_seconds = cfg.batch_seconds or cfg.chunk_seconds * (4 if device.startswith("cuda") else 1)
+        prepare_share(cfg, ds, ds.sources[rank::world], tok, columns, folder, batch_seconds, pool, n_workers, master)
+        dist.barrier()
+        if master:
+            try:
+                meta = assemble(cfg, tok, ds, folder)
+            except UserError:
+                # nothing came of this run (no usable file, or --strict): leave no folder behind that it made
+                for d in reversed(new_dirs):
+                    shutil.rmtree(d, ignore_errors=True)
+                raise
+            split = " | ".join(f"{name}: {v['files']:,} docs, {v['seconds'] / 3600:.2f} h, {v['tokens']:,} tokens"
+                               for name, v in meta["splits"].items())
+            print(f"{split} | skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> "
+                  f"{os.path.join(cfg.out_dir, 'meta.json')}", flush=True)
+    finally:
+        if pool is not None:
+            pool.terminate()
     dist.close()
 
 

@@ -20,6 +20,7 @@ There is no separator inside or between frames.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -212,9 +213,10 @@ def captured_c_stderr():
             os.close(saved)
 
 
-def read_audio(path: str) -> tuple[np.ndarray, int]:
-    """Decode a whole file -> (float32 mono samples at the file's own rate, rate). Raises BadAudio(reason)."""
-    audio, rate, _ = _read_audio(path, 0.0)
+def read_audio(source: str | bytes) -> tuple[np.ndarray, int]:
+    """Decode a whole file, given its path or its bytes (an audio cell of a parquet file) -> (float32 mono samples
+    at the file's own rate, rate). Raises BadAudio(reason)."""
+    audio, rate, _ = _read_audio(source, 0.0)
     return audio, rate
 
 
@@ -225,14 +227,14 @@ def read_audio_tail(path: str, seconds: float) -> tuple[np.ndarray, int, int]:
     return _read_audio(path, seconds)
 
 
-def _read_audio(path: str, last_seconds: float) -> tuple[np.ndarray, int, int]:
+def _read_audio(source: str | bytes, last_seconds: float) -> tuple[np.ndarray, int, int]:
     import soundfile as sf
-    if os.path.getsize(path) == 0:
+    if len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0:
         raise BadAudio("empty file (0 bytes)")
     blocks: list[np.ndarray] = []
     first = 0  # index in the file of blocks[0][0]
     try:
-        with captured_c_stderr(), sf.SoundFile(path) as f:
+        with captured_c_stderr(), sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
             rate, declared, info = f.samplerate, f.frames, f.extra_info
             keep = math.ceil(last_seconds * rate) if last_seconds > 0 else 0
             if keep and f.seekable() and f.format != "MP3" and declared > keep:
@@ -268,6 +270,30 @@ def _read_audio(path: str, last_seconds: float) -> tuple[np.ndarray, int, int]:
         raise BadAudio("holds NaN or infinite samples")
     return audio, rate, first
 
+def resampled_length(n_samples: int, sample_rate: int, target_rate: int) -> int:
+    """Samples at target_rate for n_samples at sample_rate: ceil(n_samples * target_rate / sample_rate)."""
+    return -(-n_samples * target_rate // sample_rate)
+
+
+def to_mono(waveform, sample_rate: int, target_rate: int) -> np.ndarray:
+    """(samples,) or (samples, channels) at any rate -> float32 mono (samples',) at target_rate. Needs no codec,
+    so prepare_audio.py runs it in worker processes."""
+    wav = np.asarray(waveform, dtype=np.float32)
+    if wav.ndim == 2 and wav.shape[1] > max(16, wav.shape[0]):
+        raise ValueError(f"audio of shape {wav.shape} looks like (channels, samples); pass (samples, channels)")
+    wav = downmix(wav)
+    if wav.ndim != 1:
+        raise ValueError(f"expected audio of shape (samples,) or (samples, channels), got {wav.shape}")
+    n_in = len(wav)
+    if sample_rate != target_rate and n_in:
+        import soxr
+        wav = soxr.resample(wav, sample_rate, target_rate, quality="HQ").astype(np.float32)
+        # soxr rounds the length; make it ceil(n * rate / sample_rate) (at most one sample more or less) so a
+        # file's frame count is exactly ceil(duration / frame), whatever its rate
+        n_out = resampled_length(n_in, sample_rate, target_rate)
+        wav = np.pad(wav[:n_out], (0, max(0, n_out - len(wav))))
+    return np.ascontiguousarray(wav)
+
 
 class AudioTokenizer:
     """A SNAC codec plus the layout: waveform <-> token ids."""
@@ -295,58 +321,78 @@ class AudioTokenizer:
 
     def to_mono(self, waveform, sample_rate: int) -> torch.Tensor:
         """(samples,) or (samples, channels) at any rate -> float32 mono (samples',) at the codec rate."""
-        wav = np.asarray(waveform, dtype=np.float32)
-        if wav.ndim == 2 and wav.shape[1] > max(16, wav.shape[0]):
-            raise ValueError(f"audio of shape {wav.shape} looks like (channels, samples); pass (samples, channels)")
-        wav = downmix(wav)
-        if wav.ndim != 1:
-            raise ValueError(f"expected audio of shape (samples,) or (samples, channels), got {wav.shape}")
-        n_in = len(wav)
-        if sample_rate != self.sample_rate and n_in:
-            import soxr
-            wav = soxr.resample(wav, sample_rate, self.sample_rate, quality="HQ").astype(np.float32)
-            # soxr rounds the length; make it ceil(n * rate / sample_rate) (at most one sample more or less) so a
-            # file's frame count is exactly ceil(duration / frame), whatever its rate
-            n_out = self.resampled_length(n_in, sample_rate)
-            wav = np.pad(wav[:n_out], (0, max(0, n_out - len(wav))))
-        return torch.from_numpy(np.ascontiguousarray(wav))
+        return torch.from_numpy(to_mono(waveform, sample_rate, self.sample_rate))
 
     def resampled_length(self, n_samples: int, sample_rate: int) -> int:
-        """Samples at the codec rate for n_samples at sample_rate: ceil(n_samples * codec_rate / sample_rate)."""
-        return -(-n_samples * self.sample_rate // sample_rate)
+        return resampled_length(n_samples, sample_rate, self.sample_rate)
 
     def n_frames(self, n_samples: int) -> int:
         return -(-n_samples // self.frame_hop)
 
-    @torch.inference_mode()
-    def encode_codes(self, audio: torch.Tensor, chunk_seconds: float = 60.0,
-                     margin_seconds: float = ENCODE_MARGIN_SECONDS) -> list[torch.Tensor]:
-        """Mono audio (samples,) at the codec rate -> codes per level, (n_frames * codes_per_frame[l],) each.
+    def chunk_plan(self, n: int, chunk_seconds: float = 60.0,
+                   margin_seconds: float = ENCODE_MARGIN_SECONDS) -> list[tuple[int, int, int, int]]:
+        """How n samples go through the codec: (a, b, f0, nf) per chunk, in order: the codec encodes samples [a, b)
+        and frames [f0, f0 + nf) of its codes are kept.
 
         Long audio goes through the codec in chunks so memory stays bounded. Each chunk is encoded with
         `margin_seconds` of real audio on both sides and only its middle is kept; chunk starts and margins are
         multiples of pad_unit, so the codec sees the same frame grid as in one pass over the whole file.
         """
-        n = audio.shape[-1]
-        n_frames = self.n_frames(n)
-        if n == 0:
-            return [torch.zeros(0, dtype=torch.long, device=self.device) for _ in self.layout.codes_per_frame]
         unit = self.pad_unit
         chunk = max(1, round(chunk_seconds * self.sample_rate / unit)) * unit
         margin = math.ceil(margin_seconds * self.sample_rate / unit) * unit
-        audio = audio.to(self.device, torch.float32)
-        per_level: list[list[torch.Tensor]] = [[] for _ in range(self.layout.n_levels)]
-        for start in range(0, max(n, 1), chunk):
+        plan = []
+        for start in range(0, n, chunk):
             a, b = max(0, start - margin), min(n, start + chunk + margin)
-            codes = self.codec.encode(audio[a:b].reshape(1, 1, -1))  # SNAC wants (B, 1, samples)
-            f0 = (start - a) // self.frame_hop
-            nf = self.n_frames(min(chunk, n - start))
-            for level, (c, k) in enumerate(zip(codes, self.layout.codes_per_frame)):
-                per_level[level].append(c[0, f0 * k:(f0 + nf) * k])
-        codes = [torch.cat(c) for c in per_level]
-        assert all(c.shape[0] == n_frames * k for c, k in zip(codes, self.layout.codes_per_frame)), \
-            f"chunked encode gave {[c.shape for c in codes]} for {n_frames} frames"
-        return codes
+            plan.append((a, b, (start - a) // self.frame_hop, self.n_frames(min(chunk, n - start))))
+        return plan
+
+    @torch.inference_mode()
+    def encode_many(self, audios: list, chunk_seconds: float = 60.0, margin_seconds: float = ENCODE_MARGIN_SECONDS,
+                    batch_seconds: float = 0.0) -> list[list[torch.Tensor]]:
+        """Several mono clips at the codec rate [(samples,) each, numpy or tensors] -> for each, its codes per level
+        (n_frames * codes_per_frame[l],) on the codec's device, exactly as encode_codes gives them one by one.
+
+        The chunks of all clips (chunk_plan) are grouped by their length rounded up to pad_unit, and each group goes
+        through the codec in batches of up to batch_seconds of audio (default: chunk_seconds). SNAC pads every input
+        with zeros up to that same length and has no layer that mixes the rows of a batch, so a chunk's codes do not
+        depend on the chunks it shares a call with (up to the rounding of batched kernels). On CUDA nothing here
+        waits for the GPU (the caller's .cpu() does), so the host can prepare the next clips meanwhile.
+        """
+        unit, cuda = self.pad_unit, self.device.type == "cuda"
+        budget = round((batch_seconds or chunk_seconds) * self.sample_rate)
+        chunks: dict[int, list[tuple[int, int, int, int]]] = {}  # padded length -> [(clip, chunk, a, b)]
+        plans = [self.chunk_plan(int(x.shape[-1]), chunk_seconds, margin_seconds) for x in audios]
+        for i, plan in enumerate(plans):
+            for j, (a, b, _, _) in enumerate(plan):
+                chunks.setdefault(-(-(b - a) // unit) * unit, []).append((i, j, a, b))
+        out: dict[tuple[int, int], list[torch.Tensor]] = {}  # (clip, chunk) -> codes per level of that chunk
+        for length, group in chunks.items():
+            per_call = max(1, budget // length)
+            for first in range(0, len(group), per_call):
+                calls = group[first:first + per_call]
+                x = torch.zeros((len(calls), length), dtype=torch.float32, pin_memory=cuda)  # (B, samples)
+                for row, (i, _, a, b) in enumerate(calls):
+                    x[row, :b - a] = torch.as_tensor(audios[i][a:b])
+                codes = self.codec.encode(x.to(self.device, non_blocking=True)[:, None])  # SNAC wants (B, 1, samples)
+                for row, (i, j, _, _) in enumerate(calls):
+                    out[i, j] = [c[row] for c in codes]
+        result = []
+        for i, plan in enumerate(plans):
+            per_level = [[out[i, j][level][f0 * k:(f0 + nf) * k] for j, (_, _, f0, nf) in enumerate(plan)]
+                         for level, k in enumerate(self.layout.codes_per_frame)]
+            codes = [torch.cat(c) if c else torch.zeros(0, dtype=torch.long, device=self.device) for c in per_level]
+            n_frames = self.n_frames(int(audios[i].shape[-1]))
+            assert all(c.shape[0] == n_frames * k for c, k in zip(codes, self.layout.codes_per_frame)), \
+                f"chunked encode gave {[c.shape for c in codes]} for {n_frames} frames"
+            result.append(codes)
+        return result
+
+    def encode_codes(self, audio: torch.Tensor, chunk_seconds: float = 60.0,
+                     margin_seconds: float = ENCODE_MARGIN_SECONDS) -> list[torch.Tensor]:
+        """Mono audio (samples,) at the codec rate -> codes per level, (n_frames * codes_per_frame[l],) each,
+        chunk by chunk (see chunk_plan)."""
+        return self.encode_many([audio], chunk_seconds, margin_seconds)[0]
 
     def encode(self, waveform, sample_rate: int, chunk_seconds: float = 60.0,
                margin_seconds: float = ENCODE_MARGIN_SECONDS) -> np.ndarray:
@@ -376,17 +422,20 @@ class AudioTokenizer:
         return self.decode_codes(codes)[0].cpu().numpy()
 
 
-def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenizer:
-    """Load a SNAC codec from a Hugging Face Hub id or a local folder holding config.json + pytorch_model.bin."""
+def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu", weights: bool = True) -> AudioTokenizer:
+    """Load a SNAC codec from a Hugging Face Hub id or a local folder holding config.json + pytorch_model.bin.
+
+    weights=False reads config.json alone and builds the codec on the meta device: its rates, layout and meta()
+    are real, but it cannot encode or decode (for codes that are already tokenised)."""
     with warnings.catch_warnings():
         # snac decorates a helper with @torch.jit.script, which torch deprecates with a warning at import time
         # (a DeprecationWarning in 2.13, a FutureWarning that users see in 2.14): snac's to fix, and it would
         # break our one-line errors
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script")
         from snac import SNAC
-    if os.path.isdir(codec):
+    if os.path.isdir(codec):  # recorded by its absolute path, so meta.json and checkpoints find it from anywhere
         config_path, weights_path = os.path.join(codec, "config.json"), os.path.join(codec, "pytorch_model.bin")
-        for p in (config_path, weights_path):
+        for p in (config_path, weights_path)[:1 + weights]:
             if not os.path.isfile(p):
                 raise ValueError(f"codec folder {codec}: missing {os.path.basename(p)} (expected config.json + "
                                  "pytorch_model.bin)")
@@ -396,7 +445,7 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenize
         from huggingface_hub import hf_hub_download
         try:
             config_path = hf_hub_download(repo_id=codec, filename="config.json")
-            weights_path = hf_hub_download(repo_id=codec, filename="pytorch_model.bin")
+            weights_path = hf_hub_download(repo_id=codec, filename="pytorch_model.bin") if weights else ""
         except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
             raise ValueError(
                 f"codec '{codec}': cannot download it from the Hugging Face Hub ({type(e).__name__}). Without "
@@ -405,15 +454,17 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu") -> AudioTokenize
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-        model = SNAC(**config)
+        with torch.device("cpu" if weights else "meta"):
+            model = SNAC(**config)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"codec config {config_path}: not a SNAC config ({e})") from None
+    name = os.path.abspath(codec) if os.path.isdir(codec) else codec
+    if not weights:
+        return AudioTokenizer(model, name)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"codec weights {weights_path}: cannot be loaded into SNAC ({first[:200]})") from None
-    # a local folder is recorded by its absolute path, so meta.json and checkpoints find it from anywhere
-    name = os.path.abspath(codec) if os.path.isdir(codec) else codec
     return AudioTokenizer(model.to(device).eval(), name)

@@ -147,7 +147,8 @@ def test_no_audio_or_no_hub_is_one_line_and_writes_nothing(tmp_path, codec_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no audio here")
-    for dataset, expect in ((str(empty), "no audio files found"), ("nobody-gpt2o/no-such-dataset", "--dataset=")):
+    for dataset, expect in ((str(empty), "no audio files or .parquet files found"),
+                            ("nobody-gpt2o/no-such-dataset", "--dataset=")):
         out = tmp_path / "out"
         r = run_prepare(f"--dataset={dataset}", f"--codec={codec_dir}", f"--out_dir={out}", "--device=cpu")
         assert r.returncode == 1 and r.stdout.count("\n") <= 1  # at most the config line
