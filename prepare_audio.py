@@ -399,8 +399,14 @@ def codes_to_tokens(value, layout: Layout) -> np.ndarray:
             from None
     if not len(levels[0]):
         raise ValueError("no codes (empty)")
+    flat = levels[0]
+    if len(levels) == 1 and len(flat) % fs == 0 and flat.max() >= cb:  # maybe ids offset by level, as in our layout
+        lo = layout.frame_levels * cb
+        frames = flat.reshape(-1, fs)  # (n_frames, frame_size)
+        if ((frames >= lo) & (frames < lo + cb)).all():
+            return flat
     for level, c in enumerate(levels):
-        if c.min() < 0 or c.max() >= cb * (1 if len(levels) > 1 else layout.n_levels):
+        if c.min() < 0 or c.max() >= cb:
             bad = int(np.flatnonzero((c < 0) | (c >= cb))[0])
             raise ValueError(f"code {int(c[bad])} at position {bad}{f' of level {level}' if len(levels) > 1 else ''}"
                              f" is outside 0..{cb - 1}")
@@ -411,18 +417,9 @@ def codes_to_tokens(value, layout: Layout) -> np.ndarray:
                 raise ValueError(f"level {level} has {len(c)} codes, expected {n_frames * k} ({k} per frame for the "
                                  f"{n_frames} frames of level 0)")
         return layout.codes_to_tokens(levels)
-    flat = levels[0]
     if len(flat) % fs:
         raise ValueError(f"{len(flat)} codes is not a whole number of {fs}-code frames")
-    frames = flat.reshape(-1, fs)  # (n_frames, frame_size)
-    if frames.max() < cb:
-        return (frames + layout.frame_levels * cb).reshape(-1)
-    lo = layout.frame_levels * cb
-    wrong = (frames < lo) | (frames >= lo + cb)
-    if wrong.any():
-        bad = int(np.flatnonzero(wrong.reshape(-1))[0])
-        raise ValueError(f"code {int(flat[bad])} at position {bad} is outside 0..{cb - 1}")
-    return flat  # already level * codebook_size + code
+    return (flat.reshape(-1, fs) + layout.frame_levels * layout.codebook_size).reshape(-1)  # (n_frames, fs) + offsets
 
 
 def check_codes(value, layout: Layout, seconds_per_frame: float) -> dict:
