@@ -202,7 +202,8 @@ def pick_columns(schema, cfg: PrepareConfig, n_levels: int) -> Columns:
         return column
 
     text = check(cfg.text_column, "--text_column") if cfg.text_column else next(
-        (c for c in TEXT_COLUMNS if c in names and pa.types.is_string(schema.field(c).type)), "")
+        (c for c in TEXT_COLUMNS if c in names and (pa.types.is_string(schema.field(c).type) or
+                                                     pa.types.is_large_string(schema.field(c).type))), "")
     if cfg.codes_column:
         codes = tuple(check(c.strip(), "--codes_column") for c in cfg.codes_column.split(","))
         if len(codes) not in (1, n_levels):
@@ -697,9 +698,6 @@ def main() -> None:
         if not ok:
             raise UserError(f"{key}={getattr(cfg, key)!r}: must be {expected}")
 
-    if (cfg.codes_column or cfg.text_column) and os.path.isdir(cfg.dataset) and \
-            local_dataset(cfg.dataset, cfg.out_dir).kind != "parquet":
-        raise UserError(f"--codes_column/--text_column: dataset {cfg.dataset} has no .parquet files")
     dist = Dist.from_env()  # torchrun: each rank prepares its share of the files
     pool, n_workers = start_workers(cfg, dist)
     try:
@@ -717,6 +715,8 @@ def main() -> None:
             raise UserError(f"dataset {cfg.dataset}: no audio files or .parquet files found (searched {ds.root} "
                             f"recursively for .parquet, .{', .'.join(audio_extensions())}); point --dataset at a "
                             "folder of them")
+        if ds.kind == "audio" and (cfg.codes_column or cfg.text_column):
+            raise UserError(f"--codes_column/--text_column: dataset {cfg.dataset} has no .parquet files, only audio")
         with user_errors():
             tok = load_codec(cfg.codec, "cpu", weights=False)  # the layout, for finding codes columns
         columns = pick_columns(read_schema(ds), cfg, tok.layout.n_levels) if ds.kind == "parquet" else Columns()
@@ -724,6 +724,9 @@ def main() -> None:
         if runs_codec:
             with user_errors():
                 tok = load_codec(cfg.codec, device)
+        elif pool is not None:  # nothing to decode
+            pool.terminate()
+            pool, n_workers = None, 0
         if master:
             dist.barrier()
         if tok.layout.vocab_size > 1 << 16:
