@@ -654,7 +654,7 @@ def prepare_share(cfg: PrepareConfig, ds: Dataset, mine: list[Source], tok, colu
     from tqdm import tqdm
     t0, hours, count, total = time.time(), 0.0, 0, 0.0
     groups = read_groups(ds, mine, folder, columns, cfg)
-    work = encode_groups(groups, tok, cfg, bool(columns.codes), batch_seconds, pool, ahead=4 * n_workers + 8)
+    work = encode_groups(groups, tok, cfg, bool(columns.codes), batch_seconds, pool, ahead=2 * n_workers + 2)
     try:
         with tqdm(total=len(mine), unit="file", disable=not master, desc="prepare", dynamic_ncols=True) as bar:
             for group, entry in work:

@@ -156,7 +156,7 @@ def test_chunk_margin_matters(tok):
 def test_chunked_batched_encode_matches_one_pass(tok):
     # three clips, two longer than a chunk, through the codec together: 2 s chunks with 0.77 s margins, chunks of
     # equal length from different clips share a call (bench.py prepare checks the same on two minutes of audio)
-    clips = [tok.to_mono(synth_audio(seconds, 24000, seed=7 + i), 24000) for i, seconds in enumerate((7.0, 4.5, 1.3))]
+    clips = [tok.to_mono(synth_audio(seconds, 24000, seed=7 + i), 24000) for i, seconds in enumerate((5.0, 3.5, 1.3))]
     calls = []
     encode = tok.codec.encode
     tok.codec.encode = lambda x: calls.append(tuple(x.shape)) or encode(x)  # count the calls, nothing else
