@@ -169,3 +169,13 @@ def test_chunked_batched_encode_matches_one_pass(tok):
         one = torch.cat(tok.encode_codes(clip, chunk_seconds=1000))  # a single codec call
         assert torch.cat(codes).shape == one.shape == (tok.n_frames(len(clip)) * 7,)
         assert (torch.cat(codes) == one).float().mean() >= 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batched_encode_on_cuda_matches_one_pass(codec_dir):
+    # what prepare_audio.py does on a GPU: pinned host batches, codes read back only at the end
+    tok = load_codec(codec_dir, device="cuda")
+    clips = [tok.to_mono(synth_audio(seconds, 24000, seed=9 + i), 24000) for i, seconds in enumerate((30.0, 12.5))]
+    for clip, codes in zip(clips, tok.encode_many(clips, chunk_seconds=5.0, batch_seconds=20.0)):
+        one = torch.cat(tok.encode_codes(clip, chunk_seconds=1000))
+        assert codes[0].device.type == "cuda" and (torch.cat(codes) == one).float().mean() >= 0.99
