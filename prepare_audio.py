@@ -467,8 +467,8 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
                     yield (g, item), decode_audio, (item.payload, rate, hop)
             yield (g, None), None, None  # the group is complete (or cached)
 
-    def finish(g: Group, results: list[dict], codes: list) -> tuple[Group, dict]:
-        it = iter(codes)
+    def finish(g: Group, results: list[dict], encoded: list) -> tuple[Group, dict]:
+        it = iter(encoded)  # codes per level of each decoded item, on the codec's device
         for r in results:
             if "audio" in r:
                 c = next(it)
