@@ -270,6 +270,7 @@ def _read_audio(source: str | bytes, last_seconds: float) -> tuple[np.ndarray, i
         raise BadAudio("holds NaN or infinite samples")
     return audio, rate, first
 
+
 def resampled_length(n_samples: int, sample_rate: int, target_rate: int) -> int:
     """Samples at target_rate for n_samples at sample_rate: ceil(n_samples * target_rate / sample_rate)."""
     return -(-n_samples * target_rate // sample_rate)
