@@ -717,9 +717,11 @@ def main() -> None:
                             "folder of them")
         if ds.kind == "audio" and (cfg.codes_column or cfg.text_column):
             raise UserError(f"--codes_column/--text_column: dataset {cfg.dataset} has no .parquet files, only audio")
-        with user_errors():
-            tok = load_codec(cfg.codec, "cpu", weights=False)  # the layout, for finding codes columns
-        columns = pick_columns(read_schema(ds), cfg, tok.layout.n_levels) if ds.kind == "parquet" else Columns()
+        columns = Columns()
+        if ds.kind == "parquet":
+            with user_errors():
+                tok = load_codec(cfg.codec, "cpu", weights=False)  # the layout, for finding codes columns
+            columns = pick_columns(read_schema(ds), cfg, tok.layout.n_levels)
         runs_codec = not columns.codes
         if runs_codec:
             with user_errors():
