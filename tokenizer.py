@@ -1,11 +1,12 @@
-"""SNAC codec loading and the flat token layout: SNAC codes <-> one stream of token ids, vectorised both ways.
+"""SNAC codec loading and the flat token layout: text ids and SNAC codes <-> one stream of token ids, vectorised.
 
     from tokenizer import load_codec
-    tok = load_codec("hubertsiuzdak/snac_24khz")          # or a local folder with config.json + pytorch_model.bin
-    ids = tok.encode(waveform, sample_rate)                # any rate, mono or (samples, channels)
+    tok = load_codec("hubertsiuzdak/snac_24khz", text_encoding="gpt2")   # or a local codec folder; "" = audio only
+    ids = tok.encode(waveform, sample_rate)                # any rate, mono or (samples, channels) -> audio ids
     audio = tok.decode(ids)                                # float32 at tok.sample_rate, whole frames
+    doc = tok.layout.document(audio=ids, text=tok.encode_text("Hello."), text_first=True)   # one training item
 
-THE LAYOUT (written once, here; recorded in meta.json and in every checkpoint as LAYOUT_NAME)
+THE LAYOUT (written once, here; recorded in meta.json and in every checkpoint by its name)
 SNAC quantises audio into n_levels code sequences, coarse to fine. Level l has one code every
 vq_strides[l] latent steps, so per coarse code there are vq_strides[0] // vq_strides[l] codes of level l.
 A *frame* is one coarse code and all of its descendants, in depth-first order. For snac_24khz
@@ -13,10 +14,23 @@ A *frame* is one coarse code and all of its descendants, in depth-first order. F
 
     L0[i], L1[2i], L2[4i], L2[4i+1], L1[2i+1], L2[4i+2], L2[4i+3]
 
-Each level has its own id range, token = level * codebook_size + code, so the level of a token never
-has to be guessed. The special tokens come after all code ids: BOUNDARY (= n_levels * codebook_size)
-starts every document (one audio file) in the training stream and starts unconditional generation.
-There is no separator inside or between frames.
+There is no separator inside or between frames. The ids, in three ranges (TEXT_LAYOUT_NAME, "snac-text-audio-v1"):
+
+    [0, text_vocab)                     text: the tiktoken encoding's own ids, unchanged (GPT-2 BPE: 50,257),
+                                        so a GPT-2 tokenizer reads them directly
+    text_vocab + level * codebook_size + code      audio: each level its own range, so a token's level is never
+                                        guessed (SNAC 24 kHz: 3 x 4096 ids)
+    then the special tokens, in SPECIAL_TOKENS order: BOUNDARY, TEXT_START, TEXT_END, AUDIO_START, AUDIO_END
+                                        (GPT-2 BPE + SNAC 24 kHz: 62,545 .. 62,549; vocab 62,550)
+
+A document is [BOUNDARY] then its segments, each wrapped: [TEXT_START] text [TEXT_END] and
+[AUDIO_START] frames [AUDIO_END]. Speech-from-text items are [text][audio], transcription items [audio][text],
+audio without text [audio], text without audio [text]. Text is encoded with the encoding's encode_ordinary, so
+its own special tokens (<|endoftext|>) never appear.
+
+The audio-only layout (LAYOUT_NAME, "snac-depth-first-v1", text_vocab = 0) is the same with no text range and one
+special token: [BOUNDARY] + frames per document, audio ids from 0 and BOUNDARY = n_levels * codebook_size.
+Datasets and checkpoints written with it keep working (train, resume, generate).
 """
 from __future__ import annotations
 
@@ -37,16 +51,31 @@ import torch
 
 
 DEFAULT_CODEC = "hubertsiuzdak/snac_24khz"
-LAYOUT_NAME = "snac-depth-first-v1"
+DEFAULT_TEXT_ENCODING = "gpt2"  # GPT-2's BPE, through tiktoken
+LAYOUT_NAME = "snac-depth-first-v1"  # audio only
+TEXT_LAYOUT_NAME = "snac-text-audio-v1"  # text ids, then audio ids, then SPECIAL_TOKENS
+SPECIAL_TOKENS = ("boundary", "text_start", "text_end", "audio_start", "audio_end")
 # real audio encoded on each side of a chunk (whose codes are then dropped), so chunked codes equal one pass's
 ENCODE_MARGIN_SECONDS = 0.75
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where every SNAC code goes in the flat stream. Built from the codec's vq_strides and codebook_size."""
+    """Where every text id and SNAC code goes in the flat stream. Built from the codec's vq_strides and
+    codebook_size, and the text encoding's name and n_vocab (none for the audio-only layout)."""
     vq_strides: tuple[int, ...]  # SNAC's, coarse level first, e.g. (4, 2, 1)
     codebook_size: int  # codes per level, e.g. 4096
+    text_encoding: str = ""  # tiktoken encoding name, e.g. "gpt2"; "" = the audio-only layout
+    text_vocab: int = 0  # its n_vocab: text ids are 0 .. text_vocab - 1
+
+    def __post_init__(self):
+        if bool(self.text_encoding) != (self.text_vocab > 0):
+            raise ValueError(f"text_encoding '{self.text_encoding}' and text_vocab {self.text_vocab}: give both or "
+                             "neither")
+
+    @property
+    def name(self) -> str:
+        return TEXT_LAYOUT_NAME if self.text_vocab else LAYOUT_NAME
 
     @property
     def n_levels(self) -> int:
@@ -62,12 +91,34 @@ class Layout:
         return sum(self.codes_per_frame)
 
     @property
-    def boundary_id(self) -> int:
+    def audio_offset(self) -> int:
+        """The first audio id (level 0, code 0): audio ids come after the text ids."""
+        return self.text_vocab
+
+    @property
+    def n_audio(self) -> int:
         return self.n_levels * self.codebook_size
 
     @property
+    def special_tokens(self) -> dict[str, int]:
+        """Name -> id of every special token, after all text and audio ids."""
+        names = SPECIAL_TOKENS if self.text_vocab else SPECIAL_TOKENS[:1]
+        first = self.audio_offset + self.n_audio
+        return {name: first + i for i, name in enumerate(names)}
+
+    def special(self, name: str) -> int:
+        if name not in self.special_tokens:
+            raise ValueError(f"the {self.name} layout has no {name.upper()} token (it has "
+                             f"{', '.join(self.special_tokens)})")
+        return self.special_tokens[name]
+
+    @property
+    def boundary_id(self) -> int:
+        return self.audio_offset + self.n_audio
+
+    @property
     def vocab_size(self) -> int:
-        return self.boundary_id + 1
+        return self.boundary_id + len(self.special_tokens)
 
     @cached_property
     def _order(self) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +140,11 @@ class Layout:
     def frame_levels(self) -> np.ndarray:
         """Level required at each position of a frame, e.g. [0, 1, 2, 2, 1, 2, 2]."""
         return self._order[0]
+
+    @property
+    def frame_lo(self) -> np.ndarray:
+        """The first id of the level each frame position needs: frame_levels * codebook_size + audio_offset."""
+        return self.frame_levels * self.codebook_size + self.audio_offset
 
     @cached_property
     def _perm(self) -> np.ndarray:
@@ -117,11 +173,13 @@ class Layout:
         for level, (c, k) in enumerate(zip(codes, self.codes_per_frame)):
             if tuple(c.shape) != batch + (n_frames * k,):
                 raise ValueError(f"level {level} codes have shape {tuple(c.shape)}, expected {batch + (n_frames * k,)}")
-            parts.append(c.reshape(*batch, n_frames, k) + level * self.codebook_size)  # (..., F, k_l)
+            c = c.long() if torch.is_tensor(c) else c.astype(np.int64)  # before the offset: uint16 codes overflow
+            offset = level * self.codebook_size + self.audio_offset
+            parts.append(c.reshape(*batch, n_frames, k) + offset)  # (..., F, k_l)
         if torch.is_tensor(parts[0]):
-            frames = torch.cat([p.long() for p in parts], dim=-1)[..., torch.from_numpy(self._perm).to(parts[0].device)]
+            frames = torch.cat(parts, dim=-1)[..., torch.from_numpy(self._perm).to(parts[0].device)]
         else:
-            frames = np.concatenate([p.astype(np.int64) for p in parts], axis=-1)[..., self._perm]
+            frames = np.concatenate(parts, axis=-1)[..., self._perm]
         return frames.reshape(*batch, n_frames * self.frame_size)  # (..., F, frame_size) -> (..., F * frame_size)
 
     def tokens_to_codes(self, tokens) -> list:
@@ -134,7 +192,7 @@ class Layout:
             raise ValueError(f"{n} tokens is not a whole number of {self.frame_size}-token frames")
         batch = tuple(tokens.shape[:-1])
         frames = tokens.reshape(*batch, n // self.frame_size, self.frame_size)  # (..., F, frame_size)
-        lo = self.frame_levels * self.codebook_size
+        lo = self.frame_lo
         if torch.is_tensor(frames):
             lo = torch.from_numpy(lo).to(frames.device)
         bad = (frames < lo) | (frames >= lo + self.codebook_size)
@@ -144,7 +202,7 @@ class Layout:
             raise ValueError(f"token {pos} of row {row} (id {int(tokens.reshape(-1)[flat])}) is not a "
                              f"level-{self.frame_levels[pos % self.frame_size]} code")
         inv = torch.from_numpy(self._inv_perm).to(tokens.device) if torch.is_tensor(tokens) else self._inv_perm
-        frames = frames[..., inv]  # level-major inside each frame
+        frames = frames[..., inv] - self.audio_offset  # level-major inside each frame
         codes, start = [], 0
         for level, k in enumerate(self.codes_per_frame):
             c = frames[..., start:start + k] - level * self.codebook_size  # (..., F, k_l)
@@ -154,33 +212,134 @@ class Layout:
 
     def repair(self, tokens: np.ndarray) -> np.ndarray:
         """Make any 1-D generated stream decodable, keeping its length in whole frames:
-        special tokens are dropped (they carry no audio), a trailing partial frame is dropped, and an id of the
-        wrong level keeps its code but moves to the level its position requires (id % codebook_size)."""
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        tokens = tokens[(tokens >= 0) & (tokens < self.boundary_id)]
+        text and special tokens are dropped (they carry no audio), a trailing partial frame is dropped, and an id
+        of the wrong level keeps its code but moves to the level its position requires (id % codebook_size)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1) - self.audio_offset
+        tokens = tokens[(tokens >= 0) & (tokens < self.n_audio)]
         tokens = tokens[: len(tokens) // self.frame_size * self.frame_size]
-        frames = tokens.reshape(-1, self.frame_size) % self.codebook_size + self.frame_levels * self.codebook_size
+        frames = tokens.reshape(-1, self.frame_size) % self.codebook_size + self.frame_lo
         return frames.reshape(-1)
 
+    def groups(self, ids: torch.Tensor) -> torch.Tensor:
+        """The eval group of each id (same shape): 0 .. n_levels - 1 = that audio level, then text, then special
+        (names in group_names)."""
+        group = torch.div(ids - self.audio_offset, self.codebook_size, rounding_mode="floor")
+        group = torch.where(ids >= self.boundary_id, self.n_levels + 1, group)
+        return torch.where(ids < self.audio_offset, self.n_levels, group)
+
+    @property
+    def group_names(self) -> list[str]:
+        return [f"L{i}" for i in range(self.n_levels)] + ["text", "special"]
+
+    # --- documents and generation contexts -----------------------------------------------------------------
+
+    def _check_audio(self, audio: np.ndarray) -> None:
+        if len(audio) % self.frame_size or ((audio < self.audio_offset) | (audio >= self.boundary_id)).any():
+            raise ValueError(f"audio of {len(audio)} ids: expected whole {self.frame_size}-token frames of audio "
+                             f"ids ({self.audio_offset} .. {self.boundary_id - 1})")
+
+    def document(self, audio=None, text=None, text_first: bool = True) -> np.ndarray:
+        """One document of the training stream, int64: [BOUNDARY] then its segments (see the top of this file).
+        audio: audio ids (whole frames) or None; text: text ids or None; with both, text_first=True gives a
+        speech-from-text item [text][audio], False a transcription item [audio][text]."""
+        b = self.special_tokens
+        parts = []
+        if audio is not None:
+            audio = np.asarray(audio, dtype=np.int64).reshape(-1)
+            self._check_audio(audio)
+            parts.append([b["audio_start"], *audio, b["audio_end"]] if self.text_vocab else audio)
+        if text is not None:
+            if not self.text_vocab:
+                raise ValueError(f"the {LAYOUT_NAME} layout holds no text; prepare the data with a text encoding")
+            text = np.asarray(text, dtype=np.int64).reshape(-1)
+            if ((text < 0) | (text >= self.text_vocab)).any():
+                raise ValueError(f"text ids must be in 0 .. {self.text_vocab - 1} (the {self.text_encoding} encoding)")
+            parts.insert(0 if text_first else len(parts), [b["text_start"], *text, b["text_end"]])
+        return np.concatenate([[self.boundary_id], *parts]).astype(np.int64)
+
+    def audio_context(self, audio=None) -> np.ndarray:
+        """What unconditional sampling (audio=None) or audio continuation starts from: an audio document, open."""
+        doc = self.document(audio=np.zeros(0, np.int64) if audio is None else audio)
+        return doc[:-1] if self.text_vocab else doc  # without AUDIO_END
+
+    def speech_context(self, text) -> np.ndarray:
+        """Text-to-speech: [BOUNDARY, TEXT_START, text, TEXT_END, AUDIO_START]; the model continues with audio."""
+        return self.document(audio=np.zeros(0, np.int64), text=text, text_first=True)[:-1]
+
+    def transcript_context(self, audio) -> np.ndarray:
+        """Transcription: [BOUNDARY, AUDIO_START, audio, AUDIO_END, TEXT_START]; the model continues with text."""
+        return self.document(audio=audio, text=np.zeros(0, np.int64), text_first=False)[:-1]
+
     def meta(self) -> dict:
+        text = {"text_encoding": self.text_encoding, "text_vocab": self.text_vocab, "audio_offset": self.audio_offset}
         return {
-            "layout": LAYOUT_NAME,
+            "layout": self.name,
+            **(text if self.text_vocab else {}),
             "vq_strides": list(self.vq_strides),
             "n_levels": self.n_levels,
             "codebook_size": self.codebook_size,
             "frame_size": self.frame_size,
             "frame_levels": self.frame_levels.tolist(),
             "vocab_size": self.vocab_size,
-            "special_tokens": {"boundary": self.boundary_id},
+            "special_tokens": self.special_tokens,
         }
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Layout":
-        """The layout recorded in a meta.json or checkpoint; an unknown layout name is a ValueError."""
-        if meta.get("layout") != LAYOUT_NAME:
-            raise ValueError(f"token layout '{meta.get('layout')}' is not supported (expected '{LAYOUT_NAME}'); "
-                             "re-run prepare_audio.py")
-        return cls(tuple(meta["vq_strides"]), int(meta["codebook_size"]))
+        """The layout recorded in a meta.json or checkpoint; an unknown or inconsistent layout is a ValueError."""
+        name = meta.get("layout")
+        if name not in (LAYOUT_NAME, TEXT_LAYOUT_NAME):
+            raise ValueError(f"token layout '{name}' is not supported (expected '{TEXT_LAYOUT_NAME}' or "
+                             f"'{LAYOUT_NAME}'); re-run prepare_audio.py")
+        try:
+            text = (str(meta["text_encoding"]), int(meta["text_vocab"])) if name == TEXT_LAYOUT_NAME else ("", 0)
+            layout = cls(tuple(int(s) for s in meta["vq_strides"]), int(meta["codebook_size"]), *text)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"token layout '{name}': its record is incomplete or damaged ({type(e).__name__}: "
+                             f"{e}); re-run prepare_audio.py") from None
+        recorded = meta.get("special_tokens", layout.special_tokens)
+        if recorded != layout.special_tokens:
+            raise ValueError(f"token layout '{name}': special_tokens {recorded} do not match the layout "
+                             f"({layout.special_tokens}); re-run prepare_audio.py")
+        return layout
+
+
+# -----------------------------------------------------------------------------
+# text: tiktoken encodings, found by name through tiktoken's tiktoken_ext plugin namespace
+
+def load_text_encoding(name: str):
+    """A tiktoken Encoding by name ("gpt2", "r50k_base", or one a tiktoken_ext plugin registers).
+    Raises ValueError with what to do when it is unknown or its BPE file cannot be fetched (offline)."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError as e:
+        if not str(e).startswith("Unknown encoding"):
+            raise ValueError(f"text encoding '{name}': {str(e).splitlines()[0]}") from None
+        raise ValueError(f"text encoding '{name}': tiktoken knows no such encoding (it knows "
+                         f"{', '.join(tiktoken.list_encoding_names())}); others are registered through a "
+                         "tiktoken_ext plugin module") from None
+    except Exception as e:  # requests' ConnectionError, HTTP errors, a damaged cache file
+        raise ValueError(
+            f"text encoding '{name}': its BPE file cannot be downloaded ({type(e).__name__}). Offline, run "
+            f"`TIKTOKEN_CACHE_DIR=tiktoken_cache python -c \"import tiktoken; tiktoken.get_encoding('{name}')\"` "
+            "on a machine with internet, copy that folder here and set TIKTOKEN_CACHE_DIR=<its path>; or register "
+            "the encoding through a tiktoken_ext plugin module") from None
+
+
+def text_token_bytes(enc) -> np.ndarray:
+    """Bytes of each text id, (n_vocab,) int64: the denominator of bits per byte. 0 for the encoding's own special
+    tokens and unused ids, which documents never hold (text goes through encode_ordinary) and sampling never
+    picks."""
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    out = np.zeros(enc.n_vocab, dtype=np.int64)
+    for i in range(enc.n_vocab):
+        if i not in special:
+            try:
+                out[i] = len(enc.decode_single_token_bytes(i))
+            except KeyError:  # an id the encoding leaves unused
+                pass
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -297,16 +456,32 @@ def to_mono(waveform, sample_rate: int, target_rate: int) -> np.ndarray:
 
 
 class AudioTokenizer:
-    """A SNAC codec plus the layout: waveform <-> token ids."""
+    """A SNAC codec, optionally a tiktoken text encoding, and the layout: waveform <-> token ids, text <-> ids."""
 
-    def __init__(self, codec, name: str):
+    def __init__(self, codec, name: str, text=None):
         self.codec = codec.eval()
         self.name = name  # Hub id or local folder it came from
-        self.layout = Layout(tuple(int(s) for s in codec.vq_strides), int(codec.codebook_size))
+        self.text = text  # a tiktoken Encoding, or None for the audio-only layout
+        self.layout = Layout(tuple(int(s) for s in codec.vq_strides), int(codec.codebook_size),
+                             text.name if text else "", text.n_vocab if text else 0)
         self.sample_rate = int(codec.sampling_rate)
         self.frame_hop = int(codec.hop_length) * codec.vq_strides[0]  # samples per frame: 2048 at 24 kHz
         # SNAC pads its input to a multiple of this; chunk edges go on multiples of it so chunks see what one pass sees
         self.pad_unit = int(codec.hop_length) * math.lcm(codec.vq_strides[0], codec.attn_window_size or 1)
+
+    @cached_property
+    def text_bytes(self) -> np.ndarray:
+        """Bytes of each text id (see text_token_bytes); > 0 exactly for the ids sampling may write."""
+        return text_token_bytes(self.text)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """A string -> text ids (int64); special-token strings such as <|endoftext|> are plain text here."""
+        return np.array(self.text.encode_ordinary(text), dtype=np.int64)
+
+    def decode_text(self, ids) -> str:
+        """Text ids -> string (ids outside the text range are dropped; broken UTF-8 becomes U+FFFD)."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < self.layout.text_vocab]
+        return self.text.decode(ids)
 
     @property
     def device(self) -> torch.device:
@@ -423,11 +598,14 @@ class AudioTokenizer:
         return self.decode_codes(codes)[0].cpu().numpy()
 
 
-def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu", weights: bool = True) -> AudioTokenizer:
-    """Load a SNAC codec from a Hugging Face Hub id or a local folder holding config.json + pytorch_model.bin.
+def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu", weights: bool = True,
+               text_encoding: str = "") -> AudioTokenizer:
+    """Load a SNAC codec from a Hugging Face Hub id or a local folder holding config.json + pytorch_model.bin,
+    and the tiktoken encoding named text_encoding ("" = none: the audio-only layout).
 
     weights=False reads config.json alone and builds the codec on the meta device: its rates, layout and meta()
     are real, but it cannot encode or decode (for codes that are already tokenised)."""
+    text = load_text_encoding(text_encoding) if text_encoding else None
     with warnings.catch_warnings():
         # snac decorates a helper with @torch.jit.script, which torch deprecates with a warning at import time
         # (a DeprecationWarning in 2.13, a FutureWarning that users see in 2.14): snac's to fix, and it would
@@ -461,11 +639,11 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu", weights: bool = 
         raise ValueError(f"codec config {config_path}: not a SNAC config ({e})") from None
     name = os.path.abspath(codec) if os.path.isdir(codec) else codec
     if not weights:
-        return AudioTokenizer(model, name)
+        return AudioTokenizer(model, name, text)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"codec weights {weights_path}: cannot be loaded into SNAC ({first[:200]})") from None
-    return AudioTokenizer(model.to(device).eval(), name)
+    return AudioTokenizer(model.to(device).eval(), name, text)
