@@ -31,11 +31,78 @@ KEEP_FRACTION = 0.75
 
 def frame_masks(layout: Layout, vocab_size: int, device: torch.device | str) -> torch.Tensor:
     """(frame_size, vocab_size) additive logit masks: 0 on the ids of the level each frame position needs, -inf
-    elsewhere (other levels and every special token)."""
+    elsewhere (other levels, text and every special token)."""
+    return torch.zeros(layout.frame_size, vocab_size).masked_fill(~frame_allowed(layout, vocab_size),
+                                                                  float("-inf")).to(device)
+
+
+def frame_allowed(layout: Layout, vocab_size: int) -> torch.Tensor:
+    """(frame_size, vocab_size) bool: the ids of the level each frame position needs."""
     ids = torch.arange(vocab_size)
-    lo = torch.as_tensor(layout.frame_levels * layout.codebook_size)[:, None]  # (frame_size, 1)
-    allowed = (ids >= lo) & (ids < lo + layout.codebook_size)  # (frame_size, vocab_size)
-    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")).to(device)
+    lo = torch.as_tensor(layout.frame_lo)[:, None]  # (frame_size, 1)
+    return (ids >= lo) & (ids < lo + layout.codebook_size)
+
+
+class Grammar:
+    """Which ids may come next, for every row of a batch: a small state machine over the special tokens.
+
+    In audio, only the ids of the level the frame position needs, and AUDIO_END only at a frame boundary; in
+    text, only the encoding's ordinary ids and TEXT_END. Sampling continues one open segment: its end token
+    finishes the row, which from then on may only repeat that token (callers cut each row at its first end token).
+    States, one per row: 0 .. frame_size - 1 = audio at that frame position, then TEXT, AUDIO_DONE, TEXT_DONE.
+    The audio-only layout has no end token, so there a row is audio forever, as before.
+    """
+
+    def __init__(self, layout: Layout, vocab_size: int, device: torch.device | str,
+                 text_ok: torch.Tensor | None = None):
+        """text_ok: (text_vocab,) bool, the text ids sampling may write (tokenizer's text_bytes > 0); None = all."""
+        fs, sp = layout.frame_size, layout.special_tokens
+        self.layout, self.fs = layout, fs
+        self.TEXT, self.AUDIO_DONE, self.TEXT_DONE = fs, fs + 1, fs + 2
+        self.audio_end, self.text_end = sp.get("audio_end", -1), sp.get("text_end", -1)  # -1: no such token
+        allowed = torch.zeros(fs + 3, vocab_size, dtype=torch.bool)  # (state, id)
+        allowed[:fs] = frame_allowed(layout, vocab_size)
+        if self.audio_end >= 0:
+            allowed[[0, self.AUDIO_DONE], self.audio_end] = True  # audio may end only where a new frame would start
+        if layout.text_vocab:
+            allowed[self.TEXT, :layout.text_vocab] = True if text_ok is None else text_ok
+            allowed[[self.TEXT, self.TEXT_DONE], self.text_end] = True
+        self.masks = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")).to(device)  # (states, V)
+
+    def start(self, context: torch.Tensor, batch: int) -> torch.Tensor:
+        """The state (batch,) after `context` (1-D, the same for every row), which must end inside an open audio
+        segment (after AUDIO_START, or BOUNDARY in the audio-only layout) or text segment (after TEXT_START)."""
+        sp, ctx = self.layout.special_tokens, context.reshape(-1).cpu()
+        where = torch.nonzero(ctx >= self.layout.boundary_id).reshape(-1)
+        last = int(ctx[where[-1]]) if len(where) else None
+        after = len(ctx) - 1 - int(where[-1]) if len(where) else 0  # tokens since the last special token
+        if last == sp.get("audio_start", sp["boundary"]):
+            state = after % self.fs
+        elif last is not None and last == sp.get("text_start"):
+            state = self.TEXT
+        else:
+            raise ValueError("a sampling context must end inside an audio or text segment (after "
+                             f"{'AUDIO_START or TEXT_START' if self.layout.text_vocab else 'BOUNDARY'})")
+        return torch.full((batch,), state, dtype=torch.long, device=self.masks.device)
+
+    def mask(self, logits: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> the same with every id the state forbids at -inf."""
+        return logits + self.masks[state]
+
+    def advance(self, state: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """The state after each row's new token (B,), which the mask allowed."""
+        new = torch.where(token < self.layout.audio_offset, self.TEXT, (state + 1) % self.fs)
+        new = torch.where(token == self.audio_end, self.AUDIO_DONE, new)
+        return torch.where(token == self.text_end, self.TEXT_DONE, new)
+
+    def ended(self, state: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: rows whose segment is over."""
+        return state > self.TEXT
+
+    @property
+    def can_end(self) -> bool:
+        """Whether a segment can end at all (not in the audio-only layout)."""
+        return self.audio_end >= 0 or self.text_end >= 0
 
 
 def keep_frames(layout: Layout, block_size: int) -> int:
@@ -68,10 +135,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 @torch.no_grad()
 def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, num_samples: int = 1,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield n_frames new frames, each (num_samples, frame_size), continuing [BOUNDARY] + prompt (whole frames).
+                  generator: torch.Generator | None = None, use_cache: bool = True,
+                  context: torch.Tensor | None = None, grammar: Grammar | None = None) -> Iterator[torch.Tensor]:
+    """Yield up to n_frames new frames, each (num_samples, frame_size), continuing context + prompt (whole frames).
 
-    use_cache=False recomputes the whole window for every token (nanoGPT's generate); same tokens, much slower.
+    context: the tokens before the prompt, default layout.audio_context() ([BOUNDARY], then AUDIO_START in the
+    text+audio layout); layout.speech_context(text) makes it speak a text. grammar: which ids may come next
+    (default Grammar(layout, ...): audio, ending with AUDIO_END where the layout has one); a text grammar after
+    layout.transcript_context(audio) writes text, frame_size tokens per yield. Once every row's segment has ended
+    sampling stops early; a row that ended first repeats its end token. use_cache=False recomputes the whole
+    window for every token (nanoGPT's generate); same tokens, much slower.
     """
     fs, block_size = layout.frame_size, model.config.block_size
     device = model.lm_head.weight.device
@@ -81,12 +154,14 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
     if model.config.vocab_size < layout.vocab_size:
         raise ValueError(f"the model knows {model.config.vocab_size} token ids, the tokenizer layout needs "
                         f"{layout.vocab_size}: the checkpoint was trained on another codec")
-    masks = frame_masks(layout, model.config.vocab_size, device)  # (fs, V)
+    context = torch.as_tensor(layout.audio_context() if context is None else context, dtype=torch.long)
+    head = torch.cat([context.reshape(-1), prompt])  # every training document starts with BOUNDARY
+    grammar = grammar or Grammar(layout, model.config.vocab_size, device)
+    state = grammar.start(head, num_samples)  # (B,)
     keep = keep_frames(layout, block_size) * fs
-    n_ctx = 1 + len(prompt)
+    n_ctx = len(head)
     buf = torch.empty(num_samples, n_ctx + n_frames * fs, dtype=torch.long, device=device)  # every token, in order
-    buf[:, 0] = layout.boundary_id  # every training document starts with it
-    buf[:, 1:n_ctx] = prompt.to(device)
+    buf[:, :n_ctx] = head.to(device)
     w0, n = max(0, n_ctx - keep) if n_ctx > block_size else 0, n_ctx  # the model sees buf[:, w0:n]
     cache = model.new_kv_cache(num_samples) if use_cache else None
     prefill = True
@@ -104,20 +179,49 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
             prefill = False
         else:
             logits, _ = model(buf[:, n - 1:n], kv_cache=cache)
-        logits = logits[:, -1, :].float() + masks[phase]  # (B, V)
+        logits = grammar.mask(logits[:, -1, :].float(), state)  # (B, V)
         buf[:, n:n + 1] = sample_next(logits, temperature, top_k, top_p, generator)
+        state = grammar.advance(state, buf[:, n])
         n += 1
         if phase == fs - 1:
             yield buf[:, n - fs:n]
+            if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
+                return
 
 
 def generate_tokens(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, **kwargs) -> torch.Tensor:
-    """Prompt + n_frames new frames as one token stream (num_samples, len(prompt) + n_frames * frame_size).
-    kwargs are sample_frames' (num_samples, temperature, top_k, top_p, generator, use_cache)."""
+    """Prompt + up to n_frames new frames as one token stream (num_samples, len(prompt) + k * frame_size).
+    kwargs are sample_frames' (num_samples, temperature, top_k, top_p, generator, use_cache, context, grammar)."""
     frames = list(sample_frames(model, layout, prompt, n_frames, **kwargs))
     assert frames, f"n_frames={n_frames}: nothing to generate"
     p = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
     return torch.cat([p.to(frames[0].device).expand(frames[0].shape[0], -1), *frames], dim=1)
+
+
+def cut_at_end(tokens: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated audio (B, k * frame_size) whose rows may have ended (AUDIO_END from a frame start on) ->
+    (the same with every frame from the end on replaced by a code-0 frame, so the batch decodes together,
+    (B,) the number of frames before each row's end: what to keep of its audio)."""
+    frames = tokens.reshape(tokens.shape[0], -1, layout.frame_size)  # (B, k, frame_size)
+    ended = frames[:, :, 0] == layout.special_tokens.get("audio_end", -1)  # (B, k); from a row's end on, all True
+    kept = torch.where(ended.any(dim=1), ended.int().argmax(dim=1), frames.shape[1])
+    filler = torch.as_tensor(layout.frame_lo, device=tokens.device)
+    return torch.where(ended[..., None], filler, frames).reshape(tokens.shape), kept
+
+
+def transcribe(model, layout: Layout, audio: torch.Tensor, max_tokens: int, text_ok: torch.Tensor | None = None,
+               **kwargs) -> list[int]:
+    """Audio ids (1-D, whole frames) -> the text ids the model writes after them (not TEXT_END): a transcription
+    item [audio][text] continued from its TEXT_START, up to TEXT_END or max_tokens. text_ok as in Grammar; kwargs
+    are sample_frames' (temperature, top_k, top_p, generator, use_cache); temperature=0 is greedy."""
+    device = model.lm_head.weight.device
+    grammar = Grammar(layout, model.config.vocab_size, device, text_ok)
+    context = torch.as_tensor(layout.transcript_context(torch.as_tensor(audio).cpu().numpy()))
+    n = -(-max_tokens // layout.frame_size)
+    chunks = list(sample_frames(model, layout, None, n, context=context, grammar=grammar, **kwargs))
+    ids = torch.cat(chunks, dim=1)[0, :max_tokens].tolist()
+    end = layout.special("text_end")
+    return ids[:ids.index(end)] if end in ids else ids
 
 
 # -----------------------------------------------------------------------------

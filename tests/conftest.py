@@ -9,6 +9,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# a small tiktoken encoding, "gpt2o_test", registered through tiktoken's plugin namespace (tests/plugins/tiktoken_ext):
+# here and, through PYTHONPATH, in every script the tests run
+PLUGINS = os.path.join(ROOT, "tests", "plugins")
+sys.path.insert(0, PLUGINS)
+os.environ["PYTHONPATH"] = os.pathsep.join([PLUGINS, *filter(None, [os.environ.get("PYTHONPATH")])])
+TEXT_ENCODING = "gpt2o_test"
 
 # the real hubertsiuzdak/snac_24khz config.json; only the weights differ (random, seeded)
 SNAC_24KHZ_CONFIG = dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
@@ -36,8 +42,16 @@ def codec_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tok(codec_dir):
+    """The codec with the audio-only layout."""
     from tokenizer import load_codec
     return load_codec(codec_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def text_tok(codec_dir):
+    """The codec with the text+audio layout of the test encoding."""
+    from tokenizer import load_codec
+    return load_codec(codec_dir, device="cpu", text_encoding=TEXT_ENCODING)
 
 
 def synth_audio(seconds: float, sample_rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:
