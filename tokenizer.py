@@ -234,9 +234,11 @@ class Layout:
     # --- documents and generation contexts -----------------------------------------------------------------
 
     def _check_audio(self, audio: np.ndarray) -> None:
-        if len(audio) % self.frame_size or ((audio < self.audio_offset) | (audio >= self.boundary_id)).any():
+        frames = audio.reshape(-1, self.frame_size) if len(audio) % self.frame_size == 0 else None
+        if frames is None or ((frames < self.frame_lo) | (frames >= self.frame_lo + self.codebook_size)).any():
             raise ValueError(f"audio of {len(audio)} ids: expected whole {self.frame_size}-token frames of audio "
-                             f"ids ({self.audio_offset} .. {self.boundary_id - 1})")
+                             f"ids, each at the level its frame position needs ({self.audio_offset} .. "
+                             f"{self.boundary_id - 1})")
 
     def document(self, audio=None, text=None, text_first: bool = True) -> np.ndarray:
         """One document of the training stream, int64: [BOUNDARY] then its segments (see the top of this file).

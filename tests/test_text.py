@@ -1,0 +1,213 @@
+"""Text and audio in one stream: the text+audio layout and its documents, the tiktoken encoding loaded through a
+tiktoken_ext plugin (offline), and the sampling grammar over the special tokens."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEXT_ENCODING
+import sampling
+from model import GPT, GPTConfig
+from tokenizer import LAYOUT_NAME, TEXT_LAYOUT_NAME, Layout, load_text_encoding, text_token_bytes
+
+CB = 4096
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return load_text_encoding(TEXT_ENCODING)
+
+
+@pytest.fixture(scope="module")
+def layout(enc):
+    return Layout((4, 2, 1), CB, enc.name, enc.n_vocab)
+
+
+def random_audio(layout: Layout, n_frames: int, seed: int = 0) -> np.ndarray:
+    codes = [np.random.default_rng(seed + k).integers(0, CB, n_frames * k) for k in layout.codes_per_frame]
+    return layout.codes_to_tokens(codes)
+
+
+def test_text_layout_ids(enc, layout):
+    tv = enc.n_vocab
+    assert layout.name == TEXT_LAYOUT_NAME and layout.audio_offset == tv == 457
+    codes = [np.array([5]), np.array([6, 7]), np.array([8, 9, 10, 11])]
+    assert layout.codes_to_tokens(codes).tolist() == [tv + 5, tv + CB + 6, tv + 2 * CB + 8, tv + 2 * CB + 9,
+                                                     tv + CB + 7, tv + 2 * CB + 10, tv + 2 * CB + 11]
+    audio = random_audio(layout, 6)
+    assert all(np.array_equal(a, b) for a, b in zip(layout.tokens_to_codes(audio), layout.tokens_to_codes(
+        torch.from_numpy(audio))))
+    first = tv + 3 * CB
+    assert layout.special_tokens == {"boundary": first, "text_start": first + 1, "text_end": first + 2,
+                                     "audio_start": first + 3, "audio_end": first + 4}
+    assert layout.vocab_size == first + 5
+    meta = layout.meta()
+    assert meta["text_encoding"] == TEXT_ENCODING and meta["text_vocab"] == tv and meta["audio_offset"] == tv
+    assert Layout.from_meta(meta) == layout
+    with pytest.raises(ValueError, match="special_tokens"):
+        Layout.from_meta({**meta, "special_tokens": {**meta["special_tokens"], "audio_end": 1}})
+    with pytest.raises(ValueError, match="incomplete"):
+        Layout.from_meta({k: v for k, v in meta.items() if k != "text_vocab"})
+    # the audio-only layout is unchanged: what old datasets and checkpoints hold
+    old = Layout((4, 2, 1), CB)
+    assert old.name == LAYOUT_NAME and old.audio_offset == 0 and old.special_tokens == {"boundary": 3 * CB}
+    assert Layout.from_meta(old.meta()) == old and "text_vocab" not in old.meta()
+    # eval groups of the target ids
+    ids = torch.tensor([0, tv - 1, tv, tv + CB, tv + 3 * CB - 1, first, first + 4])
+    assert layout.groups(ids).tolist() == [3, 3, 0, 1, 2, 4, 4]
+    assert layout.group_names == ["L0", "L1", "L2", "text", "special"]
+    assert old.groups(torch.tensor([0, 2 * CB, 3 * CB])).tolist() == [0, 2, 4]
+
+
+def test_repair_drops_text_and_specials(layout):
+    audio = random_audio(layout, 3)
+    stream = np.concatenate([layout.speech_context([1, 2, 3]), audio[:10], [7, layout.boundary_id], audio[10:]])
+    assert np.array_equal(layout.repair(stream), audio)
+
+
+def test_documents_and_contexts(layout):
+    sp = layout.special_tokens
+    B, TS, TE, AS, AE = (sp[k] for k in ("boundary", "text_start", "text_end", "audio_start", "audio_end"))
+    audio, text = random_audio(layout, 2), np.array([10, 20, 30])
+    tts = layout.document(audio=audio, text=text, text_first=True)
+    asr = layout.document(audio=audio, text=text, text_first=False)
+    assert tts.tolist() == [B, TS, 10, 20, 30, TE, AS, *audio, AE]
+    assert asr.tolist() == [B, AS, *audio, AE, TS, 10, 20, 30, TE]
+    assert layout.document(audio=audio).tolist() == [B, AS, *audio, AE]
+    assert layout.document(text=text).tolist() == [B, TS, 10, 20, 30, TE]
+    # generation contexts are the documents' own prefixes, so a prompt looks exactly like training data
+    assert layout.speech_context(text).tolist() == tts[:len(text) + 4].tolist()
+    assert layout.transcript_context(audio).tolist() == asr[:len(audio) + 4].tolist()
+    assert layout.audio_context().tolist() == [B, AS]
+    assert layout.audio_context(audio).tolist() == [B, AS, *audio]
+    with pytest.raises(ValueError, match="whole 7-token frames"):
+        layout.document(audio=audio[:-1])
+    with pytest.raises(ValueError, match="whole 7-token frames"):
+        layout.document(audio=audio - layout.audio_offset)  # audio-only ids are not audio here
+    with pytest.raises(ValueError, match="text ids"):
+        layout.document(text=[layout.text_vocab])
+    old = Layout((4, 2, 1), CB)
+    old_audio = old.codes_to_tokens(layout.tokens_to_codes(audio))
+    assert old.document(audio=old_audio).tolist() == [3 * CB, *old_audio]  # the audio-only format, as before
+    assert old.audio_context().tolist() == [3 * CB]
+    with pytest.raises(ValueError, match="holds no text"):
+        old.document(text=text)
+
+
+def test_text_encoding_through_the_plugin(enc, text_tok):
+    sentence = "It is a capital mistake to theorize before one has data. <|endoftext|>"
+    ids = text_tok.encode_text(sentence)
+    assert text_tok.decode_text(ids) == sentence and ids.max() < enc.n_vocab
+    eot = enc.encode_single_token("<|endoftext|>")
+    assert eot not in ids.tolist()  # encode_ordinary: special-token strings are plain text
+    nbytes = text_token_bytes(enc)
+    assert nbytes[eot] == 0 and nbytes[ids].sum() == len(sentence.encode())
+    assert text_tok.layout.text_encoding == TEXT_ENCODING and text_tok.meta()["layout"] == TEXT_LAYOUT_NAME
+
+
+def test_missing_text_encoding_is_one_actionable_line():
+    with pytest.raises(ValueError, match="tiktoken knows no such encoding .*gpt2o_test.*tiktoken_ext"):
+        load_text_encoding("no_such_encoding")
+    # tiktoken's own download code runs and fails, as it does for gpt2 offline
+    with pytest.raises(ValueError, match="cannot be downloaded .*TIKTOKEN_CACHE_DIR.*tiktoken_ext") as e:
+        load_text_encoding("gpt2o_test_unreachable")
+    assert "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# the sampling grammar
+
+
+def test_grammar_audio_ends_only_at_a_frame_start(layout):
+    V, fs, AE = layout.vocab_size, layout.frame_size, layout.special("audio_end")
+    g = sampling.Grammar(layout, V, "cpu")
+    state = g.start(torch.from_numpy(layout.speech_context([1, 2])), batch=3)
+    assert state.tolist() == [0, 0, 0]
+    rng = torch.Generator().manual_seed(0)
+    picked = []
+    for step in range(4 * fs):
+        logits = torch.randn(3, V, generator=rng)
+        logits[:, AE] = 100.0 if step >= 10 else -100.0  # wanted from step 10 (position 3 of frame 1) on
+        logits[:, layout.boundary_id] = logits[:, 0] = 100.0  # never allowed in audio
+        token = g.mask(logits, state).argmax(dim=-1)
+        picked.append(token)
+        state = g.advance(state, token)
+    picked = torch.stack(picked, dim=1)  # (3, 4 * fs)
+    assert (picked[:, 2 * fs:] == AE).all() and not (picked[:, :2 * fs] == AE).any()  # at the next frame start
+    layout.tokens_to_codes(picked[:, :2 * fs])  # every token before it at its frame position's level
+    assert g.ended(state).all()
+    kept_tokens, kept = sampling.cut_at_end(picked, layout)
+    assert kept.tolist() == [2, 2, 2] and torch.equal(kept_tokens[:, :2 * fs], picked[:, :2 * fs])
+    layout.tokens_to_codes(kept_tokens)  # the rest is filler that decodes
+
+
+def test_grammar_text(layout, enc):
+    V, TE = layout.vocab_size, layout.special("text_end")
+    text_ok = torch.from_numpy(text_token_bytes(enc) > 0)
+    g = sampling.Grammar(layout, V, "cpu", text_ok)
+    state = g.start(torch.from_numpy(layout.transcript_context(random_audio(layout, 2))), batch=2)
+    assert state.tolist() == [g.TEXT] * 2
+    eot = enc.encode_single_token("<|endoftext|>")
+    logits = torch.zeros(2, V)
+    logits[:, [eot, layout.boundary_id, layout.audio_offset, layout.special("audio_end")]] = 100.0  # all forbidden
+    logits[:, 42] = 1.0
+    token = g.mask(logits, state).argmax(dim=-1)
+    assert token.tolist() == [42, 42]
+    state = g.advance(state, token)
+    logits[1, TE] = 200.0
+    token = g.mask(logits, state).argmax(dim=-1)
+    state = g.advance(state, token)
+    assert token.tolist() == [42, TE] and g.ended(state).tolist() == [False, True]
+    assert g.mask(torch.zeros(2, V), state)[1].isfinite().nonzero().reshape(-1).tolist() == [TE]  # repeats its end
+
+
+def test_grammar_start_needs_an_open_segment(layout):
+    g = sampling.Grammar(layout, layout.vocab_size, "cpu")
+    audio = random_audio(layout, 2)
+    assert g.start(torch.from_numpy(np.concatenate([layout.audio_context(), audio[:9]])), 1).tolist() == [2]
+    with pytest.raises(ValueError, match="inside an audio or text segment"):
+        g.start(torch.from_numpy(layout.document(audio=audio)), 1)  # closed by AUDIO_END
+    old = Layout((4, 2, 1), CB)
+    og = sampling.Grammar(old, old.vocab_size, "cpu")
+    assert og.start(torch.tensor([old.boundary_id]), 2).tolist() == [0, 0] and not og.can_end
+    assert torch.equal(og.masks[:7], sampling.frame_masks(old, old.vocab_size, "cpu"))
+
+
+def tiny_gpt(vocab_size: int, block_size: int = 64, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    return model.eval()
+
+
+def test_random_model_speaks_and_transcribes_validly(layout, enc):
+    """Any model, trained or not: speech decodes (frames, then AUDIO_END at a frame start, or the cap), and
+    transcription writes only ordinary text ids, also when the window slides."""
+    model = tiny_gpt(layout.vocab_size)
+    ae = layout.special("audio_end")
+    # make AUDIO_END likely, so rows end at different frames: its output row along the mean final hidden state
+    hidden = []
+    hook = model.transformer.ln_f.register_forward_hook(lambda module, args, out: hidden.append(out))
+    model(torch.from_numpy(random_audio(layout, 8))[None])
+    hook.remove()
+    direction = hidden[0][0].mean(0)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.from_numpy(layout.speech_context(enc.encode_ordinary("You see, but you do not observe.")))
+    for scale, n_frames in ((2.0, 20), (6.0, 40)):
+        with torch.no_grad():
+            model.lm_head.weight[ae] = direction / direction.norm() * scale * model.lm_head.weight.norm(dim=1).mean()
+        out = sampling.generate_tokens(model, layout, None, n_frames, num_samples=6, temperature=1.0, generator=g,
+                                       context=ctx)
+        tokens, kept = sampling.cut_at_end(out, layout)
+        layout.tokens_to_codes(tokens)
+        for row, k in zip(out, kept.tolist()):
+            layout.tokens_to_codes(row[:k * 7])
+            assert (row[k * 7:] == ae).all()
+        if scale == 2.0:  # some rows end, others reach the cap
+            assert out.shape[1] == 20 * 7 and 0 < kept.min() < 20 and kept.max() == 20
+        else:  # every row ends early, and sampling stops there
+            assert out.shape[1] < 40 * 7 and kept.max() < 40
+    text_ok = torch.from_numpy(text_token_bytes(enc) > 0)
+    ids = sampling.transcribe(model, layout, torch.from_numpy(random_audio(layout, 6)), 40, text_ok,
+                              temperature=1.0, generator=g)
+    assert len(ids) <= 40 and all(text_ok[i] for i in ids)
+    enc.decode(ids)
