@@ -6,13 +6,18 @@ format train.py reads.
     python prepare_audio.py --dataset=owner/parquet-dataset --out_dir=data/big --max_hours=1000   # Hub parquet files
     python prepare_audio.py --dataset=/path/to/parquet --codes_column=snac24khz   # already tokenised: no codec runs
     python prepare_audio.py --codec=/path/to/snac_24khz       # offline: a folder with config.json + pytorch_model.bin
+    python prepare_audio.py --dataset=/data/LJSpeech-1.1 --out_dir=data/ljspeech --val_files=100   # with transcripts
+    python prepare_audio.py --text_corpus=sherlock.txt        # the book's text as text-only documents too
     torchrun --standalone --nproc_per_node=4 prepare_audio.py    # files split across 4 GPUs (or 4 CPU processes)
     python prepare_audio.py --help
 
-Every audio file, and every row of a parquet file, becomes one document, [BOUNDARY] + its tokens, in sorted path
-(then row) order. Work is cached in <out_dir>/.cache/ as it is done, one entry per audio file or per parquet row
-group, so a killed run, started again with the same arguments, only does what is still missing; the shards and
-meta.json are built from that cache at the end and come out byte-identical to an uninterrupted run.
+Every audio file, and every row of a parquet file, becomes one document, in sorted path (then row) order (the layout
+is at the top of tokenizer.py): with its transcript (name.txt, name.lab or name.normalized.txt beside an audio file,
+LJSpeech's metadata.csv, or a parquet text column) a speech-from-text item [text][audio] or a transcription item
+[audio][text] (--asr_fraction of them, chosen from (seed, name)), without one an audio document. Work is cached in
+<out_dir>/.cache/ as it is done, one entry per audio file or per parquet row group, so a killed run, started again
+with the same arguments, only does what is still missing; the shards and meta.json are built from that cache at the
+end and come out byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ from typing import Iterator
 import numpy as np
 
 from common import Dist, UserError, atomic_write, parse_config, pick_device, run_main, user_errors, write_json
-from tokenizer import DEFAULT_CODEC, BadAudio, Layout, load_codec, read_audio, resampled_length, to_mono
+from tokenizer import (DEFAULT_CODEC, DEFAULT_TEXT_ENCODING, BadAudio, Layout, load_codec, load_text_encoding,
+                       read_audio, resampled_length, to_mono)
 
 # -----------------------------------------------------------------------------
 # config
@@ -55,7 +61,12 @@ class PrepareConfig:
     codes_column: str = ""  # parquet SNAC codes: a flattened column (snac24khz) or one per level (snac_0,snac_1,snac_2)
     text_column: str = ""  # parquet transcripts (default: text, transcription, sentence, ... if present)
     keep_downloads: bool = False  # keep the Hub parquet files in out_dir/.downloads/ instead of deleting each when done
-    strict: bool = False  # an unreadable/corrupt/truncated file or row stops the run instead of being skipped
+    strict: bool = False  # a bad file or row, or a missing/empty transcript in a transcribed set, stops the run
+    text_encoding: str = DEFAULT_TEXT_ENCODING  # tiktoken encoding for transcripts and text; "none" = audio-only layout
+    text_field: str = "normalized"  # where both exist (LJSpeech, LibriTTS): "normalized" or "raw" transcripts
+    asr_fraction: float = 0.5  # share of transcribed documents written as transcription items [audio][text]
+    text_corpus: str = ""  # a UTF-8 text file; each paragraph (blank-line separated) is a text-only train document
+    seed: int = 1337  # which transcribed documents are transcription items is a function of (seed, name)
 
 
 # extensions we look for; soundfile (libsndfile) decodes all of them, mp3 since libsndfile 1.1
@@ -227,6 +238,75 @@ def pick_columns(schema, cfg: PrepareConfig, n_levels: int) -> Columns:
                         f"audio) and no SNAC codes column; name it with --codes_column=snac24khz (flattened) or "
                         f"--codes_column=snac_0,snac_1,snac_2 (one per level)")
     return Columns(audio=audio, text=text)
+
+
+# -----------------------------------------------------------------------------
+# transcripts and text
+
+TRANSCRIPT_SUFFIXES = {"normalized": (".normalized.txt", ".txt", ".lab", ".original.txt"),
+                       "raw": (".original.txt", ".txt", ".lab", ".normalized.txt")}
+
+
+def clean_text(text: str) -> str:
+    """One line: runs of whitespace (newlines included) become one space."""
+    return " ".join(text.split())
+
+
+def read_text_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"text file {path}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def find_transcripts(root: str, files: list[str], text_field: str) -> dict[str, str]:
+    """Audio file -> its transcript, for the files that have one (empty ones included, as ""): a text file beside
+    it with the same name (name.normalized.txt / name.original.txt as LibriTTS ships them, name.txt, name.lab), or
+    a row `id|text|normalized text` of an LJSpeech metadata.csv in its folder or the folder above (wavs/<id>.wav)."""
+    found: dict[str, str] = {}
+    tables: dict[str, dict[str, str]] = {}  # folder -> {id: text} of its metadata.csv
+
+    def table(folder: str) -> dict[str, str]:
+        if folder not in tables:
+            path, rows = os.path.join(root, folder, "metadata.csv"), {}
+            if os.path.isfile(path):
+                for line in read_text_file(path).splitlines():  # LJSpeech: no quoting, text may hold quotes
+                    cols = line.split("|")
+                    if len(cols) >= 2:
+                        normalized = cols[2] if len(cols) > 2 and cols[2].strip() else cols[1]
+                        rows[cols[0]] = normalized if text_field == "normalized" else cols[1]
+            tables[folder] = rows
+        return tables[folder]
+
+    for rel in files:
+        stem = rel.rsplit(".", 1)[0]
+        folder, name = os.path.split(stem)
+        for suffix in TRANSCRIPT_SUFFIXES[text_field]:
+            if os.path.isfile(os.path.join(root, stem + suffix)):
+                found[rel] = clean_text(read_text_file(os.path.join(root, stem + suffix)))
+                break
+        else:
+            for where in (folder, os.path.dirname(folder)) if folder else ("",):
+                if name in table(where):
+                    found[rel] = clean_text(table(where)[name])
+                    break
+    return found
+
+
+def read_corpus(path: str) -> list[str]:
+    """A text file -> its paragraphs (separated by blank lines), each on one line."""
+    if not os.path.isfile(path):
+        raise UserError(f"text_corpus {path}: not found; pass --text_corpus=<a UTF-8 text file> (or leave it empty)")
+    paragraphs = [clean_text(p) for p in re.split(r"\n\s*\n", read_text_file(path))]
+    return [p for p in paragraphs if p]
+
+
+def transcription_first(seed: int, rel: str, asr_fraction: float) -> bool:
+    """Whether a transcribed file is a transcription item [audio][text] (else speech-from-text [text][audio]):
+    a function of (seed, file name) alone, so reruns and any number of processes agree."""
+    h = hashlib.sha1(f"{seed}\0{rel}".encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2 ** 64 < asr_fraction
 
 
 # -----------------------------------------------------------------------------
@@ -581,12 +661,12 @@ def select(cfg: PrepareConfig, ds: Dataset, folder: str) -> tuple[list[tuple[Sou
     return kept, skipped, count
 
 
-def assemble(cfg: PrepareConfig, tok, ds: Dataset, folder: str) -> dict:
+def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: str, text_column: str) -> dict:
     """Rank 0, after every rank is done: shards + meta.json, reading the cache one entry at a time. meta.json is
     written last, so a folder with a meta.json is always complete."""
     kept, skipped, n_usable = select(cfg, ds, folder)
 
-    def documents(start: int, stop: int):  # (source, tokens, seconds) of usable documents start..stop-1
+    def documents(start: int, stop: int):  # (source, item name, tokens, seconds, transcript) of usable documents
         i = 0
         for source, path, upto in kept:
             entry = load_entry(path)
@@ -594,7 +674,9 @@ def assemble(cfg: PrepareConfig, tok, ds: Dataset, folder: str) -> dict:
             for j in range(upto):
                 if entry["status"][j] == "ok":
                     if start <= i < stop:
-                        yield source.name, entry["tokens"][ends[j] - entry["length"][j]:ends[j]], entry["seconds"][j]
+                        text = beside.get(source.name) if ds.kind == "audio" else entry["text"][j]
+                        yield (source, item_name(source, int(entry["row"][j])),
+                               entry["tokens"][ends[j] - entry["length"][j]:ends[j]], entry["seconds"][j], text)
                     i += 1
                     if i == stop:
                         return
@@ -607,27 +689,69 @@ def assemble(cfg: PrepareConfig, tok, ds: Dataset, folder: str) -> dict:
     if cfg.val_files and cfg.val_files >= n_usable:
         raise UserError(f"val_files={cfg.val_files}: the dataset has only {n_usable} usable {what}, so nothing is "
                         "left to train on; use a smaller --val_files (0 = no val split)")
+    # transcripts: beside the audio files (or in a metadata.csv), or a parquet column; a dataset with some of them
+    # is a transcribed set, where a missing or empty one is a warning (an error with --strict)
+    beside = find_transcripts(ds.root, [s.name for s in ds.sources], cfg.text_field) if ds.kind == "audio" else {}
+    has_text = bool(beside or text_column)
+    if not has_text:
+        print("note: no transcripts found (name.txt, name.lab, name.normalized.txt beside the audio files, a "
+              "metadata.csv, or a parquet text column): every document is audio only", flush=True)
+    elif enc is None:
+        print("note: text_encoding=none: the transcripts are not used (audio-only layout)", flush=True)
+        has_text = False
+    if has_text and cfg.strict:  # before anything is written
+        for _, name, _, _, text in documents(0, n_usable):
+            if not (text or "").strip():
+                raise UserError(f"{name}: {'empty' if text is not None else 'no'} transcript (expected a .txt, .lab "
+                                "or .normalized.txt beside it, a metadata.csv row or a text cell), or run without "
+                                "--strict to keep it as audio only")
+    corpus = [enc.encode_ordinary(p) for p in read_corpus(cfg.text_corpus)] if cfg.text_corpus else []
     if os.path.exists(os.path.join(cfg.out_dir, "meta.json")):
         os.remove(os.path.join(cfg.out_dir, "meta.json"))  # the shards are about to change
-    boundary = np.array([tok.layout.boundary_id], dtype=np.uint16)
-    splits, shards = {}, []
+    splits, shards, untranscribed = {}, [], []
     for split, start, stop in (("train", cfg.val_files, n_usable), ("val", 0, cfg.val_files)):
-        stats = {"tokens": 0, "seconds": 0.0, "files": 0}
+        stats = {"tokens": 0, "seconds": 0.0, "files": 0, "audio_tokens": 0, "text_tokens": 0, "paired": 0,
+                 "transcription_items": 0, "text_documents": 0}
 
         def docs():
-            for name, tokens, seconds in documents(start, stop):
-                stats["tokens"] += len(tokens) + 1
+            for source, name, tokens, seconds, text in documents(start, stop):
+                ids = None
+                if has_text:
+                    ids = enc.encode_ordinary(clean_text(text)) if text and text.strip() else None
+                    if ids is None:
+                        reason = "empty transcript" if text is not None else "no transcript"
+                        print(f"warning: {name}: {reason}; kept as audio only", file=sys.stderr, flush=True)
+                        untranscribed.append({"file": name, "reason": reason})
+                # the cache holds audio-only-layout ids (no text offset), so another text encoding reuses it
+                audio = tokens.astype(np.int64) + layout.audio_offset
+                asr = ids is not None and transcription_first(cfg.seed, name, cfg.asr_fraction)
+                doc = layout.document(audio=audio, text=ids, text_first=not asr)
+                stats["tokens"] += len(doc)
                 stats["seconds"] += float(seconds)
                 stats["files"] += 1
-                yield name, np.concatenate([boundary, tokens])
+                stats["audio_tokens"] += len(audio)
+                stats["text_tokens"] += 0 if ids is None else len(ids)
+                stats["paired"] += ids is not None
+                stats["transcription_items"] += asr
+                yield source.name, doc.astype(np.uint16)
+            for ids in corpus if split == "train" else []:
+                doc = layout.document(text=ids)
+                stats["tokens"] += len(doc)
+                stats["text_tokens"] += len(ids)
+                stats["text_documents"] += 1
+                yield cfg.text_corpus, doc.astype(np.uint16)
         shards += write_split(cfg.out_dir, split, docs(), cfg.shard_tokens)
         splits[split] = {**stats, "seconds": round(stats["seconds"], 3)}
     keep = {s["file"] for s in shards}
     for name in os.listdir(cfg.out_dir):  # shards of an earlier, bigger run
         if re.fullmatch(r"(train|val)_\d{3,}\.bin", name) and name not in keep:
             os.remove(os.path.join(cfg.out_dir, name))
-    meta = {**tok.meta(), "dtype": "uint16", "dataset": cfg.dataset, "shards": shards, "skipped": skipped,
-            "splits": splits}
+    # the codec's meta, then the layout's (with text, it replaces the audio-only layout's keys)
+    meta = {**tok.meta(), **layout.meta(), "dtype": "uint16", "dataset": cfg.dataset, "shards": shards,
+            "skipped": skipped, "splits": splits}
+    if layout.text_vocab:
+        meta.update(untranscribed=untranscribed, text_field=cfg.text_field, asr_fraction=cfg.asr_fraction,
+                    seed=cfg.seed, text_corpus=cfg.text_corpus)
     write_json(os.path.join(cfg.out_dir, "meta.json"), meta)
     return meta
 
@@ -694,9 +818,15 @@ def main() -> None:
                               ("batch_seconds", cfg.batch_seconds >= 0, "0 (auto) or more"),
                               ("max_hours", cfg.max_hours >= 0, "0 (all) or more"),
                               ("max_items", cfg.max_items >= 0, "0 (all) or more"),
-                              ("out_dir", cfg.out_dir, "a folder for the shards")):
+                              ("out_dir", cfg.out_dir, "a folder for the shards"),
+                              ("text_field", cfg.text_field in TRANSCRIPT_SUFFIXES, "'normalized' or 'raw'"),
+                              ("asr_fraction", 0 <= cfg.asr_fraction <= 1, "a fraction in [0, 1]")):
         if not ok:
             raise UserError(f"{key}={getattr(cfg, key)!r}: must be {expected}")
+    with user_errors(hint="; or pass --text_encoding=none for audio-only data (no transcripts, no text)"):
+        enc = None if cfg.text_encoding in ("none", "") else load_text_encoding(cfg.text_encoding)
+    if enc is None and cfg.text_corpus:
+        raise UserError("text_corpus needs a text encoding; drop --text_encoding=none")
 
     dist = Dist.from_env()  # torchrun: each rank prepares its share of the files
     pool, n_workers = start_workers(cfg, dist)
@@ -731,14 +861,16 @@ def main() -> None:
             pool, n_workers = None, 0
         if master:
             dist.barrier()
-        if tok.layout.vocab_size > 1 << 16:
-            raise UserError(f"codec {cfg.codec}: vocab_size {tok.layout.vocab_size} does not fit the uint16 shards")
+        # the cache holds audio-only-layout tokens (tok's); the shards the text+audio layout's
+        layout = Layout(tok.layout.vq_strides, tok.layout.codebook_size, *((enc.name, enc.n_vocab) if enc else ()))
+        if layout.vocab_size > 1 << 16:
+            raise UserError(f"codec {cfg.codec} + text encoding {cfg.text_encoding}: vocab_size {layout.vocab_size} "
+                            "does not fit the uint16 shards; use a smaller text encoding (gpt2, r50k_base, p50k_base)")
         if master and ds.kind == "parquet":
             print(f"reading columns {', '.join(columns.codes) or columns.audio}"
                   f"{' (pre-tokenised SNAC codes: no codec runs)' if columns.codes else ''}", flush=True)
             if columns.text:
-                print(f"note: transcripts in column '{columns.text}' are kept in the cache but not used yet "
-                      "(the shards hold audio tokens only)", flush=True)
+                print(f"transcripts from column '{columns.text}'", flush=True)
         folder = cache_folder(cfg.out_dir, tok, cfg, columns, runs_codec)  # nothing is written before this point
         new_dirs = [d for d in (cfg.out_dir, os.path.join(cfg.out_dir, ".cache")) if not os.path.isdir(d)]
         os.makedirs(folder, exist_ok=True)
@@ -749,13 +881,14 @@ def main() -> None:
         dist.barrier()
         if master:
             try:
-                meta = assemble(cfg, tok, ds, folder)
+                meta = assemble(cfg, tok, layout, enc, ds, folder, columns.text)
             except UserError:
                 # nothing came of this run (no usable file, or --strict): leave no folder behind that it made
                 for d in reversed(new_dirs):
                     shutil.rmtree(d, ignore_errors=True)
                 raise
             split = " | ".join(f"{name}: {v['files']:,} docs, {v['seconds'] / 3600:.2f} h, {v['tokens']:,} tokens"
+                               + (f" ({v['paired']:,} paired, {v['text_tokens']:,} text)" if v["text_tokens"] else "")
                                for name, v in meta["splits"].items())
             print(f"{split} | skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> "
                   f"{os.path.join(cfg.out_dir, 'meta.json')}", flush=True)

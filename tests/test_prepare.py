@@ -54,7 +54,8 @@ def audio_dir(tmp_path_factory):
 def prepared(audio_dir, codec_dir, tmp_path_factory):
     """One uninterrupted single-process run: the reference every other run is compared with, byte for byte."""
     out = str(tmp_path_factory.mktemp("prepared"))
-    args = [f"--codec={codec_dir}", f"--dataset={audio_dir}", f"--out_dir={out}", "--device=cpu", "--shard_tokens=100"]
+    args = [f"--codec={codec_dir}", f"--dataset={audio_dir}", f"--out_dir={out}", "--device=cpu", "--shard_tokens=100",
+            "--text_encoding=none"]  # the audio-only layout; tests/test_text.py prepares the text+audio one
     r = run_prepare(*args)
     assert r.returncode == 0, r.stderr
     return out, args, r
@@ -150,7 +151,8 @@ def test_no_audio_or_no_hub_is_one_line_and_writes_nothing(tmp_path, codec_dir):
     for dataset, expect in ((str(empty), "no audio files or .parquet files found"),
                             ("nobody-gpt2o/no-such-dataset", "--dataset=")):
         out = tmp_path / "out"
-        r = run_prepare(f"--dataset={dataset}", f"--codec={codec_dir}", f"--out_dir={out}", "--device=cpu")
+        r = run_prepare(f"--dataset={dataset}", f"--codec={codec_dir}", f"--out_dir={out}", "--device=cpu",
+                        "--text_encoding=none")
         assert r.returncode == 1 and r.stdout.count("\n") <= 1  # at most the config line
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
         assert not out.exists()

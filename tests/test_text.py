@@ -211,3 +211,115 @@ def test_random_model_speaks_and_transcribes_validly(layout, enc):
                               temperature=1.0, generator=g)
     assert len(ids) <= 40 and all(text_ok[i] for i in ids)
     enc.decode(ids)
+
+
+# -----------------------------------------------------------------------------
+# prepare_audio.py with transcripts
+
+LJ = {"LJ001-0001": ("Mr. Holmes came in 1891.", "Mister Holmes came in eighteen ninety-one."),
+      "LJ001-0002": ("You see, but you do not observe.", "")}  # no normalized column: the raw text is used
+BESIDE = {"books/a.flac": ("a.txt", "It is a capital mistake."), "books/b.wav": ("b.lab", "To Sherlock Holmes."),
+          "books/c.wav": ("c.normalized.txt", "the woman, always."), "books/d.wav": None,
+          "books/e.wav": ("e.txt", "  \n")}
+RAW_C = "The woman (always)."  # LibriTTS's c.original.txt
+
+
+@pytest.fixture(scope="module")
+def transcribed(tmp_path_factory, codec_dir):
+    import soundfile as sf
+    from conftest import synth_audio
+    from test_prepare import run_prepare
+    root = tmp_path_factory.mktemp("transcribed")
+    (root / "lj" / "wavs").mkdir(parents=True)
+    (root / "books").mkdir()
+    rows = []
+    for i, (name, (raw, norm)) in enumerate(LJ.items()):
+        sf.write(root / "lj" / "wavs" / f"{name}.wav", synth_audio(0.3, 22050, seed=i), 22050)
+        rows.append(f"{name}|{raw}|{norm}")
+    (root / "lj" / "metadata.csv").write_text("\n".join(rows) + "\n")
+    for i, (rel, transcript) in enumerate(BESIDE.items()):
+        sf.write(root / rel, synth_audio(0.2 + 0.05 * i, 24000, seed=10 + i), 24000)
+        if transcript:
+            (root / "books" / transcript[0]).write_text(transcript[1])
+    (root / "books" / "c.original.txt").write_text(RAW_C)
+    corpus = root.parent / f"{root.name}_book.txt"
+    corpus.write_text("The Adventures of\nSherlock Holmes.\n\n\n   \nA Scandal in Bohemia.\n\nI.\n")
+    out = str(root.parent / f"{root.name}_out")
+    args = [f"--codec={codec_dir}", f"--dataset={root}", f"--out_dir={out}", "--device=cpu", "--val_files=1",
+            f"--text_encoding={TEXT_ENCODING}", f"--text_corpus={corpus}", "--seed=3"]
+    r = run_prepare(*args)
+    assert r.returncode == 0, r.stderr
+    return str(root), out, args, r
+
+
+def read_documents(out: str, split: str, layout: Layout) -> list[np.ndarray]:
+    import json
+    import os
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    stream = np.concatenate([np.fromfile(os.path.join(out, s["file"]), dtype="<u2").astype(np.int64)
+                             for s in meta["shards"] if s["split"] == split])
+    starts = np.flatnonzero(stream == layout.boundary_id).tolist()
+    return [stream[a:b] for a, b in zip(starts, starts[1:] + [len(stream)])]
+
+
+def test_prepare_pairs_transcripts_with_audio(transcribed, text_tok):
+    import json
+    import os
+    import soundfile as sf
+    from prepare_audio import transcription_first
+    root, out, _, r = transcribed
+    layout, enc = text_tok.layout, text_tok.text
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert Layout.from_meta(meta) == layout and meta["text_encoding"] == TEXT_ENCODING
+    assert meta["special_tokens"] == layout.special_tokens and meta["vocab_size"] == layout.vocab_size
+    assert [u["file"] for u in meta["untranscribed"]] == ["books/d.wav", "books/e.wav"]
+    assert "warning: books/d.wav: no transcript" in r.stderr and "warning: books/e.wav: empty transcript" in r.stderr
+    files = sorted(BESIDE) + [f"lj/wavs/{n}.wav" for n in LJ]  # sorted: books/a.flac (val) first
+    texts = {"books/a.flac": BESIDE["books/a.flac"][1], "books/b.wav": BESIDE["books/b.wav"][1],
+             "books/c.wav": BESIDE["books/c.wav"][1], "lj/wavs/LJ001-0001.wav": LJ["LJ001-0001"][1],
+             "lj/wavs/LJ001-0002.wav": LJ["LJ001-0002"][0]}
+    orders = {rel: transcription_first(3, rel, 0.5) for rel in texts}
+    assert set(orders.values()) == {True, False}  # the seed gives both kinds of item
+    docs = read_documents(out, "train", layout) + read_documents(out, "val", layout)
+    expected_docs = []
+    for rel in files[1:] + files[:1]:
+        audio, rate = sf.read(os.path.join(root, rel), dtype="float32")
+        text = enc.encode_ordinary(texts[rel]) if rel in texts else None
+        expected_docs.append(layout.document(audio=text_tok.encode(audio, rate), text=text,
+                                             text_first=not orders.get(rel)))
+    paragraphs = ["The Adventures of Sherlock Holmes.", "A Scandal in Bohemia.", "I."]
+    expected_docs[len(files) - 1:len(files) - 1] = [layout.document(text=enc.encode_ordinary(p)) for p in paragraphs]
+    assert [d.tolist() for d in docs] == [d.tolist() for d in expected_docs]
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    assert (train["paired"], val["paired"], train["text_documents"], train["files"]) == (4, 1, 3, 6)
+    assert train["transcription_items"] + val["transcription_items"] == sum(orders.values())
+    n_text = sum(len(enc.encode_ordinary(t)) for t in texts.values()) + sum(len(enc.encode_ordinary(p))
+                                                                           for p in paragraphs)
+    assert train["text_tokens"] + val["text_tokens"] == n_text
+    assert train["tokens"] + val["tokens"] == sum(len(d) for d in docs)
+    assert train["audio_tokens"] + val["audio_tokens"] == sum(int(((d >= layout.audio_offset) &
+                                                                   (d < layout.boundary_id)).sum()) for d in docs)
+
+
+def test_prepare_text_options(transcribed, text_tok):
+    """--text_field=raw picks the raw transcripts, --asr_fraction=1 makes every pair a transcription item,
+    --strict makes a missing transcript an error; all from the cache, without encoding again."""
+    import os
+    from test_prepare import run_prepare
+    root, out, args, _ = transcribed
+    layout, enc = text_tok.layout, text_tok.text
+    r = run_prepare(*args, "--text_field=raw", "--asr_fraction=1")
+    assert r.returncode == 0, r.stderr
+    TS, AE = layout.special("text_start"), layout.special("audio_end")
+    docs = read_documents(out, "train", layout)
+    paired = [d for d in docs if len(d) > 1 and d[1] == layout.special("audio_start") and TS in d.tolist()]
+    assert len(paired) == 4 and all(d.tolist().index(AE) + 1 == d.tolist().index(TS) for d in paired)
+    texts = [enc.decode(d[d.tolist().index(TS) + 1:-1].tolist()) for d in paired]
+    assert LJ["LJ001-0001"][0] in texts and RAW_C in texts
+    r = run_prepare(*args, "--strict=true")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr
+    assert errors[0].startswith("error: books/d.wav: no transcript") and "--strict" in errors[0]
+    os.remove(os.path.join(root, "books", "d.wav"))  # the rest: only the empty one is left
+    r = run_prepare(*args, "--strict=true")
+    assert r.returncode == 1 and "error: books/e.wav: empty transcript" in r.stderr
