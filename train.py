@@ -31,6 +31,7 @@ from common import (Dist, UserError, atomic_write, autocast, format_duration, lo
 from model import GPT, GPTConfig
 from dataset import TokenStream, eval_starts, load_dataset, train_starts
 from report import EvalSamples, refresh
+from tokenizer import Layout, load_text_encoding, text_token_bytes
 
 
 @dataclass
@@ -135,31 +136,55 @@ def get_batch(stream: TokenStream, starts: np.ndarray, block: int, device: str,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, block: int, batch_size: int,
-             meta: dict, device: str, dtype: str, dist: Dist) -> dict:
+             meta: dict, device: str, dtype: str, dist: Dist, text_bytes: torch.Tensor | None = None) -> dict:
     """Val loss over this rank's share of the fixed windows; the sums are all-reduced, so every rank and every
-    world size get the same figures. Per-level losses group tokens by the level of the TARGET token
-    (id // codebook_size); boundary tokens are the 'special' group."""
-    n_levels, cb = int(meta["n_levels"]), int(meta["codebook_size"])
+    world size get the same figures. Tokens are grouped by their TARGET id (Layout.groups): each audio level,
+    text, special. Bits per second count audio targets only; bits per byte count text targets, over the bytes
+    of those targets (text_bytes: (vocab_size,) bytes per id, from the text encoding)."""
+    layout = Layout.from_meta(meta)
+    n_groups = len(layout.group_names)
     acc = torch.float32 if device == "mps" else torch.float64  # MPS has no float64
-    sums = torch.zeros(2, n_levels + 1, device=device, dtype=acc)  # [loss sum, token count] per group
+    sums = torch.zeros(3, n_groups, device=device, dtype=acc)  # [loss sum, token count, text bytes] per group
     model.eval()
     for i in range(0, len(starts), batch_size):
         x, y = get_batch(stream, starts[i:i + batch_size], block, device, int(meta["vocab_size"]))
         with autocast(device, dtype):
             logits, _ = model(x, y)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        group = torch.clamp(y.reshape(-1) // cb, max=n_levels)
+        group = layout.groups(y.reshape(-1))
         sums[0].index_add_(0, group, loss.to(acc))
         sums[1].index_add_(0, group, torch.ones_like(loss, dtype=acc))
+        if text_bytes is not None:
+            sums[2].index_add_(0, group, text_bytes[y.reshape(-1)].to(acc))
     model.train()
     if dist.ddp:
         torch.distributed.all_reduce(sums)
-    loss_sum, count = sums.cpu().tolist()
-    val_loss = sum(loss_sum) / max(1.0, sum(count))
-    names = [f"L{i}" for i in range(n_levels)] + ["special"]
-    levels = {name: s / c for name, s, c in zip(names, loss_sum, count) if c > 0}
-    return {"val_loss": val_loss, "val_bps": val_loss * float(meta["tokens_per_second"]) / math.log(2),
-            "val_loss_levels": levels}
+    loss_sum, count, nbytes = sums.cpu().tolist()
+    n_levels, text = layout.n_levels, layout.n_levels  # groups: L0 .. L{n-1}, text, special
+    audio_loss = sum(loss_sum[:n_levels]) / max(1.0, sum(count[:n_levels]))
+    row = {"val_loss": sum(loss_sum) / max(1.0, sum(count)), "val_audio_loss": audio_loss,
+           "val_bps": audio_loss * float(meta["tokens_per_second"]) / math.log(2),
+           "val_loss_levels": {name: s / c for name, s, c in zip(layout.group_names, loss_sum, count) if c > 0}}
+    if count[text] > 0:
+        row["val_text_loss"] = loss_sum[text] / count[text]  # nats per text token
+        if nbytes[text] > 0:
+            row["val_text_bpb"] = loss_sum[text] / math.log(2) / nbytes[text]  # bits per byte of text
+    return row
+
+
+def text_bytes_table(meta: dict, device: str) -> torch.Tensor | None:
+    """(vocab_size,) bytes of each text id (0 elsewhere) for bits per byte, when the val split holds text."""
+    layout = Layout.from_meta(meta)
+    if not layout.text_vocab or not meta.get("splits", {}).get("val", {}).get("text_tokens"):
+        return None
+    with user_errors(" (needed for the text figures of eval)"):
+        enc = load_text_encoding(layout.text_encoding)
+    if enc.n_vocab != layout.text_vocab:
+        raise UserError(f"text encoding {layout.text_encoding}: has {enc.n_vocab} ids here but the dataset was "
+                        f"written with {layout.text_vocab}; use the tiktoken version that prepared the data")
+    table = torch.zeros(layout.vocab_size, dtype=torch.float64)
+    table[:layout.text_vocab] = torch.from_numpy(text_token_bytes(enc)).double()
+    return table.to(device, torch.float32 if device == "mps" else torch.float64)
 
 
 # -----------------------------------------------------------------------------
@@ -198,7 +223,7 @@ def check_resume(ckpt: dict, path: str, meta: dict, model_config: GPTConfig, dat
     missing = [k for k in ("optimizer", "iter_num", "best_val_loss", "meta", "rng", "scaler") if k not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path}: has no {', '.join(missing)}; only train.py's ckpt.pt can be resumed")
-    for key in ("layout", "vq_strides", "codebook_size", "vocab_size"):
+    for key in ("layout", "text_encoding", "vq_strides", "codebook_size", "vocab_size"):
         if ckpt["meta"].get(key) != meta.get(key):
             raise UserError(f"checkpoint {path}: was trained on {key}={ckpt['meta'].get(key)} but {data_dir} "
                             f"has {key}={meta.get(key)}; use the dataset it was trained on or a new out_dir")
@@ -281,6 +306,7 @@ def main() -> None:
                         "train into a new --out_dir, or pass --overwrite=True to replace it")
 
     device = dist.init(device)  # torchrun: join the process group; on CUDA each rank takes its local GPU
+    text_bytes = text_bytes_table(meta, device) if len(val_starts) else None  # for bits per byte of text
     if master:
         print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
         print(f"device {device} | dtype {dtype} | processes {dist.world_size} | train {len(train_data):,} tokens | "
@@ -366,13 +392,15 @@ def main() -> None:
             row = {"iter": iter_num}
             if len(val_starts):
                 row.update(evaluate(model, val_data, val_starts[dist.rank::dist.world_size], val_block,
-                                    cfg.batch_size, meta, device, dtype, dist))
+                                    cfg.batch_size, meta, device, dtype, dist, text_bytes))
             if master:
                 row.update(samples(raw_model, iter_num, last=iter_num == cfg.max_iters))  # {"sample_s": ...}
                 if "val_loss" in row:
                     levels = " ".join(f"{k} {v:.3f}" for k, v in row["val_loss_levels"].items())
+                    text = f"text {row['val_text_loss']:.3f} nats/token " if "val_text_loss" in row else ""
+                    text += f"{row['val_text_bpb']:.3f} bits/byte | " if "val_text_bpb" in row else "| " * bool(text)
                     print(f"iter {iter_num} | val loss {row['val_loss']:.4f} | {row['val_bps']:.0f} bits/s | "
-                          f"per level {levels}", flush=True)
+                          f"{text}per level {levels}", flush=True)
                     log(row)
                 improved = row.get("val_loss", float("inf")) < best_val_loss
                 best_val_loss = min(best_val_loss, row.get("val_loss", float("inf")))

@@ -108,8 +108,11 @@ def test_ddp_two_processes_match_one(data, tmp_path):
     val = [r for r in log1 if "val_loss" in r]
     assert [r["iter"] for r in val] == [0, 4, 8]
     v = val[-1]
-    assert abs(v["val_bps"] - v["val_loss"] * TPS / np.log(2)) < 1e-6
-    assert {"L0", "L1", "L2"} <= set(v["val_loss_levels"]) <= {"L0", "L1", "L2", "special"}
+    assert abs(v["val_bps"] - v["val_audio_loss"] * TPS / np.log(2)) < 1e-6  # audio targets only
+    levels = v["val_loss_levels"]
+    assert {"L0", "L1", "L2"} <= set(levels) <= {"L0", "L1", "L2", "special"} and "val_text_loss" not in v
+    audio = [levels[k] for k in ("L0", "L1", "L2")]
+    assert min(audio) <= v["val_audio_loss"] <= max(audio)
 
 
 def test_resume_is_exact_and_checkpoint_loads_weights_only(data, tmp_path):
