@@ -4,11 +4,14 @@
     python generate.py --ckpt=out/sherlock/ckpt.pt --prompt=voice.flac --prompt_seconds=5 --seconds=10
     python generate.py --ckpt=out/sherlock/ckpt.pt --stream --seconds=60 --temperature=0.9 --top_p=0.95
     python generate.py --ckpt=out/sherlock/ckpt.pt --codec=snac_24khz_folder     # offline: a local codec copy
+    python generate.py --ckpt=out/ljspeech/ckpt.pt --text="It is a capital mistake to theorize before one has data."
+    python generate.py --ckpt=out/ljspeech/ckpt.pt --transcribe=recording.flac,other.wav   # prints one line per file
     python generate.py --help
 
 Sampling is frame-valid: the position inside the current frame says which SNAC level comes next, and every id
-of another level (and every special token) is masked out of the logits, so any model's output decodes to exactly
-ceil(seconds * sample_rate / frame_hop) frames. Past block_size the context slides by whole frames.
+of another level (and every text id and special token but AUDIO_END at a frame start) is masked out of the
+logits, so any model's output decodes to whole frames: ceil(seconds * sample_rate / frame_hop) of them, or fewer
+where a model trained on text+audio data ends its audio. Past block_size the context slides by whole frames.
 """
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ import torch
 
 from common import UserError, load_model_source, parse_config, pick_device, pick_dtype, run_main, user_errors
 from model import GPT
-from sampling import DECODE_FRAMES, StreamDecoder, keep_frames, sample_frames
-from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, load_codec, read_audio,
-                       read_audio_tail)
+from sampling import DECODE_FRAMES, StreamDecoder, cut_at_end, keep_frames, sample_frames, transcribe
+
+
+from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, load_codec, load_text_encoding,
+                       read_audio, read_audio_tail)
 
 
 @dataclass
@@ -46,6 +51,9 @@ class GenerateConfig:
     prompt_seconds: float = 0.0  # keep only the last N seconds of the prompt; 0 = all of it
     stream: bool = False  # decode and write audio while tokens are generated
     stream_frames: int = 12  # frames per streamed chunk (12 frames = 1 s at 24 kHz)
+    text: str = ""  # speak this text: audio until the model ends it, --seconds at most (text+audio checkpoints)
+    transcribe: str = ""  # audio file(s), comma-separated: print the text the model writes for each, one line each
+    text_temperature: float = 0.0  # for --transcribe: 0 = greedy (the most likely text); top_k/top_p apply too
 
 
 class SampleWriters:
@@ -60,10 +68,12 @@ class SampleWriters:
                       for t in self.tmps]
         self.written = 0  # samples written to each sample_<i>.wav so far
 
-    def write(self, audio: np.ndarray) -> None:
-        """Audio (B, samples) that follows what was written; the continuation files skip the prompt's samples."""
+    def write(self, audio: np.ndarray, limits: list[int] | None = None) -> None:
+        """Audio (B, samples) that follows what was written; the continuation files skip the prompt's samples.
+        limits: samples each row holds in all (a row whose audio ended), None = no limit."""
         start = max(0, self.prompt_samples - self.written)  # where the continuation starts inside this piece
         for i, row in enumerate(audio):
+            row = row[:max(0, limits[i] - self.written)] if limits else row
             self.files[i].write(row)
             if self.cont_paths and start < len(row):
                 self.files[len(self.paths) + i].write(row[start:])
@@ -85,13 +95,14 @@ class SampleWriters:
 # -----------------------------------------------------------------------------
 # the script
 
-def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float) -> torch.Tensor:
+def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float, kind: str = "prompt") -> torch.Tensor:
     """An audio file -> the tokens of its whole frames (the last prompt_seconds of it when that is > 0).
+    kind names the option it came from in error messages ("prompt", "transcribe").
 
     With prompt_seconds only the file's tail is decoded: the frames kept, plus codec context before them, starting
     on the frame grid of the whole file, so the tokens are those of encoding the whole file and keeping its end."""
     if not os.path.isfile(path):
-        raise UserError(f"prompt {path}: not found (pass --prompt=<an audio file>)")
+        raise UserError(f"{kind} {path}: not found (pass --{kind}=<an audio file>)")
     sr, hop = tok.sample_rate, tok.frame_hop
     frames = math.ceil(prompt_seconds * sr / hop)
     try:
@@ -109,7 +120,7 @@ def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float) -> torch.
         if first and start > (n_frames - frames) * hop - ENCODE_MARGIN_SECONDS * sr:  # a coarse grid (odd rate)
             (wav, rate), first, start = read_audio(path), 0, 0
     except BadAudio as e:
-        raise UserError(f"prompt {path}: {e}; expected WAV, FLAC, OGG, MP3 or another format libsndfile "
+        raise UserError(f"{kind} {path}: {e}; expected WAV, FLAC, OGG, MP3 or another format libsndfile "
                         "reads") from None
     # keep whole frames of real audio: a partial last frame would be padded with silence by the codec, and the
     # model would continue from that silence
@@ -130,15 +141,19 @@ def load_model(cfg: GenerateConfig, device: str, dtype: str):
     codec = cfg.codec or meta.get("codec")
     if not codec:
         raise UserError(f"checkpoint {cfg.ckpt}: its meta names no codec; pass --codec=<Hub id or local folder>")
+    if layout.text_encoding:
+        with user_errors():  # its own error first (tiktoken keeps it loaded for load_codec)
+            load_text_encoding(layout.text_encoding)
     hint = "" if cfg.codec else (" (the codec the checkpoint was trained with; pass --codec=<Hub id, or a folder with "
                                  "config.json + pytorch_model.bin> to use a copy of it)")
     with user_errors(hint):
-        tok = load_codec(codec, device=device)
+        tok = load_codec(codec, device=device, text_encoding=layout.text_encoding)
     if tok.layout != layout:
-        raise UserError(f"codec {codec}: its layout (vq_strides {list(tok.layout.vq_strides)}, codebook_size "
-                        f"{tok.layout.codebook_size}) is not the one the checkpoint was trained on "
-                        f"({meta.get('vq_strides')}, {meta.get('codebook_size')}); pass the checkpoint's codec "
-                        "with --codec")
+        raise UserError(f"codec {codec} + text encoding '{layout.text_encoding}': their layout (vq_strides "
+                        f"{list(tok.layout.vq_strides)}, codebook_size {tok.layout.codebook_size}, text_vocab "
+                        f"{tok.layout.text_vocab}) is not the one the checkpoint was trained on "
+                        f"({meta.get('vq_strides')}, {meta.get('codebook_size')}, {meta.get('text_vocab', 0)}); "
+                        "pass the checkpoint's codec with --codec")
     model = GPT.from_checkpoint(ckpt).to(device).eval()
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))  # inference only: half-precision weights, no per-step autocast casts
@@ -173,6 +188,45 @@ def stream_audio(dec: StreamDecoder, prompt: torch.Tensor | None, frames: Iterat
         yield last
 
 
+def until_end(frames: Iterator[torch.Tensor], layout: Layout, kept: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Generated frames with each row's AUDIO_END, and the end-token frames after it, replaced by code-0 frames that
+    decode (sampling goes on until every row has ended); kept (B,) counts each row's frames before its end."""
+    for frame in frames:
+        frame, k = cut_at_end(frame, layout)  # k: 1 for a frame of audio, 0 from the row's end on
+        kept += k
+        yield frame
+
+
+def speech_context(text: str, tok: AudioTokenizer, block_size: int) -> torch.Tensor:
+    """--text -> [BOUNDARY, TEXT_START, its text ids, TEXT_END, AUDIO_START]: a speech-from-text item to continue."""
+    context = torch.from_numpy(tok.layout.speech_context(tok.encode_text(text)))
+    room = block_size - len(context)
+    if room < 2 * tok.layout.frame_size:
+        raise UserError(f"text: {len(context) - 4} tokens leave no room for audio in the model's context of "
+                        f"{block_size} tokens; pass a shorter --text")
+    return context
+
+
+def transcribe_files(cfg: GenerateConfig, model: GPT, tok: AudioTokenizer, device: str) -> None:
+    """--transcribe: one line per file, `<file>: <text>`, the text the model writes after the file's audio."""
+    layout, fs, block_size = tok.layout, tok.layout.frame_size, model.config.block_size
+    text_ok = torch.from_numpy(tok.text_bytes > 0)
+    min_text = min(64, block_size // 4)  # text tokens the context must leave room for
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    for path in [p.strip() for p in cfg.transcribe.split(",") if p.strip()]:
+        audio = load_prompt(path, tok, 0.0, kind="transcribe")
+        fit = (block_size - len(layout.transcript_context(np.zeros(0, np.int64))) - min_text) // fs * fs
+        if len(audio) > fit:  # the window must not slide, or the model would lose the audio it transcribes
+            audio = audio[:fit]
+            print(f"warning: transcribe {path}: longer than the model's context ({block_size} tokens); "
+                  f"transcribing its first {fit // fs * tok.frame_hop / tok.sample_rate:.2f} s", file=sys.stderr,
+                  flush=True)
+        max_tokens = block_size - len(layout.transcript_context(audio.numpy()))
+        ids = transcribe(model, layout, audio, max_tokens, text_ok, temperature=cfg.text_temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+        print(f"{path}: {' '.join(tok.decode_text(ids).split())}", flush=True)
+
+
 def check_config(cfg: GenerateConfig) -> None:
     if not cfg.seconds > 0:
         raise UserError(f"seconds={cfg.seconds}: must be > 0 (the length of audio to generate)")
@@ -188,6 +242,10 @@ def check_config(cfg: GenerateConfig) -> None:
         raise UserError(f"prompt_seconds={cfg.prompt_seconds}: must be >= 0 (0 = the whole prompt)")
     if cfg.stream_frames < 1:
         raise UserError(f"stream_frames={cfg.stream_frames}: must be at least 1")
+    if cfg.text_temperature < 0:
+        raise UserError(f"text_temperature={cfg.text_temperature}: must be >= 0 (0 = greedy)")
+    if sum(map(bool, (cfg.text, cfg.transcribe, cfg.prompt))) > 1:
+        raise UserError("--text, --transcribe and --prompt are separate modes: pass one of them")
 
 
 def main() -> None:
@@ -198,42 +256,58 @@ def main() -> None:
     dtype = pick_dtype(cfg.dtype, device)
     paths = [os.path.join(cfg.out_dir, f"sample_{i}.wav") for i in range(cfg.num_samples)]
     cont_paths = [p[:-4] + "_continuation.wav" for p in paths] if cfg.prompt else []
-    check_writable(cfg.out_dir)  # before any sampling time is spent
+    if not cfg.transcribe:
+        check_writable(cfg.out_dir)  # before any sampling time is spent
     model, tok = load_model(cfg, device, dtype)
     layout, fs, hop, sr = tok.layout, tok.layout.frame_size, tok.frame_hop, tok.sample_rate
     n_frames = math.ceil(cfg.seconds * sr / hop)
+    if (cfg.text or cfg.transcribe) and not layout.text_vocab:
+        raise UserError(f"checkpoint {cfg.ckpt}: trained on audio only (layout {layout.name}); --text and "
+                        "--transcribe need a model trained on text+audio data (prepare_audio.py with transcripts)")
+    if cfg.transcribe:
+        return transcribe_files(cfg, model, tok, device)
+    context = speech_context(cfg.text, tok, model.config.block_size) if cfg.text else None
 
     t_start = time.perf_counter()  # the wall time includes encoding the prompt
     prompt, p_frames = None, 0
     if cfg.prompt:
         prompt = load_prompt(cfg.prompt, tok, cfg.prompt_seconds)
-        if 1 + len(prompt) > model.config.block_size:
+        if len(layout.audio_context()) + len(prompt) > model.config.block_size:
             prompt = prompt[-keep_frames(layout, model.config.block_size) * fs:]
             print(f"warning: prompt {cfg.prompt} is longer than the model's context ({model.config.block_size} "
                   f"tokens); using its last {len(prompt) // fs * hop / sr:.2f} s", file=sys.stderr, flush=True)
         p_frames = len(prompt) // fs
         prompt = prompt.to(device)
     after = f" after a {p_frames * hop / sr:.2f} s prompt" if prompt is not None else ""
-    print(f"generating {cfg.num_samples} x {n_frames * hop / sr:.2f} s ({n_frames} frames, {n_frames * fs} "
+    after += f" speaking {len(context) - 4} text tokens" if context is not None else ""
+    up_to = "up to " if layout.text_vocab else ""  # the audio ends where the model says so, or at --seconds
+    print(f"generating {cfg.num_samples} x {up_to}{n_frames * hop / sr:.2f} s ({n_frames} frames, {n_frames * fs} "
           f"tokens){after} on {device}", flush=True)
 
     # one path: without --stream, audio is decoded in large chunks (bounded memory) and written when ready
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     frames = sample_frames(model, layout, prompt, n_frames, num_samples=cfg.num_samples, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+                           top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, context=context)
+    kept = torch.zeros(cfg.num_samples, dtype=torch.long, device=device)  # frames of each row before its end
+    frames = until_end(frames, layout, kept)
     dec = StreamDecoder(tok, cfg.stream_frames if cfg.stream else DECODE_FRAMES)
     timer = {"lm": 0.0, "codec": 0.0}
     with SampleWriters(paths, cont_paths, sr, p_frames * hop) as out:
         for audio in stream_audio(dec, prompt, frames, cfg.num_samples, timer):
-            out.write(audio.cpu().numpy())
+            # the decoder lags the sampler, so kept already counts every frame of this audio that is not past an end
+            out.write(audio.cpu().numpy(), [(p_frames + k) * hop for k in kept.tolist()])
             if cfg.stream:
                 wall = time.perf_counter() - t_start
                 print(f"streamed {out.written / sr:6.2f} s of audio in {wall:6.2f} s "
                       f"({out.written / sr / wall:.2f}x real time)", flush=True)
+    n_frames = len(dec.frames) - p_frames  # sampled, ended rows included (sampling stops when all have ended)
     print(f"LM: {cfg.num_samples * n_frames * fs / timer['lm']:.1f} tokens/s ({cfg.num_samples} samples), "
           f"{cfg.num_samples * n_frames * hop / sr / timer['lm']:.2f}x real time | codec: "
           f"{cfg.num_samples * (p_frames + n_frames) * hop / sr / max(timer['codec'], 1e-9):.2f}x real time | "
           f"wall {time.perf_counter() - t_start:.1f} s", flush=True)
+    if layout.text_vocab:
+        print("seconds per sample, ended by the model (*) or at --seconds: " + ", ".join(
+            f"{k * hop / sr:.2f}{'*' if k < n_frames else ''}" for k in kept.tolist()), flush=True)
     for p in paths + cont_paths:
         print(p)
 
