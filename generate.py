@@ -27,9 +27,7 @@ import torch
 
 from common import UserError, load_model_source, parse_config, pick_device, pick_dtype, run_main, user_errors
 from model import GPT
-from sampling import DECODE_FRAMES, StreamDecoder, cut_at_end, keep_frames, sample_frames, transcribe
-
-
+from sampling import DECODE_FRAMES, StreamDecoder, keep_frames, sample_frames, transcribe
 from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, load_codec, load_text_encoding,
                        read_audio, read_audio_tail)
 
@@ -188,15 +186,6 @@ def stream_audio(dec: StreamDecoder, prompt: torch.Tensor | None, frames: Iterat
         yield last
 
 
-def until_end(frames: Iterator[torch.Tensor], layout: Layout, kept: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Generated frames with each row's AUDIO_END, and the end-token frames after it, replaced by code-0 frames that
-    decode (sampling goes on until every row has ended); kept (B,) counts each row's frames before its end."""
-    for frame in frames:
-        frame, k = cut_at_end(frame, layout)  # k: 1 for a frame of audio, 0 from the row's end on
-        kept += k
-        yield frame
-
-
 def speech_context(text: str, tok: AudioTokenizer, block_size: int) -> torch.Tensor:
     """--text -> [BOUNDARY, TEXT_START, its text ids, TEXT_END, AUDIO_START]: a speech-from-text item to continue."""
     context = torch.from_numpy(tok.layout.speech_context(tok.encode_text(text)))
@@ -288,26 +277,25 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     frames = sample_frames(model, layout, prompt, n_frames, num_samples=cfg.num_samples, temperature=cfg.temperature,
                            top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, context=context)
-    kept = torch.zeros(cfg.num_samples, dtype=torch.long, device=device)  # frames of each row before its end
-    frames = until_end(frames, layout, kept)
-    dec = StreamDecoder(tok, cfg.stream_frames if cfg.stream else DECODE_FRAMES)
+    dec = StreamDecoder(tok, cfg.stream_frames if cfg.stream else DECODE_FRAMES)  # it also notes where rows end
     timer = {"lm": 0.0, "codec": 0.0}
     with SampleWriters(paths, cont_paths, sr, p_frames * hop) as out:
         for audio in stream_audio(dec, prompt, frames, cfg.num_samples, timer):
-            # the decoder lags the sampler, so kept already counts every frame of this audio that is not past an end
-            out.write(audio.cpu().numpy(), [(p_frames + k) * hop for k in kept.tolist()])
+            # the decoder lags the sampler, so a row's end is known before any audio past it comes out
+            out.write(audio.cpu().numpy(), [(end if end is not None else 1 << 40) * hop for end in dec.ends])
             if cfg.stream:
                 wall = time.perf_counter() - t_start
                 print(f"streamed {out.written / sr:6.2f} s of audio in {wall:6.2f} s "
                       f"({out.written / sr / wall:.2f}x real time)", flush=True)
     n_frames = len(dec.frames) - p_frames  # sampled, ended rows included (sampling stops when all have ended)
+    kept = [n_frames if end is None else end - p_frames for end in dec.ends]  # each row's frames before its end
     print(f"LM: {cfg.num_samples * n_frames * fs / timer['lm']:.1f} tokens/s ({cfg.num_samples} samples), "
           f"{cfg.num_samples * n_frames * hop / sr / timer['lm']:.2f}x real time | codec: "
           f"{cfg.num_samples * (p_frames + n_frames) * hop / sr / max(timer['codec'], 1e-9):.2f}x real time | "
           f"wall {time.perf_counter() - t_start:.1f} s", flush=True)
     if layout.text_vocab:
         print("seconds per sample, ended by the model (*) or at --seconds: " + ", ".join(
-            f"{k * hop / sr:.2f}{'*' if k < n_frames else ''}" for k in kept.tolist()), flush=True)
+            f"{k * hop / sr:.2f}{'*' if k < n_frames else ''}" for k in kept), flush=True)
     for p in paths + cont_paths:
         print(p)
 

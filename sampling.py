@@ -229,30 +229,52 @@ def transcribe(model, layout: Layout, audio: torch.Tensor, max_tokens: int, text
 
 class StreamDecoder:
     """Turns frames into audio as they arrive. A chunk of `chunk_frames` is decoded with CODEC_CONTEXT_FRAMES
-    real frames on each side and only its middle is kept, so chunk edges sound (and are) the same as one pass."""
+    real frames on each side and only its middle is kept, so chunk edges sound (and are) the same as one pass.
+
+    A row may end (AUDIO_END at a frame start, then end tokens, as sample_frames gives them): ends[row] is then its
+    number of frames, its audio stops there, decoded as the end of a stream (no right context), and is silence
+    after it."""
 
     def __init__(self, tok: AudioTokenizer, chunk_frames: int, context_frames: int = CODEC_CONTEXT_FRAMES,
                  max_frames: int = DECODE_FRAMES):
         self.tok, self.chunk, self.context, self.max_frames = tok, chunk_frames, context_frames, max_frames
         self.frames: list[torch.Tensor] = []  # (B, frame_size) each, all so far
         self.done = 0  # frames already turned into audio
+        self.ends: list[int | None] = []  # per row: frames before its AUDIO_END, None while it goes on
+
+    def _codec(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, F * frame_size) -> (B, F * frame_hop). The codec's activations grow with rows x frames: a few rows at
+        a time, so peak memory is bounded by max_frames whatever the batch size."""
+        rows = max(1, self.max_frames // (tokens.shape[1] // self.tok.layout.frame_size))
+        return torch.cat([self.tok.decode_codes(self.tok.layout.tokens_to_codes(t)) for t in tokens.split(rows)])
 
     def _decode(self, stop: int) -> torch.Tensor:
         """Audio (B, samples) of frames [done, stop), decoded with context on both sides."""
         lo, hi = max(0, self.done - self.context), min(len(self.frames), stop + self.context)
-        tokens = torch.cat(self.frames[lo:hi], dim=1)  # (B, (hi - lo) * frame_size)
-        # the codec's activations grow with rows x frames: decode a few rows at a time, so peak memory is bounded by
-        # max_frames whatever the batch size
-        rows = max(1, self.max_frames // (hi - lo))
-        audio = torch.cat([self.tok.decode_codes(self.tok.layout.tokens_to_codes(t)) for t in tokens.split(rows)])
-        hop = self.tok.frame_hop
+        tokens, _ = cut_at_end(torch.cat(self.frames[lo:hi], dim=1), self.tok.layout)  # (B, (hi - lo) * frame_size)
+        audio = self._codec(tokens)
+        hop, fs = self.tok.frame_hop, self.tok.layout.frame_size
+        for row, end in enumerate(self.ends):  # rows that end in this window: decode up to the end only
+            if end is not None and end < hi:
+                audio[row] = 0.0
+                if end > lo:
+                    audio[row, :(end - lo) * hop] = self._codec(tokens[row:row + 1, :(end - lo) * fs])[0]
         audio = audio[:, (self.done - lo) * hop:(stop - lo) * hop]
         self.done = stop
         return audio
 
     def push(self, frames: torch.Tensor) -> torch.Tensor | None:
         """Add frames (B, k * frame_size); returns the audio that is now final, or None."""
-        self.frames.extend(frames.split(self.tok.layout.frame_size, dim=1))
+        new = frames.split(self.tok.layout.frame_size, dim=1)
+        end_id = self.tok.layout.special_tokens.get("audio_end")
+        if not self.ends:
+            self.ends = [None] * frames.shape[0]
+        if end_id is not None and any(e is None for e in self.ends):
+            ended = (torch.stack([f[:, 0] for f in new], dim=1) == end_id).cpu()  # (B, k), one sync per push
+            for row in torch.nonzero(ended.any(dim=1)).reshape(-1).tolist():
+                if self.ends[row] is None:
+                    self.ends[row] = len(self.frames) + int(ended[row].int().argmax())
+        self.frames.extend(new)
         if len(self.frames) - self.done >= self.chunk + self.context:
             return self._decode(len(self.frames) - self.context)
         return None

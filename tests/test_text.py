@@ -323,3 +323,177 @@ def test_prepare_text_options(transcribed, text_tok):
     os.remove(os.path.join(root, "books", "d.wav"))  # the rest: only the empty one is left
     r = run_prepare(*args, "--strict=true")
     assert r.returncode == 1 and "error: books/e.wav: empty transcript" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# generate.py --text and --transcribe
+
+
+def run_generate(*args: str, threads: int = 0):
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def save_model(path: str, model: GPT, meta: dict) -> str:
+    from dataclasses import asdict
+    from common import save_checkpoint
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": asdict(model.config), "meta": meta,
+                           "iter_num": 0})
+    return path
+
+
+def test_generate_text_and_transcribe_cli(tmp_path, text_tok, tok):
+    """Any text+audio checkpoint speaks a sentence into WAVs of whole frames and transcribes files one line each;
+    an audio-only checkpoint says in one line that it cannot."""
+    import soundfile as sf
+    from conftest import synth_audio
+    ckpt = save_model(str(tmp_path / "ckpt.pt"), tiny_gpt(text_tok.layout.vocab_size, block_size=96),
+                      text_tok.meta())
+    r = run_generate(f"--ckpt={ckpt}", "--text=It is a capital mistake.", "--num_samples=2", "--seconds=0.5",
+                     f"--out_dir={tmp_path / 'speech'}", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert f"speaking {len(text_tok.encode_text('It is a capital mistake.'))} text tokens" in r.stdout
+    for i in range(2):
+        info = sf.info(str(tmp_path / "speech" / f"sample_{i}.wav"))
+        assert info.frames % 2048 == 0 and 0 < info.frames <= 6 * 2048
+    sf.write(tmp_path / "a.wav", synth_audio(0.4, 24000), 24000)
+    sf.write(tmp_path / "b.flac", synth_audio(3.0, 16000, seed=1), 16000)  # longer than the context: cut, warned
+    r = run_generate(f"--ckpt={ckpt}", f"--transcribe={tmp_path / 'a.wav'},{tmp_path / 'b.flac'}", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert [line.split(": ")[0] for line in lines] == [str(tmp_path / "a.wav"), str(tmp_path / "b.flac")]
+    assert "warning: transcribe" in r.stderr and "b.flac" in r.stderr
+    audio_only = save_model(str(tmp_path / "audio.pt"), tiny_gpt(tok.layout.vocab_size), tok.meta())
+    r = run_generate(f"--ckpt={audio_only}", "--text=Hello.", "--device=cpu")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "trained on audio only" in r.stderr
+    r = run_generate(f"--ckpt={ckpt}", "--text=Hello.", f"--prompt={tmp_path / 'a.wav'}")
+    assert r.returncode == 1 and "separate modes" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# the proof that it learns: a tiny model trained by train.py on synthetic pairs speaks and transcribes them back
+
+WORDS = "the woman Holmes mistake data facts observe love mind machine reasoning world capital theories eyes name"
+SMALL_CB = 32  # a small codebook keeps the vocab (and so the training) small
+
+
+def synthetic_items(enc, n: int) -> list[tuple[str, list[int]]]:
+    rng, items = np.random.default_rng(0), {}
+    while len(items) < n:
+        sentence = " ".join(rng.choice(WORDS.split(), size=rng.integers(2, 4), replace=False))
+        ids = enc.encode_ordinary(sentence)
+        if len(ids) <= 5:
+            items[sentence] = ids
+    return list(items.items())
+
+
+def speech_of(ids: list[int], layout: Layout) -> np.ndarray:
+    """The audio ids of a text: one frame per text token, its codes a fixed function of the token."""
+    frames = np.stack([np.random.default_rng(1000 + t).integers(0, SMALL_CB, layout.frame_size) for t in ids])
+    return (frames + layout.frame_lo).reshape(-1)  # (T, frame_size) -> (T * frame_size,)
+
+
+@pytest.fixture(scope="module")
+def small_tok(tmp_path_factory):
+    """A small random SNAC (24 kHz strides, 32 codes per level) without decoder noise, with the test encoding."""
+    from conftest import SNAC_24KHZ_CONFIG, save_random_snac
+    from tokenizer import load_codec
+    codec = save_random_snac(str(tmp_path_factory.mktemp("snac_small")), {
+        **SNAC_24KHZ_CONFIG, "encoder_dim": 8, "decoder_dim": 16, "codebook_size": SMALL_CB, "noise": False})
+    return load_codec(codec, text_encoding=TEXT_ENCODING)
+
+
+def test_stream_decoder_ends_rows_as_a_stream_end(small_tok):
+    """Rows that end at different frames: each one's audio is the one-pass decode of its own frames (no right
+    context from what follows the end), then silence; dec.ends says where."""
+    layout, fs, hop = small_tok.layout, small_tok.layout.frame_size, small_tok.frame_hop
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.integers(0, SMALL_CB, (3, 10, fs)) + layout.frame_lo)  # (B, F, fs)
+    ends = [3, 7, None]
+    for row, end in enumerate(ends):
+        if end is not None:
+            frames[row, end:] = layout.special("audio_end")
+    dec = sampling.StreamDecoder(small_tok, chunk_frames=2)
+    pieces = [dec.push(f) for f in frames.reshape(3, -1).split(fs, dim=1)] + [dec.flush()]
+    audio = torch.cat([p for p in pieces if p is not None], dim=1)
+    assert dec.ends == ends and audio.shape == (3, 10 * hop)
+    for row, end in enumerate(ends):
+        n = 10 if end is None else end
+        one_pass = small_tok.decode_codes(layout.tokens_to_codes(frames[row:row + 1, :n].reshape(1, -1)))[0]
+        assert torch.allclose(audio[row, :n * hop], one_pass, atol=1e-5)
+        assert (audio[row, n * hop:] == 0).all()
+
+
+def test_tiny_model_learns_to_speak_and_transcribe(tmp_path, small_tok):
+    import json
+    import os
+    import subprocess
+    import sys
+    import soundfile as sf
+    from conftest import ROOT
+    import generate
+    tok, layout = small_tok, small_tok.layout
+    items = synthetic_items(tok.text, 12)
+    docs = [layout.document(audio=speech_of(ids, layout), text=ids, text_first=tts)
+            for _, ids in items for tts in (True, False)]  # every pair both ways: speech-from-text, transcription
+    data = tmp_path / "data"
+    data.mkdir()
+    order = np.concatenate([np.random.default_rng(r).permutation(len(docs)) for r in range(20)])
+    splits = {"train": np.concatenate([docs[i] for i in order]), "val": np.concatenate(docs)}
+    shards = []
+    for split, stream in splits.items():
+        stream.astype("<u2").tofile(data / f"{split}_000.bin")
+        shards.append({"file": f"{split}_000.bin", "split": split, "tokens": len(stream), "sources": ["synthetic"]})
+    text_tokens = sum(len(ids) for _, ids in items)
+    meta = {**tok.meta(), "dtype": "uint16", "dataset": "synthetic", "shards": shards, "skipped": [],
+            "splits": {"train": {"tokens": len(splits["train"]), "text_tokens": 40 * text_tokens},
+                       "val": {"tokens": len(splits["val"]), "text_tokens": 2 * text_tokens}}}
+    (data / "meta.json").write_text(json.dumps(meta))
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model trains faster on one thread
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={data}", f"--out_dir={out}",
+                        "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=96",
+                        "--block_size=64", "--batch_size=16", "--gradient_accumulation_steps=1",
+                        "--learning_rate=3e-3", "--min_lr=3e-4", "--beta2=0.99", "--warmup_iters=20",
+                        "--max_iters=400", "--eval_interval=200", "--eval_iters=2", "--log_interval=100"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    evals = [row for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val_loss" in row]
+    assert [e["iter"] for e in evals] == [0, 200, 400] and "nats/token" in r.stdout and "bits/byte" in r.stdout
+    assert evals[-1]["val_text_loss"] < evals[0]["val_text_loss"] / 5 and evals[-1]["val_text_bpb"] > 0
+    assert {"L0", "L1", "L2", "text", "special"} == set(evals[-1]["val_loss_levels"])
+
+    # both directions, through the functions generate.py's --text and --transcribe run, greedy
+    model, tok = generate.load_model(generate.GenerateConfig(ckpt=str(out / "ckpt.pt")), "cpu", "float32")
+    text_ok = torch.from_numpy(tok.text_bytes > 0)
+    spoken = heard = 0
+    for sentence, ids in items:
+        expected = speech_of(ids, layout)
+        context = generate.speech_context(sentence, tok, model.config.block_size)
+        generated = sampling.generate_tokens(model, layout, None, len(ids) + 3, temperature=0.0, context=context)
+        tokens, kept = sampling.cut_at_end(generated, layout)
+        spoken += int(kept[0]) == len(ids) and tokens[0, :len(expected)].tolist() == expected.tolist()
+        written = sampling.transcribe(model, layout, torch.from_numpy(expected), 16, text_ok, temperature=0.0)
+        heard += tok.decode_text(written) == sentence
+    assert spoken >= 0.9 * len(items) and heard >= 0.9 * len(items), (spoken, heard)
+
+    # and the command line: the WAV of --text is the decoded audio of the expected tokens
+    sentence, ids = items[0]
+    r = run_generate(f"--ckpt={out / 'ckpt.pt'}", f"--text={sentence}", "--num_samples=2", "--temperature=0",
+                     "--seconds=2", f"--out_dir={tmp_path / 'speech'}", "--device=cpu", threads=1)
+    assert r.returncode == 0, r.stderr
+    want = [sampling.decode_in_chunks(tok, torch.from_numpy(speech_of(i, layout))[None])[0].numpy()
+            for _, i in items[:2]]
+    for i in range(2):
+        wav, rate = sf.read(str(tmp_path / "speech" / f"sample_{i}.wav"), dtype="float32")
+        assert rate == 24000 and len(wav) == len(want[0]) == len(ids) * 2048
+        assert np.abs(wav - np.clip(want[0], -1, 1)).max() <= 2 / 32768  # PCM_16 rounding
+        if len(want[1]) == len(wav):  # the control: another sentence's audio is far from it
+            assert np.abs(wav - want[1]).max() > 100 / 32768
