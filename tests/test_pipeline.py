@@ -8,7 +8,7 @@ import sys
 import soundfile as sf
 import torch
 
-from conftest import ROOT, synth_audio
+from conftest import ROOT, TEXT_ENCODING, synth_audio
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -25,9 +25,12 @@ def test_prepare_train_generate(codec_dir, tmp_path):
     for i, (seconds, rate, channels) in enumerate([(0.6, 22050, 1), (1.0, 44100, 2), (0.9, 16000, 1)]):
         sf.write(audio / f"chapter_{i}.flac", synth_audio(seconds, rate, channels, seed=i), rate)
     data, out, samples = tmp_path / "data", tmp_path / "out", tmp_path / "samples"
-    run("prepare_audio.py", f"--dataset={audio}", f"--codec={codec_dir}", f"--out_dir={data}", "--device=cpu")
+    # the default text+audio layout (audio-only documents here), with the test encoding in place of GPT-2's BPE
+    run("prepare_audio.py", f"--dataset={audio}", f"--codec={codec_dir}", f"--out_dir={data}", "--device=cpu",
+        f"--text_encoding={TEXT_ENCODING}")
     meta = json.loads((data / "meta.json").read_text())
     assert meta["splits"]["val"]["files"] == 1 and meta["splits"]["train"]["files"] == 2
+    assert meta["layout"] == "snac-text-audio-v1" and meta["text_encoding"] == TEXT_ENCODING
 
     run("train.py", os.path.join(ROOT, "configs", "tiny.py"), f"--data_dir={data}", f"--out_dir={out}",
         "--block_size=64", "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--log_interval=1",
@@ -44,4 +47,6 @@ def test_prepare_train_generate(codec_dir, tmp_path):
         path = str(samples / f"sample_{i}.wav")
         assert path in r.stdout
         info = sf.info(path)
-        assert info.samplerate == 24000 and info.frames == 6 * 2048  # ceil(0.5 s / 85.3 ms) = 6 frames
+        # ceil(0.5 s / 85.3 ms) = 6 frames, unless the model ends its audio earlier (marked * in the summary line)
+        ended = r.stdout.split("at --seconds: ")[1].splitlines()[0].split(", ")[i].endswith("*")
+        assert info.samplerate == 24000 and (info.frames < 6 * 2048 if ended else info.frames == 6 * 2048)

@@ -176,11 +176,12 @@ def test_nothing_usable_leaves_nothing_behind_and_bad_values_are_named(tmp_path,
     (bad / "noise.wav").write_bytes(np.random.default_rng(1).bytes(3000))
     (bad / "empty.flac").write_bytes(b"")
     out = tmp_path / "out"
-    r = run_prepare(f"--dataset={bad}", f"--codec={codec_dir}", f"--out_dir={out}", "--device=cpu")
+    r = run_prepare(f"--dataset={bad}", f"--codec={codec_dir}", f"--out_dir={out}", "--device=cpu",
+                    "--text_encoding=none")
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 1 and len(errors) == 1 and "none of its 2 audio files" in errors[0], r.stderr
     assert not out.exists()  # README: nothing is written (no .cache/ either)
     for arg, expect in (("--val_files=-1", "val_files=-1: must be 0 (no val split) or more"),
                         ("--out_dir=", "out_dir=''"), ("--shard_tokens=0", "shard_tokens=0: must be at least 1")):
-        r = run_prepare(f"--dataset={bad}", f"--codec={codec_dir}", arg)
+        r = run_prepare(f"--dataset={bad}", f"--codec={codec_dir}", arg, "--text_encoding=none")
         assert r.returncode == 1 and r.stderr.startswith("error: ") and expect in r.stderr, r.stderr
