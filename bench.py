@@ -139,10 +139,14 @@ def bench_prepare() -> None:
         if cuda:
             torch.cuda.empty_cache()
         t0 = time.perf_counter()
+        # the default text+audio layout, with the tests' tiktoken encoding standing in for GPT-2's (no download)
+        plugins = os.path.join(root, "tests", "plugins")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join([plugins, os.environ.get("PYTHONPATH", "")])}
         r = subprocess.run([sys.executable, os.path.join(root, "prepare_audio.py"), f"--codec={codec_dir}",
                             f"--dataset={audio_dir}", f"--out_dir={os.path.join(tmp, 'out')}", f"--device={device}",
-                            f"--chunk_seconds={chunk}", f"--batch_seconds={batch * chunk}"],
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            f"--chunk_seconds={chunk}", f"--batch_seconds={batch * chunk}",
+                            "--text_encoding=gpt2o_test"], capture_output=True, text=True, env=env)
         ours = time.perf_counter() - t0
         if r.returncode:
             raise SystemExit(f"error: prepare_audio.py failed: {r.stderr[-2000:]}")
@@ -177,9 +181,13 @@ def bench_train() -> None:
     root = os.path.dirname(os.path.abspath(__file__))
     layout = Layout((4, 2, 1), 4096)
 
-    def write_data(folder: str, train_sizes: list[int], val_sizes: list[int], sparse: bool = False) -> str:
+    # the text+audio layout with GPT-2's BPE: only its size matters here (no text is encoded, so no BPE file)
+    text_layout = Layout((4, 2, 1), 4096, "gpt2", 50257)
+
+    def write_data(folder: str, train_sizes: list[int], val_sizes: list[int], sparse: bool = False,
+                   layout: Layout = layout) -> str:
         """A dataset in prepare_audio.py's format: random valid ids, or sparse all-zero files (id 0 is a valid
-        level-0 code) so 200M tokens cost no disk time."""
+        level-0 code, or text id) so 200M tokens cost no disk time."""
         os.makedirs(folder, exist_ok=True)
         shards, rng = [], np.random.default_rng(0)
         for split, sizes in (("train", train_sizes), ("val", val_sizes)):
@@ -232,6 +240,31 @@ def bench_train() -> None:
                 last = [r for r in rows if "mfu" in r][-1]  # after compile and warm-up
                 print(f"GPT-2 124M, block {block}, bf16 + compile on {name}: {last['tok_s']:,.0f} tok/s, "
                       f"MFU {last['mfu'] * 100:.1f}% of the data-sheet peak", flush=True)
+            # what the text+audio vocab costs on this GPU: configs/sherlock.py's model and micro-batch, bf16
+            figures = {}
+            for vocab_name, lay in (("audio", layout), ("text", text_layout)):
+                torch.manual_seed(0)
+                model = GPT(GPTConfig(vocab_size=lay.vocab_size, block_size=2048, n_layer=8, n_head=8,
+                                      n_embd=512)).cuda()
+                opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), "cuda")
+                x = torch.randint(0, lay.vocab_size, (8, 2049), device="cuda")
+                torch.cuda.reset_peak_memory_stats()
+                for step in range(6):
+                    if step == 2:  # after warm-up
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        _, loss = model(x[:, :-1], x[:, 1:])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                figures[vocab_name] = (4 * 8 * 2048 / (time.perf_counter() - t0), torch.cuda.max_memory_allocated())
+                del model, opt
+            (ta, ma), (tt, mt) = figures["audio"], figures["text"]
+            print(f"sherlock config on {name}, batch 8 x 2048, bf16: peak memory {mt / 2**30:.2f} GiB (vocab "
+                  f"{text_layout.vocab_size:,}) vs {ma / 2**30:.2f} GiB (vocab {layout.vocab_size:,})", flush=True)
+            row("sherlock config training, text+audio vocab (GPU)", tt, ta, "tok/s")
             return
 
         # (a) + (b): nanoGPT's CPU reference size, 6 layers x 6 heads x 384, block 512, batch 8, float32
@@ -282,6 +315,25 @@ def bench_train() -> None:
         growth = (rss[200_000_000] - rss[2_000_000]) / 2**20
         print(f"peak RSS training on 200M tokens {rss[200_000_000] / 2**20:.0f} MB vs 2M tokens "
               f"{rss[2_000_000] / 2**20:.0f} MB: {growth:+.1f} MB (target: within 50 MB)", flush=True)
+
+        # (d) what the text+audio vocab costs: configs/sherlock.py's model (8 x 512, block 2048) at batch 1, a few
+        #     steps on each vocab, same run
+        figures = {}
+        for name, lay in (("audio", layout), ("text", text_layout)):
+            folder = write_data(os.path.join(tmp, f"vocab_{name}"), [300_000], [5_000], layout=lay)
+            rows, peak = run_train([f"--data_dir={folder}", "--device=cpu", "--compile=False", "--n_layer=8",
+                                    "--n_head=8", "--n_embd=512", "--block_size=2048", "--batch_size=1",
+                                    "--gradient_accumulation_steps=1", "--max_iters=4", "--log_interval=1",
+                                    "--eval_interval=1000", "--eval_iters=1", "--peak_flops=1",
+                                    f"--out_dir={tmp}/vocab_{name}"])
+            n_params = GPT(GPTConfig(vocab_size=lay.vocab_size, block_size=2048, n_layer=8, n_head=8,
+                                     n_embd=512)).get_num_params()
+            figures[name] = (lay.vocab_size, n_params, np.median([r["tok_s"] for r in rows if r["iter"] > 0]), peak)
+        (va, pa, ta, ma), (vt, pt, tt, mt) = figures["audio"], figures["text"]
+        print(f"sherlock config, vocab {vt:,} (text+audio, GPT-2 BPE) vs {va:,} (audio only): parameters "
+              f"{pt / 1e6:.1f}M vs {pa / 1e6:.1f}M, peak RSS {mt / 2**20:.0f} MB vs {ma / 2**20:.0f} MB "
+              f"({(mt - ma) / 2**20:+.0f} MB)", flush=True)
+        row("train.py CPU, sherlock config batch 1: text+audio vocab", tt, ta, "tok/s")
 
 
 # --- generate -----------------------------------------------------------------

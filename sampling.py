@@ -214,6 +214,8 @@ def transcribe(model, layout: Layout, audio: torch.Tensor, max_tokens: int, text
     """Audio ids (1-D, whole frames) -> the text ids the model writes after them (not TEXT_END): a transcription
     item [audio][text] continued from its TEXT_START, up to TEXT_END or max_tokens. text_ok as in Grammar; kwargs
     are sample_frames' (temperature, top_k, top_p, generator, use_cache); temperature=0 is greedy."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: transcription needs room for at least one text token")
     device = model.lm_head.weight.device
     grammar = Grammar(layout, model.config.vocab_size, device, text_ok)
     context = torch.as_tensor(layout.transcript_context(torch.as_tensor(audio).cpu().numpy()))
