@@ -155,7 +155,7 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
         raise ValueError(f"the model knows {model.config.vocab_size} token ids, the tokenizer layout needs "
                         f"{layout.vocab_size}: the checkpoint was trained on another codec")
     context = torch.as_tensor(layout.audio_context() if context is None else context, dtype=torch.long)
-    head = torch.cat([context.reshape(-1), prompt])  # every training document starts with BOUNDARY
+    head = torch.cat([context.reshape(-1).to(prompt.device), prompt])  # every training document starts with BOUNDARY
     grammar = grammar or Grammar(layout, model.config.vocab_size, device)
     state = grammar.start(head, num_samples)  # (B,)
     keep = keep_frames(layout, block_size) * fs
