@@ -328,7 +328,8 @@ def bench_train() -> None:
                                     f"--out_dir={tmp}/vocab_{name}"])
             n_params = GPT(GPTConfig(vocab_size=lay.vocab_size, block_size=2048, n_layer=8, n_head=8,
                                      n_embd=512)).get_num_params()
-            figures[name] = (lay.vocab_size, n_params, np.median([r["tok_s"] for r in rows if r["iter"] > 0 and "tok_s" in r]), peak)
+            tok_s = np.median([r["tok_s"] for r in rows if r["iter"] > 0 and "tok_s" in r])  # after the first step
+            figures[name] = (lay.vocab_size, n_params, tok_s, peak)
         (va, pa, ta, ma), (vt, pt, tt, mt) = figures["audio"], figures["text"]
         print(f"sherlock config, vocab {vt:,} (text+audio, GPT-2 BPE) vs {va:,} (audio only): parameters "
               f"{pt / 1e6:.1f}M vs {pa / 1e6:.1f}M, peak RSS {mt / 2**20:.0f} MB vs {ma / 2**20:.0f} MB "
