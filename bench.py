@@ -205,6 +205,48 @@ def bench_train() -> None:
             json.dump(meta, f)
         return folder
 
+    def sherlock_steps(device: str, batch: int, rounds: int) -> dict[str, tuple[int, float, int]]:
+        """configs/sherlock.py's model (8 x 512, block 2048) on each vocab: parameters, training tokens/s (AdamW
+        steps of the two models in turns, the best of `rounds` after a warm-up) and, on CUDA, the peak memory of
+        each model trained alone (bf16 autocast there, float32 on CPU)."""
+        vocabs = {"audio": layout.vocab_size, "text": text_layout.vocab_size}
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def build(vocab_size: int) -> tuple:
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(vocab_size=vocab_size, block_size=2048, n_layer=8, n_head=8, n_embd=512)).to(device)
+            return (model, model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), device),
+                    torch.randint(0, vocab_size, (batch, 2049), device=device))
+
+        def step(model, opt, x) -> float:
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            return time.perf_counter() - t0
+
+        memory = dict.fromkeys(vocabs, 0)
+        if device == "cuda":
+            for name, vocab_size in vocabs.items():
+                built = build(vocab_size)
+                torch.cuda.reset_peak_memory_stats()
+                step(*built)
+                step(*built)
+                memory[name] = torch.cuda.max_memory_allocated()
+                del built
+                torch.cuda.empty_cache()
+        models = {name: build(vocab_size) for name, vocab_size in vocabs.items()}
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(rounds + 1):  # the first round warms up
+            for name, built in models.items():
+                times[name].append(step(*built))
+        return {name: (models[name][0].get_num_params(), batch * 2048 / min(times[name][1:]), memory[name])
+                for name in models}
+
     def run_train(args: list[str], threads: int = 0) -> tuple[list[dict], int]:
         """train.py in a subprocess -> its log.jsonl rows and its peak resident memory in bytes.
 
@@ -241,29 +283,11 @@ def bench_train() -> None:
                 print(f"GPT-2 124M, block {block}, bf16 + compile on {name}: {last['tok_s']:,.0f} tok/s, "
                       f"MFU {last['mfu'] * 100:.1f}% of the data-sheet peak", flush=True)
             # what the text+audio vocab costs on this GPU: configs/sherlock.py's model and micro-batch, bf16
-            figures = {}
-            for vocab_name, lay in (("audio", layout), ("text", text_layout)):
-                torch.manual_seed(0)
-                model = GPT(GPTConfig(vocab_size=lay.vocab_size, block_size=2048, n_layer=8, n_head=8,
-                                      n_embd=512)).cuda()
-                opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), "cuda")
-                x = torch.randint(0, lay.vocab_size, (8, 2049), device="cuda")
-                torch.cuda.reset_peak_memory_stats()
-                for step in range(6):
-                    if step == 2:  # after warm-up
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        _, loss = model(x[:, :-1], x[:, 1:])
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
-                figures[vocab_name] = (4 * 8 * 2048 / (time.perf_counter() - t0), torch.cuda.max_memory_allocated())
-                del model, opt
-            (ta, ma), (tt, mt) = figures["audio"], figures["text"]
-            print(f"sherlock config on {name}, batch 8 x 2048, bf16: peak memory {mt / 2**30:.2f} GiB (vocab "
-                  f"{text_layout.vocab_size:,}) vs {ma / 2**30:.2f} GiB (vocab {layout.vocab_size:,})", flush=True)
+            speed = sherlock_steps("cuda", batch=8, rounds=4)
+            (pa, ta, ma), (pt, tt, mt) = speed["audio"], speed["text"]
+            print(f"sherlock config on {name}, batch 8 x 2048, bf16: parameters {pt / 1e6:.1f}M vs {pa / 1e6:.1f}M, "
+                  f"peak memory {mt / 2**30:.2f} GiB (vocab {text_layout.vocab_size:,}) vs {ma / 2**30:.2f} GiB "
+                  f"(vocab {layout.vocab_size:,})", flush=True)
             row("sherlock config training, text+audio vocab (GPU)", tt, ta, "tok/s")
             return
 
@@ -316,25 +340,25 @@ def bench_train() -> None:
         print(f"peak RSS training on 200M tokens {rss[200_000_000] / 2**20:.0f} MB vs 2M tokens "
               f"{rss[2_000_000] / 2**20:.0f} MB: {growth:+.1f} MB (target: within 50 MB)", flush=True)
 
-        # (d) what the text+audio vocab costs: configs/sherlock.py's model (8 x 512, block 2048) at batch 1, a few
-        #     steps on each vocab, same run
+        # (d) what the text+audio vocab costs: configs/sherlock.py's model (8 x 512, block 2048) at batch 1. Peak
+        #     memory of train.py on each vocab; speed from steps of the two models taken in turns in this process,
+        #     so both see the same machine load
         figures = {}
         for name, lay in (("audio", layout), ("text", text_layout)):
             folder = write_data(os.path.join(tmp, f"vocab_{name}"), [300_000], [5_000], layout=lay)
-            rows, peak = run_train([f"--data_dir={folder}", "--device=cpu", "--compile=False", "--n_layer=8",
-                                    "--n_head=8", "--n_embd=512", "--block_size=2048", "--batch_size=1",
-                                    "--gradient_accumulation_steps=1", "--max_iters=4", "--log_interval=1",
-                                    "--eval_interval=1000", "--eval_iters=1", "--peak_flops=1",
-                                    f"--out_dir={tmp}/vocab_{name}"])
-            n_params = GPT(GPTConfig(vocab_size=lay.vocab_size, block_size=2048, n_layer=8, n_head=8,
-                                     n_embd=512)).get_num_params()
-            tok_s = np.median([r["tok_s"] for r in rows if r["iter"] > 0 and "tok_s" in r])  # after the first step
-            figures[name] = (lay.vocab_size, n_params, tok_s, peak)
-        (va, pa, ta, ma), (vt, pt, tt, mt) = figures["audio"], figures["text"]
+            _, peak = run_train([f"--data_dir={folder}", "--device=cpu", "--compile=False", "--n_layer=8",
+                                 "--n_head=8", "--n_embd=512", "--block_size=2048", "--batch_size=1",
+                                 "--gradient_accumulation_steps=1", "--max_iters=2", "--log_interval=1",
+                                 "--eval_interval=1000", "--eval_iters=1", "--peak_flops=1",
+                                 f"--out_dir={tmp}/vocab_{name}"])
+            figures[name] = (lay.vocab_size, peak)
+        speed = sherlock_steps("cpu", batch=1, rounds=3)
+        (va, ma), (vt, mt) = figures["audio"], figures["text"]
         print(f"sherlock config, vocab {vt:,} (text+audio, GPT-2 BPE) vs {va:,} (audio only): parameters "
-              f"{pt / 1e6:.1f}M vs {pa / 1e6:.1f}M, peak RSS {mt / 2**20:.0f} MB vs {ma / 2**20:.0f} MB "
-              f"({(mt - ma) / 2**20:+.0f} MB)", flush=True)
-        row("train.py CPU, sherlock config batch 1: text+audio vocab", tt, ta, "tok/s")
+              f"{speed['text'][0] / 1e6:.1f}M vs {speed['audio'][0] / 1e6:.1f}M, train.py peak RSS at batch 1 "
+              f"{mt / 2**20:.0f} MB vs {ma / 2**20:.0f} MB ({(mt - ma) / 2**20:+.0f} MB)", flush=True)
+        row("sherlock config CPU training step, batch 1: text+audio vocab", speed["text"][1], speed["audio"][1],
+            "tok/s")
 
 
 # --- generate -----------------------------------------------------------------
