@@ -114,6 +114,13 @@ class EvalSamples:
             return bool(self.off(f"codec {self.codec} has vq_strides {theirs[0]} and codebook_size {theirs[1]}, the "
                                  f"dataset {self.meta.get('vq_strides')} and {self.meta.get('codebook_size')}; pass "
                                  "the dataset's codec with --codec"))
+        # the dataset's own layout: with text, audio ids come after the text ids (only the ids matter for audio
+        # samples, so the text encoding itself is not needed)
+        from tokenizer import Layout
+        try:
+            tok.layout = Layout.from_meta(self.meta)
+        except ValueError as e:
+            return bool(self.off(str(e)))
         self.tok = tok
         return True
 
