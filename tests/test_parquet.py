@@ -60,7 +60,8 @@ def audio_parquet(tmp_path_factory):
 @pytest.fixture(scope="module")
 def audio_prepared(audio_parquet, codec_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("prepared_parquet"))
-    args = [f"--codec={codec_dir}", f"--dataset={audio_parquet}", f"--out_dir={out}", "--device=cpu",
+    args = [f"--codec={codec_dir}", f"--dataset={audio_parquet}", f"--out_dir={out}",
+            "--device=cpu", "--text_encoding=none",
             "--shard_tokens=150"]
     r = run_prepare(*args)
     assert r.returncode == 0, r.stderr
@@ -104,7 +105,8 @@ def test_audio_rows_with_transcripts(audio_prepared, audio_parquet, tok):
     assert len(warnings) == 2 and any(f"warning: {A} row 2: cannot be decoded" in w for w in warnings)
     assert any(f"warning: {DAMAGED}: cannot be read as parquet" in w for w in warnings)
     # transcripts: detected, announced in one note, and carried in the cache with their rows
-    assert "reading columns audio" in r.stdout and r.stdout.count("note: transcripts in column 'text'") == 1
+    # (tests/test_text.py puts them into the text+audio layout; these runs write the audio-only one)
+    assert "reading columns audio" in r.stdout and r.stdout.count("transcripts from column 'text'") == 1
     carried = set()
     for path in glob.glob(os.path.join(out, ".cache", "*", "*.npz")):
         entry = load_entry(path)
@@ -207,7 +209,8 @@ def codes_prepared(code_rows, config_only_codec, tmp_path_factory):
         src = write_codes(str(tmp_path_factory.mktemp("codes") / shape), code_rows, shape)
         out = str(tmp_path_factory.mktemp("out") / shape)
         flag = ["--codes_column=flat_codes"] if shape == "strings" else []
-        r = run_prepare(f"--dataset={src}", f"--codec={config_only_codec}", f"--out_dir={out}", "--device=cpu",
+        r = run_prepare(f"--dataset={src}", f"--codec={config_only_codec}", f"--out_dir={out}",
+                        "--device=cpu", "--text_encoding=none",
                         "--shard_tokens=200", *flag)
         assert r.returncode == 0, r.stderr
         runs[shape] = (src, out, r)
@@ -221,7 +224,7 @@ def test_codes_in_every_shape_give_the_same_shards(codes_prepared, code_rows, co
         docs = documents(out)
         assert len(docs) == len(expected) and all(np.array_equal(d, e) for d, e in zip(docs, expected)), shape
         assert f"reading columns {columns[shape]} (pre-tokenised SNAC codes: no codec runs)" in r.stdout
-        assert r.stdout.count("note: transcripts in column") == 1
+        assert r.stdout.count("transcripts from column") == 1
         meta = json.load(open(os.path.join(out, "meta.json")))
         assert meta["codec"] == config_only_codec and meta["vocab_size"] == LAYOUT.vocab_size
         seconds = sum(len(e) // 7 for e in expected) * 2048 / 24000
@@ -248,7 +251,8 @@ def test_max_hours_and_max_items_take_a_prefix(codes_prepared, config_only_codec
     seconds = [len(d) // 7 * 2048 / 24000 for d in docs]
     for flag, n in ((f"--max_hours={(sum(seconds[:4]) + seconds[4] / 2) / 3600}", 4), ("--max_items=3", 3)):
         out = str(tmp_path / flag[2:11])
-        r = run_prepare(f"--dataset={src}", f"--codec={config_only_codec}", f"--out_dir={out}", "--device=cpu",
+        r = run_prepare(f"--dataset={src}", f"--codec={config_only_codec}", f"--out_dir={out}",
+                        "--device=cpu", "--text_encoding=none",
                         flag)
         assert r.returncode == 0, r.stderr
         got = documents(out)
@@ -263,7 +267,8 @@ def test_torchrun_two_processes_equal_one_with_a_limit(codes_prepared, config_on
     outs = []
     for torchrun in (False, True):
         out = str(tmp_path / f"torchrun{torchrun}")
-        r = run_prepare(f"--dataset={src}", f"--codec={config_only_codec}", f"--out_dir={out}", "--device=cpu",
+        r = run_prepare(f"--dataset={src}", f"--codec={config_only_codec}", f"--out_dir={out}",
+                        "--device=cpu", "--text_encoding=none",
                         "--max_items=6", torchrun=torchrun, env={**ENV, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(out)
@@ -278,11 +283,11 @@ def test_strict_and_column_errors_are_one_line(codes_prepared, config_only_codec
              (["--text_column=nope"], "--text_column=nope: no such column")]
     for flags, expect in cases:
         r = run_prepare(f"--dataset={src}", f"--codec={config_only_codec}", f"--out_dir={tmp_path / 'out'}",
-                        "--device=cpu", *flags)
+                        "--device=cpu", "--text_encoding=none", *flags)
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == 1 and len(errors) == 1 and expect in errors[0], (flags, r.stderr)
         assert "Traceback" not in r.stderr
     # the Hub path up to its network call: offline, one line that says how to use a local folder instead
     r = run_prepare("--dataset=nobody-gpt2o/no-such-parquet-set", f"--codec={config_only_codec}",
-                    f"--out_dir={tmp_path / 'hub'}", "--device=cpu")
+                    f"--out_dir={tmp_path / 'hub'}", "--device=cpu", "--text_encoding=none")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and ".parquet files into a folder" in r.stderr

@@ -325,6 +325,43 @@ def test_prepare_text_options(transcribed, text_tok):
     assert r.returncode == 1 and "error: books/e.wav: empty transcript" in r.stderr
 
 
+def test_prepare_parquet_transcripts(tmp_path, codec_dir, text_tok):
+    """A parquet text column goes into the documents too; a null or empty cell leaves its row audio only."""
+    import json
+    import os
+    import shutil
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from prepare_audio import transcription_first
+    from test_prepare import run_prepare
+    codec = tmp_path / "codec"  # pre-tokenised codes: the codec's config.json is all that is read
+    codec.mkdir()
+    shutil.copy(os.path.join(codec_dir, "config.json"), codec / "config.json")
+    layout, enc = text_tok.layout, text_tok.text
+    rows = [(random_audio(layout, 2, seed=i) - layout.audio_offset, text)
+            for i, text in enumerate(["Holmes came.", None, "", "The data.", "You see."])]
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.table({"snac24khz": [a.tolist() for a, _ in rows], "text": [t for _, t in rows]}),
+                   tmp_path / "src" / "part-0.parquet", row_group_size=2)
+    out = tmp_path / "out"
+    r = run_prepare(f"--dataset={tmp_path / 'src'}", f"--codec={codec}", f"--out_dir={out}", "--device=cpu",
+                    f"--text_encoding={TEXT_ENCODING}", "--val_files=0", "--asr_fraction=0.5")
+    assert r.returncode == 0, r.stderr
+    docs = read_documents(str(out), "train", layout)
+    expected = []
+    for i, (audio_ids, text) in enumerate(rows):
+        ids = enc.encode_ordinary(text) if text else None
+        first = not transcription_first(1337, f"part-0.parquet row {i}", 0.5)
+        # codes arrive as level * codebook + code ids of the audio-only layout; the shards offset them
+        codes = Layout((4, 2, 1), CB).tokens_to_codes(audio_ids)
+        expected.append(layout.document(audio=layout.codes_to_tokens(codes), text=ids, text_first=first))
+    assert [d.tolist() for d in docs] == [e.tolist() for e in expected]
+    meta = json.load(open(out / "meta.json"))
+    assert meta["untranscribed"] == [{"file": "part-0.parquet row 1", "reason": "no transcript"},
+                                     {"file": "part-0.parquet row 2", "reason": "empty transcript"}]
+    assert meta["splits"]["train"]["paired"] == 3 and "warning: part-0.parquet row 2: empty transcript" in r.stderr
+
+
 # -----------------------------------------------------------------------------
 # generate.py --text and --transcribe
 
