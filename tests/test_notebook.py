@@ -6,7 +6,7 @@ import nbformat
 import soundfile as sf
 from nbclient import NotebookClient
 
-from conftest import ROOT, synth_audio
+from conftest import ROOT, TEXT_ENCODING, synth_audio
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab.ipynb")
 
@@ -17,7 +17,8 @@ def test_colab_notebook_runs_headless(codec_dir, tmp_path, monkeypatch):
     for i, seconds in enumerate([0.6, 1.2, 1.0]):
         sf.write(audio / f"chapter_{i}.flac", synth_audio(seconds, 16000, seed=i), 16000)
     out = tmp_path / "out"
-    settings = {"DATASET": str(audio), "CODEC": codec_dir, "DATA_DIR": str(tmp_path / "data"), "OUT_DIR": str(out),
+    settings = {"DATASET": str(audio), "CODEC": codec_dir, "TEXT_ENCODING": TEXT_ENCODING,  # GPT-2's cannot download
+                "DATA_DIR": str(tmp_path / "data"), "OUT_DIR": str(out),
                 "EXPORT_DIR": str(tmp_path / "exported"), "SECONDS": "0.2", "HUB_REPO_ID": "alice/gpt2o-tiny",
                 # the notebook's T4 flags, then a model and a run small enough for two CPU cores
                 "TRAIN_ARGS": "configs/sherlock.py --batch_size=4 --gradient_accumulation_steps=8 --device=cpu "
