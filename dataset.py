@@ -1,4 +1,5 @@
-"""A dataset folder written by prepare_audio.py (meta.json + uint16 shards), read as windows of tokens. No writes.
+"""A dataset folder written by prepare_audio.py (meta.json + uint16 shards), read as windows of tokens, and the
+val figures of a model on it. No writes.
 
     from dataset import load_dataset, train_starts
     meta, streams = load_dataset("data/sherlock")             # one TokenStream per split, checked against meta.json
@@ -10,11 +11,15 @@ processes. Errors are ValueError with a message for the user.
 from __future__ import annotations
 
 import json
+import math
 import os
+from contextlib import nullcontext
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from tokenizer import Layout
+from tokenizer import Layout, load_text_encoding, text_token_bytes
 
 class TokenStream:
     """The shards of one split as one stream of len(self) tokens; windows may cross shard ends."""
@@ -94,3 +99,71 @@ def eval_starts(seed: int, n_windows: int, n_starts: int) -> np.ndarray:
     if n_starts <= n_windows:
         return np.arange(n_starts)
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,))).integers(0, n_starts, size=n_windows)
+
+
+# -----------------------------------------------------------------------------
+# batches and eval
+
+def get_batch(stream: TokenStream, starts: np.ndarray, block: int, device: str,
+              vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of block + 1 tokens -> inputs x and targets y, (B, block) each, on device."""
+    batch = stream.read(starts, block + 1)  # (B, block + 1)
+    if batch.max(initial=0) >= vocab_size:
+        raise ValueError(f"token id {batch.max()} >= vocab_size {vocab_size}: the shards do not match meta.json; "
+                        "re-run prepare_audio.py")
+    t = torch.from_numpy(batch)
+    # pinned memory lets the copy overlap with compute; one copy of the windows, sliced on the device
+    t = t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t.to(device)
+    return t[:, :-1], t[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, block: int, batch_size: int,
+             meta: dict, device: str, dtype: str, ddp: bool, text_bytes: torch.Tensor | None = None) -> dict:
+    """Val loss over this rank's share of the fixed windows; the sums are all-reduced, so every rank and every
+    world size get the same figures. Tokens are grouped by their TARGET id (Layout.groups): each audio level,
+    text, special. Bits per second count audio targets only; bits per byte count text targets, over the bytes
+    of those targets (text_bytes: (vocab_size,) bytes per id, from the text encoding)."""
+    layout = Layout.from_meta(meta)
+    n_groups = len(layout.group_names)
+    acc = torch.float32 if device == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(3, n_groups, device=device, dtype=acc)  # [loss sum, token count, text bytes] per group
+    model.eval()
+    for i in range(0, len(starts), batch_size):
+        x, y = get_batch(stream, starts[i:i + batch_size], block, device, int(meta["vocab_size"]))
+        with torch.autocast("cuda", getattr(torch, dtype)) if dtype != "float32" else nullcontext():
+            logits, _ = model(x, y)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        group = layout.groups(y.reshape(-1))
+        sums[0].index_add_(0, group, loss.to(acc))
+        sums[1].index_add_(0, group, torch.ones_like(loss, dtype=acc))
+        if text_bytes is not None:
+            sums[2].index_add_(0, group, text_bytes[y.reshape(-1)].to(acc))
+    model.train()
+    if ddp:
+        torch.distributed.all_reduce(sums)
+    loss_sum, count, nbytes = sums.cpu().tolist()
+    n_levels, text = layout.n_levels, layout.n_levels  # groups: L0 .. L{n-1}, text, special
+    audio_loss = sum(loss_sum[:n_levels]) / max(1.0, sum(count[:n_levels]))
+    row = {"val_loss": sum(loss_sum) / max(1.0, sum(count)), "val_audio_loss": audio_loss,
+           "val_bps": audio_loss * float(meta["tokens_per_second"]) / math.log(2),
+           "val_loss_levels": {name: s / c for name, s, c in zip(layout.group_names, loss_sum, count) if c > 0}}
+    if count[text] > 0:
+        row["val_text_loss"] = loss_sum[text] / count[text]  # nats per text token
+        if nbytes[text] > 0:
+            row["val_text_bpb"] = loss_sum[text] / math.log(2) / nbytes[text]  # bits per byte of text
+    return row
+
+
+def text_bytes_table(meta: dict, device: str) -> torch.Tensor | None:
+    """(vocab_size,) bytes of each text id (0 elsewhere) for bits per byte, when the val split holds text."""
+    layout = Layout.from_meta(meta)
+    if not layout.text_vocab or not meta.get("splits", {}).get("val", {}).get("text_tokens"):
+        return None
+    enc = load_text_encoding(layout.text_encoding)
+    if enc.n_vocab != layout.text_vocab:
+        raise ValueError(f"text encoding {layout.text_encoding}: has {enc.n_vocab} ids here but the dataset was "
+                        f"written with {layout.text_vocab}; use the tiktoken version that prepared the data")
+    table = torch.zeros(layout.vocab_size, dtype=torch.float64)
+    table[:layout.text_vocab] = torch.from_numpy(text_token_bytes(enc)).double()
+    return table.to(device, torch.float32 if device == "mps" else torch.float64)

@@ -57,8 +57,9 @@ class EvalSamples:
 
     Sampling draws from its own torch.Generator, and the codec's decoder noise from a forked global RNG, so the
     training randomness (dropout masks, exact resume, 1 process = N processes) is untouched. On a fast GPU a few
-    seconds of sampling can be a large share of a short eval interval: an eval skips its samples when the samples
-    so far plus these would take more than SAMPLE_SHARE of the run's other time (the first and last never skip).
+    seconds of sampling can be a large share of a short eval interval: an eval skips its samples (and the rebuild of
+    report.html) when those so far plus these would take more than SAMPLE_SHARE of the run's other time (the first
+    and last evals never skip).
     """
 
     def __init__(self, out_dir: str, meta: dict, n: int, seconds: float, device: str, seed: int, codec: str = ""):
@@ -68,6 +69,7 @@ class EvalSamples:
         self.tok = None  # the codec, loaded at the first eval
         self.on = bool(self.specs)
         self.t_start, self.spent, self.cost, self.calls = time.perf_counter(), 0.0, 0.0, 0
+        self.now = False  # whether this eval writes samples and the report
 
     def due(self, last: bool) -> bool:
         """Within the budget: the first and the last eval always; others while samples stay under SAMPLE_SHARE."""
@@ -76,9 +78,13 @@ class EvalSamples:
 
     def __call__(self, model: torch.nn.Module, it: int, last: bool = False) -> dict:
         """Write this eval's samples; returns the log entries ({"sample_s": seconds} when samples were written)."""
-        if not self.on or not self.due(last):
+        self.now = self.due(last)  # report() follows this eval's decision
+        if not self.now:
             return {}
         self.calls += 1
+        self.cost = 0.0
+        if not self.on:
+            return {}
         t0 = time.perf_counter()
         cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
         # the codec's initialisation and its decoder's noise draw from the global RNG: fork it, so training's is
@@ -96,6 +102,15 @@ class EvalSamples:
         print(f"iter {it} | samples {len(paths)} x {self.seconds:g} s in {self.cost:.1f} s -> "
               f"{os.path.join(self.out_dir, 'samples')}", flush=True)
         return {"sample_s": self.cost}
+
+    def report(self) -> None:
+        """Rebuild report.html after an eval whose samples were due: its time counts in the same budget (on a fast
+        GPU the page's plots take about as long as the samples)."""
+        if self.now:
+            t0 = time.perf_counter()
+            refresh(self.out_dir, self.meta)
+            self.cost += time.perf_counter() - t0
+            self.spent += time.perf_counter() - t0
 
     def off(self, why: str) -> dict:
         """Training goes on without samples: one warning line, once."""

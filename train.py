@@ -23,15 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import (Dist, UserError, atomic_write, autocast, format_duration, load_checkpoint, load_model_source,
                     parse_config, peak_flops, pick_device, pick_dtype, remove_stale_temp_files, run_main,
                     save_checkpoint, user_errors, write_json)
 from model import GPT, GPTConfig
-from dataset import TokenStream, eval_starts, load_dataset, train_starts
-from report import EvalSamples, refresh
-from tokenizer import Layout, load_text_encoding, text_token_bytes
+from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
+from report import EvalSamples
 
 
 @dataclass
@@ -113,78 +111,6 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
         return cfg.min_lr
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
-# -----------------------------------------------------------------------------
-# data
-
-def get_batch(stream: TokenStream, starts: np.ndarray, block: int, device: str,
-              vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of block + 1 tokens -> inputs x and targets y, (B, block) each, on device."""
-    batch = stream.read(starts, block + 1)  # (B, block + 1)
-    if batch.max(initial=0) >= vocab_size:
-        raise UserError(f"token id {batch.max()} >= vocab_size {vocab_size}: the shards do not match meta.json; "
-                        "re-run prepare_audio.py")
-    t = torch.from_numpy(batch)
-    # pinned memory lets the copy overlap with compute; one copy of the windows, sliced on the device
-    t = t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t.to(device)
-    return t[:, :-1], t[:, 1:]
-
-
-# -----------------------------------------------------------------------------
-# eval
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, block: int, batch_size: int,
-             meta: dict, device: str, dtype: str, dist: Dist, text_bytes: torch.Tensor | None = None) -> dict:
-    """Val loss over this rank's share of the fixed windows; the sums are all-reduced, so every rank and every
-    world size get the same figures. Tokens are grouped by their TARGET id (Layout.groups): each audio level,
-    text, special. Bits per second count audio targets only; bits per byte count text targets, over the bytes
-    of those targets (text_bytes: (vocab_size,) bytes per id, from the text encoding)."""
-    layout = Layout.from_meta(meta)
-    n_groups = len(layout.group_names)
-    acc = torch.float32 if device == "mps" else torch.float64  # MPS has no float64
-    sums = torch.zeros(3, n_groups, device=device, dtype=acc)  # [loss sum, token count, text bytes] per group
-    model.eval()
-    for i in range(0, len(starts), batch_size):
-        x, y = get_batch(stream, starts[i:i + batch_size], block, device, int(meta["vocab_size"]))
-        with autocast(device, dtype):
-            logits, _ = model(x, y)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        group = layout.groups(y.reshape(-1))
-        sums[0].index_add_(0, group, loss.to(acc))
-        sums[1].index_add_(0, group, torch.ones_like(loss, dtype=acc))
-        if text_bytes is not None:
-            sums[2].index_add_(0, group, text_bytes[y.reshape(-1)].to(acc))
-    model.train()
-    if dist.ddp:
-        torch.distributed.all_reduce(sums)
-    loss_sum, count, nbytes = sums.cpu().tolist()
-    n_levels, text = layout.n_levels, layout.n_levels  # groups: L0 .. L{n-1}, text, special
-    audio_loss = sum(loss_sum[:n_levels]) / max(1.0, sum(count[:n_levels]))
-    row = {"val_loss": sum(loss_sum) / max(1.0, sum(count)), "val_audio_loss": audio_loss,
-           "val_bps": audio_loss * float(meta["tokens_per_second"]) / math.log(2),
-           "val_loss_levels": {name: s / c for name, s, c in zip(layout.group_names, loss_sum, count) if c > 0}}
-    if count[text] > 0:
-        row["val_text_loss"] = loss_sum[text] / count[text]  # nats per text token
-        if nbytes[text] > 0:
-            row["val_text_bpb"] = loss_sum[text] / math.log(2) / nbytes[text]  # bits per byte of text
-    return row
-
-
-def text_bytes_table(meta: dict, device: str) -> torch.Tensor | None:
-    """(vocab_size,) bytes of each text id (0 elsewhere) for bits per byte, when the val split holds text."""
-    layout = Layout.from_meta(meta)
-    if not layout.text_vocab or not meta.get("splits", {}).get("val", {}).get("text_tokens"):
-        return None
-    with user_errors(" (needed for the text figures of eval)"):
-        enc = load_text_encoding(layout.text_encoding)
-    if enc.n_vocab != layout.text_vocab:
-        raise UserError(f"text encoding {layout.text_encoding}: has {enc.n_vocab} ids here but the dataset was "
-                        f"written with {layout.text_vocab}; use the tiktoken version that prepared the data")
-    table = torch.zeros(layout.vocab_size, dtype=torch.float64)
-    table[:layout.text_vocab] = torch.from_numpy(text_token_bytes(enc)).double()
-    return table.to(device, torch.float32 if device == "mps" else torch.float64)
 
 
 # -----------------------------------------------------------------------------
@@ -306,7 +232,8 @@ def main() -> None:
                         "train into a new --out_dir, or pass --overwrite=True to replace it")
 
     device = dist.init(device)  # torchrun: join the process group; on CUDA each rank takes its local GPU
-    text_bytes = text_bytes_table(meta, device) if len(val_starts) else None  # for bits per byte of text
+    with user_errors(" (needed for the text figures of eval)"):
+        text_bytes = text_bytes_table(meta, device) if len(val_starts) else None  # for bits per byte of text
     if master:
         print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
         print(f"device {device} | dtype {dtype} | processes {dist.world_size} | train {len(train_data):,} tokens | "
@@ -391,8 +318,9 @@ def main() -> None:
             flush_losses()  # never checkpoint weights that came from a NaN step
             row = {"iter": iter_num}
             if len(val_starts):
-                row.update(evaluate(model, val_data, val_starts[dist.rank::dist.world_size], val_block,
-                                    cfg.batch_size, meta, device, dtype, dist, text_bytes))
+                with user_errors():  # a token id the model does not know: the shards do not match meta.json
+                    row.update(evaluate(model, val_data, val_starts[dist.rank::dist.world_size], val_block,
+                                        cfg.batch_size, meta, device, dtype, dist.ddp, text_bytes))
             if master:
                 row.update(samples(raw_model, iter_num, last=iter_num == cfg.max_iters))  # {"sample_s": ...}
                 if "val_loss" in row:
@@ -406,7 +334,7 @@ def main() -> None:
                 best_val_loss = min(best_val_loss, row.get("val_loss", float("inf")))
                 save_state([ckpt_path, best_path] if improved else [ckpt_path], raw_model, optimizer, scaler, cfg,
                            meta, iter_num, best_val_loss)
-                refresh(cfg.out_dir, meta)  # out_dir/report.html
+                samples.report()  # out_dir/report.html, in the same time budget as the samples
             t0, iters_timed = time.perf_counter(), 0  # eval time is not training time
         if iter_num >= cfg.max_iters:
             break
@@ -423,7 +351,8 @@ def main() -> None:
             # dropout masks from (seed, iteration, micro-step of the whole job) alone: a resumed run, and a run on
             # another number of processes, draw the same masks
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, iter_num, job_step]).generate_state(1)[0]))
-            x, y = get_batch(train_data, starts[job_step], cfg.block_size, device, model_config.vocab_size)
+            with user_errors():  # a token id the model does not know: the shards do not match meta.json
+                x, y = get_batch(train_data, starts[job_step], cfg.block_size, device, model_config.vocab_size)
             # gradients are all-reduced only after the last micro-step of the iteration
             sync = model.no_sync() if dist.ddp and micro_step < micro_steps - 1 else nullcontext()
             with sync:
