@@ -125,13 +125,19 @@ def test_same_seed_same_tokens(model, tok):
 
 
 def test_top_k_and_top_p_restrict_to_the_most_likely():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, float("-inf")]]).repeat(200, 1)
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, float("-inf")]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert (sampling.sample_next(logits, 1.0, 1, 1.0, g) == 1).all()
-    assert (sampling.sample_next(logits, 1.0, 0, 1e-3, g) == 1).all()
-    picks = sampling.sample_next(logits, 5.0, 2, 1.0, g)
-    assert set(picks.flatten().tolist()) == {1, 3}
-    assert set(sampling.sample_next(logits, 100.0, 0, 1.0, g).flatten().tolist()) == {0, 1, 2, 3}  # never -inf
+
+    def sample(temperature, top_k, top_p):
+        return sampling.sample_next(logits, temperature, top_k, top_p, torch.rand(logits.shape, generator=g)).flatten()
+    assert (sample(1.0, 1, 1.0) == 1).all()
+    assert (sample(1.0, 0, 1e-3) == 1).all()
+    assert set(sample(5.0, 2, 1.0).tolist()) == {1, 3}
+    picks = sample(1.0, 0, 1.0)
+    assert set(picks.tolist()) == {0, 1, 2, 3}  # never -inf
+    # the exponential race draws each id with its softmax probability
+    freq = torch.bincount(picks, minlength=5).float() / len(picks)
+    torch.testing.assert_close(freq, torch.softmax(logits[0], dim=0), atol=0.03, rtol=0)
 
 
 # -----------------------------------------------------------------------------
