@@ -109,7 +109,9 @@ class StaticStep:
             torch._dynamo.mark_static_address(cache.v)
             self.compiled = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
         if mode == "graph":
-            with decode_attention():  # the kernels are chosen at capture and replayed as they are
+            # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
+            # current device, so make it the model's (cuda:1 works too)
+            with decode_attention(), torch.cuda.device(device):
                 self.graphs = {level: self._capture(level) for level in sorted(set(levels))}
 
     def _forward(self, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
@@ -134,7 +136,8 @@ class StaticStep:
 
     def __call__(self, level: int) -> torch.Tensor:
         if self.mode == "graph":
-            self.graphs[level].replay()
+            with torch.cuda.device(self.out.device):
+                self.graphs[level].replay()
             return self.out
         with decode_attention():
             if self.mode == "compile":
