@@ -79,8 +79,8 @@ class SampleWriters:
                 self.files[len(self.paths) + i].write(row[start:])
         self.written += audio.shape[1]
         if self.pipe is not None:
-            # PCM_16 as libsndfile writes it: x * 32767, rounded (clipped to the int16 range first)
-            self.pipe.write((np.clip(audio[0], -1.0, 1.0) * 32767).round().astype("<i2").tobytes())
+            # PCM_16 as libsndfile 1.2 writes the files: floor(x * 32768), clipped to the int16 range
+            self.pipe.write(np.clip(np.floor(audio[0] * 32768), -32768, 32767).astype("<i2").tobytes())
             self.pipe.flush()
 
     def __enter__(self) -> "SampleWriters":
