@@ -15,6 +15,7 @@ up to float rounding between the eager and static kernels.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -82,67 +83,89 @@ def decode_attention() -> contextlib.AbstractContextManager:
 
 
 class StaticStep:
-    """The one-token decode step with static shapes: inputs and outputs are tensors allocated once, so the step can
-    be replayed as a CUDA graph. Set `tok` (B, 1) and `pos` (1,), fill `noise`, call step(level) -> ids (B, 1).
+    """The one-token decode step with static shapes: its KV cache and its inputs and outputs are tensors allocated
+    once, so the step can be replayed as a CUDA graph. Set `tok` (B, 1) and `pos` (1,), fill `noise`, then
+    step(model, level) -> ids (B, 1).
 
     mode "static" runs it eagerly; "graph" captures it by hand (torch.cuda.CUDAGraph) once per level, here: no
     compiler, a few forwards to capture (milliseconds), then one launch per token; "compile" uses
     torch.compile(mode="reduce-overhead"), which captures CUDA graphs of its own kernels after compiling (slow to
-    warm up). Which is faster is measured by `python bench.py generate` on CUDA.
+    warm up). Which is faster is measured by `python bench.py generate` on CUDA. The model is passed to every call,
+    never kept: a step is cached per model (static_step) and must not keep it alive.
     """
 
-    def __init__(self, model, cache, batch_size: int, codebook_size: int, knobs: tuple[float, int, float],
-                 mode: str, levels: list[int]):
+    def __init__(self, model, batch_size: int, codebook_size: int, knobs: tuple[float, int, float], mode: str,
+                 levels: list[int]):
         device = model.lm_head.weight.device
-        self.model, self.cache, self.knobs, self.mode, self.cs = model, cache, knobs, mode, codebook_size
+        self.cache, self.knobs, self.mode, self.cs = model.new_kv_cache(batch_size), knobs, mode, codebook_size
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.noise = torch.ones(batch_size, codebook_size, device=device)
         self.out = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
         self.compiled: Callable | None = None
+        self.busy = False  # a generation is using it (another one at the same time gets its own)
         if mode == "compile":
             # the cache is mutated in place by every step: marked static, the compiled graphs write it where it is
             # instead of copying it in and out
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            torch._dynamo.mark_static_address(self.cache.k)
+            torch._dynamo.mark_static_address(self.cache.v)
             self.compiled = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
         if mode == "graph":
             # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
             # current device, so make it the model's (cuda:1 works too)
             with decode_attention(), torch.cuda.device(device):
-                self.graphs = {level: self._capture(level) for level in sorted(set(levels))}
+                pool = torch.cuda.graph_pool_handle()  # the level graphs run one at a time: they share memory
+                self.graphs = {level: self._capture(model, level, pool) for level in sorted(set(levels))}
 
-    def _forward(self, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
+    def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, level: int) -> torch.Tensor:
         lo = level * self.cs
-        logits, _ = self.model(tok, kv_cache=self.cache, input_pos=pos, vocab_range=(lo, lo + self.cs))
+        logits, _ = model(tok, kv_cache=self.cache, input_pos=pos, vocab_range=(lo, lo + self.cs))
         return sample_next(logits[:, -1, :].float(), *self.knobs, noise) + lo
 
-    def _capture(self, level: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, model, level: int, pool) -> torch.cuda.CUDAGraph:
         # warm up on a side stream first (cuBLAS handles and workspaces are created outside the capture); the
-        # warm-up steps write position `pos` of the cache, which the caller fills before it is ever read unmasked
+        # warm-up steps write position `pos` of the cache, which a prefill or a step fills before it is read
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.out.copy_(self._forward(self.tok, self.pos, self.noise, level))
+                self.out.copy_(self._forward(model, self.tok, self.pos, self.noise, level))
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        self.pool = self.pool or torch.cuda.graph_pool_handle()  # the level graphs run one at a time: one pool
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.out.copy_(self._forward(self.tok, self.pos, self.noise, level))
+        with torch.cuda.graph(graph, pool=pool):
+            self.out.copy_(self._forward(model, self.tok, self.pos, self.noise, level))
         return graph
 
-    def __call__(self, level: int) -> torch.Tensor:
+    def __call__(self, model, level: int) -> torch.Tensor:
         if self.mode == "graph":
             with torch.cuda.device(self.out.device):
                 self.graphs[level].replay()
             return self.out
         with decode_attention():
             if self.mode == "compile":
-                return self.compiled(self.tok, self.pos, self.noise, level)
-            return self._forward(self.tok, self.pos, self.noise, level)
+                return self.compiled(model, self.tok, self.pos, self.noise, level)
+            return self._forward(model, self.tok, self.pos, self.noise, level)
+
+
+# the static steps of each model, by batch size, sampling knobs and mode: captured (or compiled) once, replayed by
+# every later generation; they go when the model goes
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def static_step(model, batch_size: int, codebook_size: int, knobs: tuple[float, int, float], mode: str,
+                levels: list[int]) -> StaticStep:
+    """The model's StaticStep for this batch size, knobs and mode: made at the first request, then reused (its cache
+    and graphs point at the model's weights: a model moved with .to() gets new ones)."""
+    w = model.lm_head.weight
+    key = (batch_size, codebook_size, knobs, mode, w.device, w.dtype, w.data_ptr())
+    steps = _STEPS.setdefault(model, {})
+    if key not in steps or steps[key].busy:
+        step = StaticStep(model, batch_size, codebook_size, knobs, mode, levels)
+        if key not in steps:
+            steps[key] = step
+        return step
+    return steps[key]
 
 
 @torch.no_grad()
@@ -180,43 +203,51 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
         start = prompt[-keep:]
     n = len(start)
     ctx[:, :n] = start.to(device)
-    cache = model.new_kv_cache(num_samples) if use_cache else None
-    step = None
+    step, cache = None, None
     if use_cache and decode != "eager":
-        step = StaticStep(model, cache, num_samples, cs, (temperature, top_k, top_p), decode, levels)
+        step = static_step(model, num_samples, cs, (temperature, top_k, top_p), decode, levels)
+        cache = step.cache
+    elif use_cache:
+        cache = model.new_kv_cache(num_samples)
     # the sampler's random draws, made outside the model step in the same order whatever runs it: same seed,
     # same tokens
     noise = step.noise if step is not None else torch.empty(num_samples, cs, device=device)
-    prefill = True
-    for i in range(n_frames * fs):
-        phase = i % fs  # the prompt is whole frames, so this is the position inside the current frame
-        lo = levels[phase] * cs
-        if n > block_size:
-            # slide: keep the last whole frames that fit plus the partial frame, so positions restart at 0 on a
-            # frame start, and re-prefill the cache from the kept window
-            m = keep + phase
-            ctx[:, :m] = ctx[:, n - m:n].clone()
-            n, prefill = m, True
-        if temperature > 0:
-            noise.uniform_(generator=generator)
-        if step is not None and not prefill:
-            step.tok.copy_(ctx[:, n - 1:n])
-            step.pos.fill_(n - 1)
-            ctx[:, n:n + 1] = step(levels[phase])
-        else:
-            with decode_attention():
-                if cache is None:
-                    logits, _ = model(ctx[:, :n], vocab_range=(lo, lo + cs))
-                elif prefill:
-                    cache.reset()
-                    logits, _ = model(ctx[:, :n], kv_cache=cache, vocab_range=(lo, lo + cs))
-                    prefill = False
-                else:
-                    logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, lo + cs))
-            ctx[:, n:n + 1] = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, noise) + lo
-        n += 1
-        if phase == fs - 1:
-            yield ctx[:, n - fs:n].clone()
+    if step is not None:
+        step.busy = True
+    try:
+        prefill = True
+        for i in range(n_frames * fs):
+            phase = i % fs  # the prompt is whole frames, so this is the position inside the current frame
+            lo = levels[phase] * cs
+            if n > block_size:
+                # slide: keep the last whole frames that fit plus the partial frame, so positions restart at 0 on a
+                # frame start, and re-prefill the cache from the kept window
+                m = keep + phase
+                ctx[:, :m] = ctx[:, n - m:n].clone()
+                n, prefill = m, True
+            if temperature > 0:
+                noise.uniform_(generator=generator)
+            if step is not None and not prefill:
+                step.tok.copy_(ctx[:, n - 1:n])
+                step.pos.fill_(n - 1)
+                ctx[:, n:n + 1] = step(model, levels[phase])
+            else:
+                with decode_attention():
+                    if cache is None:
+                        logits, _ = model(ctx[:, :n], vocab_range=(lo, lo + cs))
+                    elif prefill:
+                        cache.reset()
+                        logits, _ = model(ctx[:, :n], kv_cache=cache, vocab_range=(lo, lo + cs))
+                        prefill = False
+                    else:
+                        logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, lo + cs))
+                ctx[:, n:n + 1] = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, noise) + lo
+            n += 1
+            if phase == fs - 1:
+                yield ctx[:, n - fs:n].clone()
+    finally:  # also when the caller stops early: the step is free for the next generation
+        if step is not None:
+            step.busy = False
 
 
 def generate_tokens(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, **kwargs) -> torch.Tensor:

@@ -128,6 +128,22 @@ def test_same_seed_same_tokens(model, tok):
     assert torch.equal(a, sample(1, decode="static"))
 
 
+def test_static_steps_are_reused_but_never_shared(tok):
+    """A model's static step (its cache, and on CUDA its graphs) is made once per batch size and reused; two
+    generations running at the same time do not share one."""
+    layout, model = tok.layout, tiny_gpt(tok.layout.vocab_size)
+    greedy = sampling.generate_tokens(model, layout, None, 12, num_samples=2, temperature=0.0)
+    a = sampling.sample_frames(model, layout, None, 12, num_samples=2, temperature=0.0, decode="static")
+    b = sampling.sample_frames(model, layout, None, 12, num_samples=2, temperature=0.0, decode="static")
+    frames = list(zip(a, b))  # interleaved, frame by frame (with slides of the 64-token window)
+    assert torch.equal(torch.cat([x for x, _ in frames], dim=1), greedy)
+    assert torch.equal(torch.cat([y for _, y in frames], dim=1), greedy)
+    steps = sampling._STEPS[model]
+    assert len(steps) == 1 and not next(iter(steps.values())).busy  # the first is kept for the next generation
+    step = sampling.static_step(model, 2, layout.codebook_size, (0.0, 0, 1.0), "static", [0, 1, 2])
+    assert step is next(iter(steps.values()))
+
+
 def test_decode_modes_are_checked(model, tok):
     with pytest.raises(ValueError, match="CUDA"):
         next(sampling.sample_frames(model, tok.layout, None, 1, decode="graph"))  # the model is on the CPU
