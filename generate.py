@@ -159,10 +159,12 @@ def load_model(cfg: GenerateConfig, device: str, dtype: str):
     return model, tok
 
 
-def warm_up(model, tok: AudioTokenizer, num_samples: int, chunk_frames: int) -> None:
-    """CUDA loads kernels and creates library handles on their first use: run one frame of sampling and one codec
-    chunk of the streaming size now, as part of loading, so the time to first audio does not pay for that."""
-    for _ in sample_frames(model, tok.layout, None, 1, num_samples=num_samples):
+def warm_up(model, tok: AudioTokenizer, cfg: GenerateConfig, chunk_frames: int) -> None:
+    """CUDA loads kernels and creates library handles on their first use, and sampling captures its CUDA graphs at
+    its first run for a batch size: sample one frame and decode one codec chunk of the streaming size now, as part
+    of loading, so the time to first audio does not pay for that."""
+    for _ in sample_frames(model, tok.layout, None, 1, num_samples=cfg.num_samples, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p):
         pass
     n = chunk_frames + CODEC_CONTEXT_FRAMES  # the first chunk: no left context yet
     tokens = torch.from_numpy(tok.layout.frame_levels * tok.layout.codebook_size).repeat(n)[None]  # code 0s
@@ -233,7 +235,7 @@ def main() -> None:
     n_frames = math.ceil(cfg.seconds * sr / hop)
     stream = cfg.stream or bool(cfg.stream_to)
     if device.startswith("cuda"):
-        warm_up(model, tok, cfg.num_samples, cfg.stream_frames if stream else DECODE_FRAMES)
+        warm_up(model, tok, cfg, cfg.stream_frames if stream else DECODE_FRAMES)
 
     t_start = time.perf_counter()  # the wall time includes encoding the prompt
     prompt, p_frames = None, 0
