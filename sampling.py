@@ -61,7 +61,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     logits = logits / temperature
     if top_k > 0:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+        # v[:, -1:], not v[:, [-1]]: a list index is copied to the GPU first, which a CUDA graph capture forbids
+        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
