@@ -362,85 +362,277 @@ def bench_train() -> None:
 
 
 # --- generate -----------------------------------------------------------------
+def _sample_before(model, layout, n_frames: int, num_samples: int, generator) -> None:
+    """The sampling loop as it was before issue 12, as the baseline: a cache attended over its filled positions,
+    logits of the whole vocabulary masked per frame position, torch.multinomial, PyTorch's default attention
+    dispatch (cuDNN on Hopper). No prompt, no slides."""
+    import torch
+    fs, device = layout.frame_size, model.lm_head.weight.device
+    ids = torch.arange(model.config.vocab_size)
+    lo = torch.as_tensor(layout.frame_levels * layout.codebook_size)[:, None]
+    masks = torch.zeros(fs, len(ids)).masked_fill(~((ids >= lo) & (ids < lo + layout.codebook_size)), float("-inf"))
+    masks = masks.to(device)
+    buf = torch.full((num_samples, 1 + n_frames * fs), layout.boundary_id, dtype=torch.long, device=device)
+    cache = model.new_kv_cache(num_samples)
+    with torch.no_grad():
+        for n in range(1, 1 + n_frames * fs):
+            logits, _ = model(buf[:, n - 1:n], kv_cache=cache)
+            probs = torch.softmax(logits[:, -1, :].float() + masks[(n - 1) % fs], dim=-1)
+            buf[:, n:n + 1] = torch.multinomial(probs, num_samples=1, generator=generator)
+
+
 def bench_generate() -> None:
-    """KV-cached sampling vs recomputing the whole context per token (nanoGPT's generate), then tokens/s and
-    real-time factors (LM and codec apart) per config. Random weights: speed does not depend on them."""
+    """Sampling speed per decode mode against its baselines: full recompute (nanoGPT's generate), the loop before
+    issue 12, real time, and on a CPU the weight-streaming bound; on CUDA also the attention backends, time to first
+    audio through generate.py, and a 10-minute stream. Random weights: speed does not depend on them."""
     import os
+    import subprocess
     import tempfile
     import torch
+    import torch.nn.functional as F
     import sampling
-    from common import read_config_file
+    from common import read_config_file, save_checkpoint
     from model import GPT, GPTConfig
     from tokenizer import Layout, load_codec
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(here, "tests"))
     from conftest import SNAC_24KHZ_CONFIG, save_random_snac
 
     layout = Layout((4, 2, 1), 4096)  # SNAC 24 kHz
     fs, real_time = layout.frame_size, 24000 / 2048 * layout.frame_size  # 82.03 tokens per second of audio
-    print(f"device cpu, {torch.get_num_threads()} threads; real time for SNAC 24 kHz = {real_time:.2f} tokens/s")
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32  # what generate.py picks
+    card = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device {card}, {str(dtype)[6:]} weights; real time for SNAC 24 kHz = {real_time:.2f} tokens/s")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def config(name: str) -> dict:
+        cfg = read_config_file(os.path.join(here, "configs", f"{name}.py"))
+        return {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+
+    def gpt(n_layer: int, n_head: int, n_embd: int, block_size: int, on: str = device) -> GPT:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=layout.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd)).eval()
+        return model.to(on, dtype if on == "cuda" else torch.float32)
 
     def random_tokens(n_frames: int, seed: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         frames = torch.randint(0, layout.codebook_size, (n_frames, fs), generator=g)
         return (frames + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(-1)
 
-    def gpt(n_layer: int, n_head: int, n_embd: int, block_size: int) -> GPT:
-        torch.manual_seed(0)
-        return GPT(GPTConfig(vocab_size=layout.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                             n_embd=n_embd)).eval()
+    def tokens_per_s(model, n_frames: int, b: int = 1, prompt=None, repeat: int = 1, **kw) -> float:
+        """Sampling speed (new tokens of all rows per second, the prefill included), the best of `repeat` runs
+        after a warm-up run that also captures or compiles; temperature 1, no top-k/top-p."""
+        def run() -> None:
+            g = torch.Generator(device=model.lm_head.weight.device).manual_seed(0)
+            sampling.generate_tokens(model, layout, prompt, n_frames, num_samples=b, generator=g, **kw)
+            sync()
+        return b * n_frames * fs / timeit(run, repeat)
 
-    def tokens_per_s(model, prompt, n_frames: int, use_cache: bool) -> float:
-        t0 = time.perf_counter()
-        sampling.generate_tokens(model, layout, prompt, n_frames, use_cache=use_cache,
-                                 generator=torch.Generator().manual_seed(0))
-        return n_frames * fs / (time.perf_counter() - t0)
-
-    # 1. the same 6-layer, n_embd 384 model at a 2048-token context; the prompt fills it to ~1800 tokens, the
-    #    cached run generates the rest (its one prefill of the prompt included), the baseline one frame
-    model = gpt(6, 6, 384, 2048)
-    prompt = random_tokens(257)  # 1 + 1799 tokens in context
-    tokens_per_s(model, prompt[-70:], 1, True)  # warm-up
-    ours = tokens_per_s(model, prompt, 35, use_cache=True)  # context 1800 -> 2045
-    base = tokens_per_s(model, prompt, 1, use_cache=False)
-    row("6L/384 ctx ~2048: KV cache vs full recompute", ours, base, "tokens/s")
-
-    # 2. per config: a long unconditional run (slides included where block_size is shorter), batch 1 and 4
-    here = os.path.dirname(os.path.abspath(__file__))
-    defaults = {"tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=256),
-                "sherlock": dict(n_layer=6, n_head=6, n_embd=384, block_size=2048)}
-    for name, fallback in defaults.items():
-        path = os.path.join(here, "configs", f"{name}.py")
-        cfg = read_config_file(path) if os.path.isfile(path) else {}
-        args = {k: cfg.get(k, v) for k, v in fallback.items()}
-        label = f"{name} {args['n_layer']}L/{args['n_embd']}/ctx{args['block_size']}"
-        label += "" if cfg else " (no config file)"
-        model = gpt(**args)
-        seconds = 10 if name == "tiny" else 3
-        n_frames = round(seconds * real_time / fs)
-        tokens_per_s(model, None, 2, True)  # warm-up
-        for b in (1, 4):
+    def before_per_s(model, n_frames: int, b: int = 1, repeat: int = 1) -> float:
+        def run() -> None:
+            _sample_before(model, layout, n_frames, b, torch.Generator(device=model.lm_head.weight.device))
+            sync()
+        _sample_before(model, layout, 1, b, None)  # warm-up
+        sync()
+        best = float("inf")
+        for _ in range(repeat):
             t0 = time.perf_counter()
-            sampling.generate_tokens(model, layout, None, n_frames, num_samples=b,
-                                     generator=torch.Generator().manual_seed(0))
-            tps = b * n_frames * fs / (time.perf_counter() - t0)
-            row(f"{label} B={b} LM {seconds}s vs real time", tps, real_time, "tokens/s")
+            run()
+            best = min(best, time.perf_counter() - t0)
+        return b * n_frames * fs / best
 
-    # 3. the codec: a random-weight SNAC with the real 24 kHz config, one pass vs streamed in 1 s chunks
+    # 1. the KV cache against recomputing the whole context per token, a 6-layer n_embd 384 model at a 2048-token
+    #    context: the prompt fills it to ~1800 tokens, the cached run generates the rest (its one prefill of the
+    #    prompt included), the baseline one frame
+    model = gpt(6, 6, 384, 2048, on="cpu")
+    prompt = random_tokens(257)  # 1 + 1799 tokens in context
+    ours = tokens_per_s(model, 35, prompt=prompt)  # context 1800 -> 2045
+    base = tokens_per_s(model, 1, prompt=prompt, use_cache=False)
+    row("CPU 6L/384 ctx ~2048: KV cache vs full recompute", ours, base, "tokens/s")
+
+    sherlock, tiny = gpt(**config("sherlock")), gpt(**config("tiny"))
+    label = "sherlock 8L/512/ctx2048"
+    if not cuda:
+        # 2. batch 1 streams every weight once per token: its floor is (bytes of weights) / (bandwidth of a
+        #    matrix-vector product), here measured on a 128 MiB float32 matrix
+        w, x = torch.randn(65536, 512), torch.randn(1, 512)
+        bandwidth = w.numel() * 4 / timeit(lambda: F.linear(x, w), repeat=10)
+        n_bytes = sum(p.numel() * p.element_size() for p in sherlock.parameters())
+        n_bytes -= sherlock.transformer.wpe.weight.numel() * 4  # one row of the position table is read per token
+        bound = bandwidth / n_bytes
+        print(f"weight-streaming bound: {n_bytes / 1e6:.0f} MB of weights / {bandwidth / 1e9:.1f} GB/s (128 MiB "
+              f"float32 matvec) = {bound:.0f} tokens/s; a step reads {(n_bytes - 8192 * 512 * 4) / 1e6:.0f} MB "
+              "(lm_head rows of the sampled level only)", flush=True)
+        n_frames = round(3 * real_time / fs)  # 3 s of audio
+        for b in (1, 4):
+            tps = tokens_per_s(sherlock, n_frames, b, repeat=3)
+            if b == 1:
+                row(f"CPU {label} B=1 LM 3s vs weight-streaming bound", tps, bound, "tokens/s")
+            row(f"CPU {label} B={b} LM 3s vs real time", tps, real_time, "tokens/s")
+            row(f"CPU {label} B={b} LM 3s vs the loop before", tps, before_per_s(sherlock, n_frames, b, repeat=3),
+                "tokens/s")
+        for b in (1, 4):
+            n_frames = round(3 * real_time / fs)  # 245 tokens: the loop before cannot slide past block_size 256
+            row(f"CPU tiny 2L/64/ctx256 B={b} LM 3s vs the loop before", tokens_per_s(tiny, n_frames, b, repeat=3),
+                before_per_s(tiny, n_frames, b, repeat=3), "tokens/s")
+        # 3. a long run slides the window (a re-prefill of ~3/4 block_size every ~1/4 block_size tokens) and
+        #    attends over a longer cache; its speed beside the 3 s run's
+        n_long = round(60 * real_time / fs)
+        t0 = time.perf_counter()
+        sampling.generate_tokens(sherlock, layout, None, n_long, generator=torch.Generator().manual_seed(0))
+        long_tps = n_long * fs / (time.perf_counter() - t0)
+        row(f"CPU {label} B=1 LM 60s (6 slides) vs 3s", long_tps, tokens_per_s(sherlock, round(3 * real_time / fs)),
+            "tokens/s")
+    else:
+        # 2. per decode mode at batch 1, beside the loop before this issue (2 s: it is slow) and real time
+        n_frames = round(10 * real_time / fs)
+        before = before_per_s(sherlock, round(2 * real_time / fs))
+        print(f"[{card}] {label} B=1, the loop before (default attention dispatch): {before:.1f} tokens/s",
+              flush=True)
+        for decode in ("eager", "static", "graph", "compile"):
+            try:
+                t0 = time.perf_counter()
+                tps = tokens_per_s(sherlock, n_frames, decode=decode)
+                warm = time.perf_counter() - t0 - n_frames * fs / tps  # the warm-up run: capture or compile
+            except Exception as e:  # a compile that fails on this machine must not hide the other figures
+                print(f"[{card}] decode={decode} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            row(f"[{card}] {label} B=1 {decode} vs the loop before", tps, before, "tokens/s")
+            row(f"[{card}] {label} B=1 {decode} vs real time", tps, real_time, "tokens/s")
+            print(f"[{card}]   decode={decode}: first run (warm-up, capture/compile included) {warm:.2f} s",
+                  flush=True)
+        for decode in ("eager", "graph"):
+            row(f"[{card}] {label} B=64 {decode} LM 10s vs real time", tokens_per_s(sherlock, n_frames, 64,
+                                                                                     decode=decode),
+                real_time, "tokens/s")
+        bench_attention_backends(sherlock, card)
+    tiny_frames = round(10 * real_time / fs)
+    for b in (1, 4):
+        row(f"[{card}] tiny 2L/64/ctx256 B={b} LM 10s vs real time", tokens_per_s(tiny, tiny_frames, b), real_time,
+            "tokens/s")
+
+    # 4. the codec: a random-weight SNAC with the real 24 kHz config, one pass vs streamed in 1 s chunks
     with tempfile.TemporaryDirectory() as d:
-        tok = load_codec(save_random_snac(d, SNAC_24KHZ_CONFIG))
-    seconds, n = 5.0, round(5.0 * real_time / fs)
-    tokens = random_tokens(n, seed=1)[None]  # (1, n * fs)
-    codes = layout.tokens_to_codes(tokens)
-    t_one = timeit(lambda: tok.decode_codes(codes), repeat=1)
-    row(f"codec one-pass decode {seconds:.0f}s (audio s per s)", n * tok.frame_hop / 24000 / t_one, 1.0, "x")
+        codec_dir = save_random_snac(os.path.join(d, "codec"), SNAC_24KHZ_CONFIG)
+        tok = load_codec(codec_dir, device=device)
+        seconds, n = 5.0, round(5.0 * real_time / fs)
+        tokens = random_tokens(n, seed=1)[None].to(device)  # (1, n * fs)
+        codes = layout.tokens_to_codes(tokens)
 
-    def streamed() -> None:
-        dec = sampling.StreamDecoder(tok, 12)
-        for f in tokens.split(fs, dim=1):
-            dec.push(f)
-        dec.flush()
-    t_stream = timeit(streamed, repeat=1)
-    row(f"codec streamed decode {seconds:.0f}s, 12-frame chunks", n * tok.frame_hop / 24000 / t_stream, 1.0, "x")
+        def one_pass() -> None:
+            tok.decode_codes(codes)
+            sync()
+        t_one = timeit(one_pass, repeat=1)
+        row(f"[{card}] codec one-pass decode {seconds:.0f}s (audio s per s)", n * 2048 / 24000 / t_one, 1.0, "x")
+
+        def streamed() -> None:
+            dec = sampling.StreamDecoder(tok, 12)
+            for f in tokens.split(fs, dim=1):
+                dec.push(f)
+            dec.flush()
+            sync()
+        t_stream = timeit(streamed, repeat=1)
+        row(f"[{card}] codec streamed decode {seconds:.0f}s, 12-frame chunks", n * 2048 / 24000 / t_stream, 1.0,
+            "x")
+        if not cuda:
+            return
+
+        # 5. generate.py --stream on the sherlock config: time to first audio after loading, and the real-time
+        #    factor, in a fresh process (first kernel loads and graph captures are paid there)
+        ckpt = os.path.join(d, "ckpt.pt")
+        save_checkpoint(ckpt, {"model": gpt(**config("sherlock"), on="cpu").state_dict(),
+                               "model_args": vars(sherlock.config), "meta": {**tok.meta(), "codec": codec_dir}})
+        r = subprocess.run([sys.executable, os.path.join(here, "generate.py"), f"--ckpt={ckpt}", "--stream",
+                            "--num_samples=1", "--seconds=10", f"--out_dir={os.path.join(d, 'out')}"],
+                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        lines = [ln for ln in r.stdout.splitlines() if "time to first audio" in ln] or [r.stderr.strip()[-500:]]
+        print(f"[{card}] generate.py --stream, {label} B=1 10 s: {lines[0]}", flush=True)
+
+        # 6. ten minutes streamed at batch 1 (many slides): speed per minute and memory stay flat
+        bench_long_stream(sherlock, tok, card)
+
+
+def bench_attention_backends(model, card: str) -> None:
+    """CUDA: SDPA's default dispatch against the backends sampling.decode_attention() allows, for one decode step at
+    a full 2048-token cache (the dynamic-shape eager step) and for a training step of the same model (bf16
+    autocast, batch 8 x block_size, forward + backward)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import sampling
+    c = model.config
+
+    def ms(fn, n: int = 20) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n * 1000
+
+    cache = model.new_kv_cache(1)
+    idx = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    lengths = iter(range(c.block_size // 2, c.block_size))
+
+    def decode_step() -> None:  # one key longer at every step, as in sampling
+        cache.pos = next(lengths)
+        with torch.no_grad():
+            model(idx, kv_cache=cache)
+    default = ms(decode_step)
+    with sampling.decode_attention():
+        chosen = ms(decode_step)
+    row(f"[{card}] eager decode step, cache ~{c.block_size // 2}: chosen vs default attention", chosen, default,
+        "ms", higher_is_better=False)
+
+    raw = type(model)(c).cuda().train()  # float32 weights under bf16 autocast, as train.py trains
+    x = torch.randint(0, 4096, (8, c.block_size), device="cuda")
+
+    def train_step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = raw(x, x)
+        loss.backward()
+    default = ms(train_step, 10)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                t = ms(train_step, 10)
+        except RuntimeError as e:  # a backend this card or build lacks
+            print(f"[{card}] training step with {name} attention: unavailable ({str(e)[:100]})", flush=True)
+            continue
+        row(f"[{card}] training step B=8x{c.block_size} bf16: {name} vs default", t, default, "ms",
+            higher_is_better=False)
+
+
+def bench_long_stream(model, tok, card: str) -> None:
+    """CUDA: 10 minutes of audio at batch 1, sampled and stream-decoded: tokens/s of each minute (the window
+    slides ~90 times) and allocated GPU memory after each minute."""
+    import torch
+    import sampling
+    layout = tok.layout
+    per_minute = round(60 * tok.sample_rate / tok.frame_hop)  # frames
+    dec = sampling.StreamDecoder(tok, 12)
+    speeds, mem = [], []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for i, frame in enumerate(sampling.sample_frames(model, layout, None, 10 * per_minute, generator=g), 1):
+        dec.push(frame)
+        if i % per_minute == 0:
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            speeds.append(per_minute * layout.frame_size / (t1 - t0))
+            mem.append(torch.cuda.memory_allocated() / 2**20)
+            t0 = t1
+    dec.flush()
+    print(f"[{card}] 10 min streamed, B=1 graph + codec: tokens/s per minute "
+          f"{' '.join(f'{s:.0f}' for s in speeds)}; allocated MiB per minute {' '.join(f'{m:.0f}' for m in mem)}",
+          flush=True)
+    row(f"[{card}] 10 min stream: last minute vs first, tokens/s", speeds[-1], speeds[0], "tokens/s")
+    row(f"[{card}] 10 min stream: allocated after 10 min vs 1 min", mem[-1], mem[0], "MiB", higher_is_better=False)
 
 
 # --- watch --------------------------------------------------------------------

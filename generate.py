@@ -3,6 +3,7 @@
     python generate.py --ckpt=out/sherlock/ckpt.pt --num_samples=4 --seconds=10 --out_dir=samples
     python generate.py --ckpt=out/sherlock/ckpt.pt --prompt=voice.flac --prompt_seconds=5 --seconds=10
     python generate.py --ckpt=out/sherlock/ckpt.pt --stream --seconds=60 --temperature=0.9 --top_p=0.95
+    python generate.py --stream_to=- --num_samples=1 --seconds=60 | ffplay -nodisp -autoexit -   # hear it as it is made
     python generate.py --ckpt=out/sherlock/ckpt.pt --codec=snac_24khz_folder     # offline: a local codec copy
     python generate.py --ckpt=out/ljspeech/ckpt.pt --text="It is a capital mistake to theorize before one has data."
     python generate.py --ckpt=out/ljspeech/ckpt.pt --transcribe=recording.flac,other.wav   # prints one line per file
@@ -12,22 +13,24 @@ Sampling is frame-valid: the position inside the current frame says which SNAC l
 of another level (and every text id and special token but AUDIO_END at a frame start) is masked out of the
 logits, so any model's output decodes to whole frames: ceil(seconds * sample_rate / frame_hop) of them, or fewer
 where a model trained on text+audio data ends its audio. Past block_size the context slides by whole frames.
+On CUDA each decode step is a CUDA graph replay (sampling.py), so one sample runs many times faster than real time.
 """
 from __future__ import annotations
 
 import math
 import os
+import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
 
 from common import UserError, load_model_source, parse_config, pick_device, pick_dtype, run_main, user_errors
 from model import GPT
-from sampling import DECODE_FRAMES, StreamDecoder, keep_frames, sample_frames, transcribe
+from sampling import CODEC_CONTEXT_FRAMES, DECODE_FRAMES, StreamDecoder, keep_frames, sample_frames, transcribe
 from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, load_codec, load_text_encoding,
                        read_audio, read_audio_tail)
 
@@ -52,30 +55,41 @@ class GenerateConfig:
     text: str = ""  # speak this text: audio until the model ends it, --seconds at most (text+audio checkpoints)
     transcribe: str = ""  # audio file(s), comma-separated: print the text the model writes for each, one line each
     text_temperature: float = 0.0  # for --transcribe: 0 = greedy (the most likely text); top_k/top_p apply too
+    stream_to: str = ""  # "-": also write sample 0 to stdout as a WAV stream while it is made (implies --stream)
 
 
 class SampleWriters:
     """One WAV per sample (and per continuation when there is a prompt), appended to under temp names beside the
     final ones and renamed into place by close(); on any error every temp file is removed (never half a file)."""
 
-    def __init__(self, paths: list[str], cont_paths: list[str], sample_rate: int, prompt_samples: int):
+    def __init__(self, paths: list[str], cont_paths: list[str], sample_rate: int, prompt_samples: int,
+                 pipe: BinaryIO | None = None):
         import soundfile as sf
-        self.paths, self.cont_paths, self.prompt_samples = paths, cont_paths, prompt_samples
+        self.paths, self.cont_paths, self.prompt_samples, self.pipe = paths, cont_paths, prompt_samples, pipe
         self.tmps = [f"{p}.{os.getpid()}.tmp" for p in paths + cont_paths]
         self.files = [sf.SoundFile(t, "w", samplerate=sample_rate, channels=1, format="WAV", subtype="PCM_16")
                       for t in self.tmps]
         self.written = 0  # samples written to each sample_<i>.wav so far
+        if pipe is not None:
+            # 16-bit mono WAV of unknown length: both sizes at their maximum, as sox and ffmpeg write to pipes;
+            # players read until the stream ends
+            pipe.write(struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 0xFFFFFFFF, b"WAVE", b"fmt ", 16, 1, 1,
+                                   sample_rate, 2 * sample_rate, 2, 16, b"data", 0xFFFFFFFF))
 
     def write(self, audio: np.ndarray, limits: list[int] | None = None) -> None:
         """Audio (B, samples) that follows what was written; the continuation files skip the prompt's samples.
         limits: samples each row holds in all (a row whose audio ended), None = no limit."""
         start = max(0, self.prompt_samples - self.written)  # where the continuation starts inside this piece
-        for i, row in enumerate(audio):
-            row = row[:max(0, limits[i] - self.written)] if limits else row
+        rows = [row[:max(0, limits[i] - self.written)] if limits else row for i, row in enumerate(audio)]
+        for i, row in enumerate(rows):
             self.files[i].write(row)
             if self.cont_paths and start < len(row):
                 self.files[len(self.paths) + i].write(row[start:])
         self.written += audio.shape[1]
+        if self.pipe is not None:
+            # PCM_16 as libsndfile 1.2 writes the files: floor(x * 32768), clipped to the int16 range
+            self.pipe.write(np.clip(np.floor(rows[0] * 32768), -32768, 32767).astype("<i2").tobytes())
+            self.pipe.flush()
 
     def __enter__(self) -> "SampleWriters":
         return self
@@ -158,6 +172,19 @@ def load_model(cfg: GenerateConfig, device: str, dtype: str):
     return model, tok
 
 
+def warm_up(model, tok: AudioTokenizer, cfg: GenerateConfig, chunk_frames: int) -> None:
+    """CUDA loads kernels and creates library handles on their first use, and sampling captures its CUDA graphs at
+    its first run for a batch size: sample one frame and decode one codec chunk of the streaming size now, as part
+    of loading, so the time to first audio does not pay for that."""
+    for _ in sample_frames(model, tok.layout, None, 1, num_samples=cfg.num_samples, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p):
+        pass
+    n = chunk_frames + CODEC_CONTEXT_FRAMES  # the first chunk: no left context yet
+    tokens = torch.from_numpy(tok.layout.frame_lo).repeat(n)[None]  # code 0 of every level
+    tok.decode_codes(tok.layout.tokens_to_codes(tokens.to(tok.device)))
+    torch.cuda.synchronize(tok.device)
+
+
 def check_writable(folder: str) -> None:
     if not folder:
         raise UserError("out_dir is empty: pass --out_dir=<folder for the WAV files>")
@@ -235,12 +262,16 @@ def check_config(cfg: GenerateConfig) -> None:
         raise UserError(f"text_temperature={cfg.text_temperature}: must be >= 0 (0 = greedy)")
     if sum(map(bool, (cfg.text, cfg.transcribe, cfg.prompt))) > 1:
         raise UserError("--text, --transcribe and --prompt are separate modes: pass one of them")
+    if cfg.stream_to not in ("", "-"):
+        raise UserError(f"stream_to={cfg.stream_to}: the only stream target is stdout (--stream_to=-); the files "
+                        "in out_dir are written either way")
 
 
 def main() -> None:
     cfg = parse_config(GenerateConfig, sys.argv[1:], __doc__)
     check_config(cfg)
-    print(f"config: {cfg}", flush=True)
+    log = sys.stderr if cfg.stream_to else sys.stdout  # stdout carries the WAV stream then
+    print(f"config: {cfg}", file=log, flush=True)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     paths = [os.path.join(cfg.out_dir, f"sample_{i}.wav") for i in range(cfg.num_samples)]
@@ -256,6 +287,9 @@ def main() -> None:
     if cfg.transcribe:
         return transcribe_files(cfg, model, tok, device)
     context = speech_context(cfg.text, tok, model.config.block_size) if cfg.text else None
+    stream = cfg.stream or bool(cfg.stream_to)
+    if device.startswith("cuda") and not cfg.transcribe:
+        warm_up(model, tok, cfg, cfg.stream_frames if stream else DECODE_FRAMES)
 
     t_start = time.perf_counter()  # the wall time includes encoding the prompt
     prompt, p_frames = None, 0
@@ -271,33 +305,47 @@ def main() -> None:
     after += f" speaking {len(context) - 4} text tokens" if context is not None else ""
     up_to = "up to " if layout.text_vocab else ""  # the audio ends where the model says so, or at --seconds
     print(f"generating {cfg.num_samples} x {up_to}{n_frames * hop / sr:.2f} s ({n_frames} frames, {n_frames * fs} "
-          f"tokens){after} on {device}", flush=True)
+          f"tokens){after} on {device}", file=log, flush=True)
 
     # one path: without --stream, audio is decoded in large chunks (bounded memory) and written when ready
+    t_sample = time.perf_counter()  # time to first audio counts from here: cache, CUDA graphs and prefill included
+    t_first = None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     frames = sample_frames(model, layout, prompt, n_frames, num_samples=cfg.num_samples, temperature=cfg.temperature,
                            top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, context=context)
-    dec = StreamDecoder(tok, cfg.stream_frames if cfg.stream else DECODE_FRAMES)  # it also notes where rows end
+    dec = StreamDecoder(tok, cfg.stream_frames if stream else DECODE_FRAMES)  # it also notes where rows end
     timer = {"lm": 0.0, "codec": 0.0}
-    with SampleWriters(paths, cont_paths, sr, p_frames * hop) as out:
-        for audio in stream_audio(dec, prompt, frames, cfg.num_samples, timer):
-            # the decoder lags the sampler, so a row's end is known before any audio past it comes out
-            out.write(audio.cpu().numpy(), [(end if end is not None else 1 << 40) * hop for end in dec.ends])
-            if cfg.stream:
-                wall = time.perf_counter() - t_start
-                print(f"streamed {out.written / sr:6.2f} s of audio in {wall:6.2f} s "
-                      f"({out.written / sr / wall:.2f}x real time)", flush=True)
-    n_frames = len(dec.frames) - p_frames  # sampled, ended rows included (sampling stops when all have ended)
+    pipe = sys.stdout.buffer if cfg.stream_to else None
+    try:
+        with SampleWriters(paths, cont_paths, sr, p_frames * hop, pipe) as out:
+            for audio in stream_audio(dec, prompt, frames, cfg.num_samples, timer):
+                # the decoder lags the sampler, so a row's end is known before any audio past it comes out
+                out.write(audio.cpu().numpy(), [(end if end is not None else 1 << 40) * hop for end in dec.ends])
+                t_first = t_first or time.perf_counter()
+                if stream:
+                    wall = time.perf_counter() - t_start
+                    print(f"streamed {out.written / sr:6.2f} s of audio in {wall:6.2f} s "
+                          f"({out.written / sr / wall:.2f}x real time)", file=log, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
+        raise UserError("--stream_to=-: stdout was closed before the end of the stream (did the player quit?); "
+                        "no file was written") from None
+    t_end = time.perf_counter()
+    n_frames = dec.n_frames - p_frames  # sampled, ended rows included (sampling stops when all have ended)
     kept = [n_frames if end is None else end - p_frames for end in dec.ends]  # each row's frames before its end
     print(f"LM: {cfg.num_samples * n_frames * fs / timer['lm']:.1f} tokens/s ({cfg.num_samples} samples), "
           f"{cfg.num_samples * n_frames * hop / sr / timer['lm']:.2f}x real time | codec: "
           f"{cfg.num_samples * (p_frames + n_frames) * hop / sr / max(timer['codec'], 1e-9):.2f}x real time | "
-          f"wall {time.perf_counter() - t_start:.1f} s", flush=True)
+          f"wall {t_end - t_start:.1f} s", file=log, flush=True)
     if layout.text_vocab:
         print("seconds per sample, ended by the model (*) or at --seconds: " + ", ".join(
-            f"{k * hop / sr:.2f}{'*' if k < n_frames else ''}" for k in kept), flush=True)
+            f"{k * hop / sr:.2f}{'*' if k < n_frames else ''}" for k in kept), file=log, flush=True)
+    if stream:
+        print(f"time to first audio {(t_first - t_sample) * 1000:.0f} ms (from the start of sampling to the first "
+              f"samples written) | real-time factor {out.written / sr / (t_end - t_sample):.2f}x (seconds of audio "
+              f"per second, from the start of sampling)", file=log, flush=True)
     for p in paths + cont_paths:
-        print(p)
+        print(p, file=log)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=12289, block_size=2048, n_layer=8, n_head=8, n_embd=512))
     logits, loss = model(idx, targets)                   # training: idx, targets (B, T) int64
-    cache = model.new_kv_cache(batch_size=4)             # sampling: prefill once, then one token a step
-    logits, _ = model(prompt, kv_cache=cache)            # logits (B, 1, vocab_size) for the last position
+    cache = model.new_kv_cache(batch_size=4)             # sampling: allocated once for block_size positions
+    logits, _ = model(prompt, kv_cache=cache)            # prefill: logits (B, 1, vocab_size) for the last position
+    logits, _ = model(token, kv_cache=cache)             # then one token a step (attends to the filled positions)
+    logits, _ = model(token, kv_cache=cache, input_pos=pos)  # or with static shapes, for CUDA graphs (see forward)
 """
 from __future__ import annotations
 
@@ -47,7 +49,11 @@ class LayerNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far: (n_layer, B, n_head, max_len, head_size)."""
+    """Keys and values of every layer, allocated once for max_len positions: (n_layer, B, n_head, max_len, head_size).
+
+    Zeros, not empty memory: the static-shape step attends over every position and masks the unwritten ones, and a
+    masked NaN would still poison the sum (0 * NaN). `pos` counts the positions filled by the dynamic-shape path.
+    """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int,
                  device: torch.device, dtype: torch.dtype):
@@ -72,19 +78,26 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        mask, is_causal = None, True
-        if kv_cache is not None:
-            pos = kv_cache.pos
-            kv_cache.k[layer, :, :, pos:pos + T] = k
-            kv_cache.v[layer, :, :, pos:pos + T] = v
-            k = kv_cache.k[layer, :, :, :pos + T]  # (B, nh, pos+T, hs)
-            v = kv_cache.v[layer, :, :, :pos + T]
+        is_causal = mask is None
+        if input_pos is not None:
+            # static shapes: new keys written by index, attention over all max_len positions, the mask hiding the
+            # ones not written yet (and the causal future): the same kernels whatever the position
+            k = kv_cache.k[layer].index_copy_(2, input_pos, k)  # (B, nh, max_len, hs)
+            v = kv_cache.v[layer].index_copy_(2, input_pos, v)
+        elif kv_cache is not None:
+            # dynamic shapes: attend to the positions filled so far only (the least memory to read on a CPU)
+            pos, cache_k, cache_v = kv_cache.pos, kv_cache.k[layer], kv_cache.v[layer]  # (B, nh, max_len, hs)
+            # narrow() rather than [:, :, pos:pos + T]: fewer ops, which shows in a CPU step of a few milliseconds
+            cache_k.narrow(2, pos, T).copy_(k)
+            cache_v.narrow(2, pos, T).copy_(v)
+            k, v = cache_k.narrow(2, 0, pos + T), cache_v.narrow(2, 0, pos + T)  # (B, nh, pos+T, hs)
             if pos > 0:
                 # new query i sits at position pos+i and may see every cached key up to and including itself
                 is_causal = False
@@ -119,8 +132,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, input_pos, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -170,37 +184,57 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None,
+                vocab_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> (logits, loss).
 
         With targets (B, T): logits (B, T, padded_vocab_size) and the mean cross-entropy; targets of -1 are ignored.
         Without: logits (B, 1, vocab_size) for the last position only (sampling never needs the others, and padded
-        ids are cut off so they can never be sampled). With kv_cache, idx continues the cached positions.
+        ids are cut off so they can never be sampled); vocab_range=(lo, hi) computes the logits of ids lo..hi-1 only
+        (B, 1, hi - lo): a sampler that may only pick among them reads a third of lm_head instead of all of it.
+        With kv_cache, idx continues the kv_cache.pos positions filled so far, and attention reads just those.
+        With kv_cache and input_pos, a (T,) tensor of positions on idx's device, idx is written at those positions
+        and attention runs over the whole cache with a mask: every shape and every kernel is the same at any
+        position, so one step can be captured as a CUDA graph and replayed (kv_cache.pos is left alone).
         """
         B, T = idx.size()
-        pos0 = kv_cache.pos if kv_cache is not None else 0
-        if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)  # (T,)
+        mask = None
+        if input_pos is not None:
+            assert kv_cache is not None and input_pos.shape == (T,), f"input_pos {tuple(input_pos.shape)}, T {T}"
+            pos = input_pos
+            max_len = kv_cache.k.size(3)
+            # additive mask (1, 1, T, max_len): query at position p sees the cached positions 0..p
+            seen = torch.arange(max_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, max_len)
+            mask = torch.zeros(seen.shape, device=idx.device, dtype=kv_cache.k.dtype).masked_fill(~seen, -math.inf)
+            mask = mask[None, None]
+        else:
+            pos0 = kv_cache.pos if kv_cache is not None else 0
+            if pos0 + T > self.config.block_size:
+                raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size {self.config.block_size}")
+            pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)
+            x = block(x, kv_cache, i, input_pos, mask)
         x = self.transformer.ln_f(x)
-        if kv_cache is not None:
+        if kv_cache is not None and input_pos is None:
             kv_cache.pos += T
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        logits = self.lm_head(x[:, [-1], :])  # list index keeps the time dim
-        return logits[..., :self.config.vocab_size], None
+        lo, hi = vocab_range or (0, self.config.vocab_size)
+        assert 0 <= lo < hi <= self.config.vocab_size, f"vocab_range {vocab_range}, vocab_size {self.config.vocab_size}"
+        # rows lo..hi-1 of the tied weight are a contiguous view (no copy); the slice -1: keeps the time dim
+        return F.linear(x[:, -1:, :], self.lm_head.weight[lo:hi]), None
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
         p = self.lm_head.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head,
-                       p.device, dtype or p.dtype)
+        # a multiple of 8 positions keeps the static step's mask rows 16-byte aligned, as CUDA attention kernels
+        # want (the positions past block_size are never written and always masked)
+        max_len = -(-(max_len or c.block_size) // 8) * 8
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, dtype or p.dtype)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
                              device_type: str) -> torch.optim.AdamW:

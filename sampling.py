@@ -5,12 +5,21 @@
     dec = StreamDecoder(tok, chunk_frames=12)          # push frames as they come, get final audio back
 
 Used by generate.py (and by train.py for eval samples). Errors are ValueError with a message for the user.
+
+Decode steps (`decode=`): "eager" runs the model on the filled cache positions only (dynamic shapes: the fewest
+bytes to read, the CPU default); "static" runs the static-shape step (a cache of block_size positions, attention
+over all of them with a mask); "graph" captures that step once per level as a CUDA graph and replays it (the CUDA
+default); "compile" hands it to torch.compile(mode="reduce-overhead"). All give the same tokens for the same seed,
+up to float rounding between the eager and static kernels.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import contextlib
+import weakref
+from typing import Callable, Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tokenizer import AudioTokenizer, Layout
 
@@ -24,6 +33,7 @@ DECODE_FRAMES = 240
 # when the context is full, the window keeps about this fraction of block_size (whole frames): the larger, the
 # more history the model sees, the smaller, the fewer re-prefills (one forward of the window each)
 KEEP_FRACTION = 0.75
+DECODE_MODES = ("auto", "eager", "static", "graph", "compile")
 
 
 # -----------------------------------------------------------------------------
@@ -115,28 +125,137 @@ def keep_frames(layout: Layout, block_size: int) -> int:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) already masked -> token ids (B, 1)."""
+                uniform: torch.Tensor | None) -> torch.Tensor:
+    """logits (B, V) -> indices (B, 1). uniform (B, V) holds draws in [0, 1) (unused when temperature is 0).
+
+    argmax(probs / E) with E = -log(uniform) ~ Exp(1) picks index i with probability probs[i] (the exponential
+    race, torch.multinomial's own one-sample method); unlike multinomial it never reads a value back to the host,
+    so it runs inside a CUDA graph. uniform_ + log is 5x faster than exponential_ on a CPU.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k > 0:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+        # v[:, -1:], not v[:, [-1]]: a list index is copied to the GPU first, which a CUDA graph capture forbids
+        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # drop a code once the codes before it already hold top_p (the most likely one always stays)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    # clamped away from 0 so that E is finite and > 0: a code of probability 0 (0 / E) can never win
+    e = uniform.clamp_min(torch.finfo(uniform.dtype).tiny).log_().neg_()
+    return (probs / e).argmax(dim=-1, keepdim=True)
+
+
+def decode_attention() -> contextlib.AbstractContextManager:
+    """The attention kernels sampling may use. Never cuDNN: on Hopper (H200, torch 2.11) SDPA's default dispatch
+    picks it for the one-token step and it builds a new execution plan for every new key length, 48 ms per decode
+    forward against 2.2 (memory-efficient) and 2.5 ms (flash). Flash serves the causal prefill, memory-efficient
+    the masked static step (flash takes no mask), math whatever neither supports. Training keeps the default
+    dispatch: for its fixed shapes cuDNN was the fastest (bench.py generate prints both on CUDA)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+class StaticStep:
+    """The one-token decode step with static shapes: its KV cache and its inputs and outputs are tensors allocated
+    once, so the step can be replayed as a CUDA graph. Set `tok` (B, 1) and `pos` (1,), fill `noise`, then
+    step(model, phase) -> ids (B, 1), sampled among ids ranges[phase] = (lo, hi, additive mask over them or None).
+
+    mode "static" runs it eagerly; "graph" captures it by hand (torch.cuda.CUDAGraph) once per level, here: no
+    compiler, a few forwards to capture (milliseconds), then one launch per token (one graph per distinct range,
+    so frame positions of the same level share one); "compile" uses
+    torch.compile(mode="reduce-overhead"), which captures CUDA graphs of its own kernels after compiling (slow to
+    warm up). Which is faster is measured by `python bench.py generate` on CUDA. The model is passed to every call,
+    never kept: a step is cached per model (static_step) and must not keep it alive.
+    """
+
+    def __init__(self, model, batch_size: int, knobs: tuple[float, int, float], mode: str,
+                 ranges: list[tuple[int, int, torch.Tensor | None]]):
+        device = model.lm_head.weight.device
+        self.cache, self.knobs, self.mode, self.ranges = model.new_kv_cache(batch_size), knobs, mode, ranges
+        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.noise = torch.ones(batch_size, max(hi - lo for lo, hi, _ in ranges), device=device)
+        self.out = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.compiled: Callable | None = None
+        self.busy = False  # a generation is using it (another one at the same time gets its own)
+        if mode == "compile":
+            # the cache is mutated in place by every step: marked static, the compiled graphs write it where it is
+            # instead of copying it in and out
+            torch._dynamo.mark_static_address(self.cache.k)
+            torch._dynamo.mark_static_address(self.cache.v)
+            self.compiled = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
+        if mode == "graph":
+            # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
+            # current device, so make it the model's (cuda:1 works too)
+            with decode_attention(), torch.cuda.device(device):
+                pool = torch.cuda.graph_pool_handle()  # the level graphs run one at a time: they share memory
+                first = {(lo, hi): phase for phase, (lo, hi, _) in reversed(list(enumerate(ranges)))}
+                captured = {p: self._capture(model, p, pool) for p in first.values()}
+                self.graphs = {phase: captured[first[lo, hi]] for phase, (lo, hi, _) in enumerate(ranges)}
+
+    def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int) -> torch.Tensor:
+        lo, hi, mask = self.ranges[phase]
+        logits, _ = model(tok, kv_cache=self.cache, input_pos=pos, vocab_range=(lo, hi))
+        logits = logits[:, -1, :].float()
+        return sample_next(logits + mask if mask is not None else logits, *self.knobs, noise[:, :hi - lo]) + lo
+
+    def _capture(self, model, phase: int, pool) -> torch.cuda.CUDAGraph:
+        # warm up on a side stream first (cuBLAS handles and workspaces are created outside the capture); the
+        # warm-up steps write position `pos` of the cache, which a prefill or a step fills before it is read
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self.out.copy_(self._forward(model, self.tok, self.pos, self.noise, phase))
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.out.copy_(self._forward(model, self.tok, self.pos, self.noise, phase))
+        return graph
+
+    def __call__(self, model, phase: int) -> torch.Tensor:
+        if self.mode == "graph":
+            with torch.cuda.device(self.out.device):
+                self.graphs[phase].replay()
+            return self.out
+        with decode_attention():
+            if self.mode == "compile":
+                return self.compiled(model, self.tok, self.pos, self.noise, phase)
+            return self._forward(model, self.tok, self.pos, self.noise, phase)
+
+
+# the static steps of each model, by batch size, sampling knobs and mode: captured (or compiled) once, replayed by
+# every later generation; they go when the model goes
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def static_step(model, batch_size: int, knobs: tuple[float, int, float], mode: str,
+                ranges: list[tuple[int, int, torch.Tensor | None]]) -> StaticStep:
+    """The model's StaticStep for this batch size, knobs, mode and id ranges: made at the first request, then reused
+    (its cache and graphs point at the model's weights: a model moved with .to() gets new ones)."""
+    w = model.lm_head.weight
+    spans = tuple((lo, hi, mask is not None) for lo, hi, mask in ranges)  # the masks follow from the spans
+    key = (batch_size, knobs, mode, spans, w.device, w.dtype, w.data_ptr())
+    steps = _STEPS.setdefault(model, {})
+    if key not in steps or steps[key].busy:
+        step = StaticStep(model, batch_size, knobs, mode, ranges)
+        if key not in steps:
+            steps[key] = step
+        return step
+    return steps[key]
 
 
 @torch.no_grad()
 def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, num_samples: int = 1,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None, use_cache: bool = True,
-                  context: torch.Tensor | None = None, grammar: Grammar | None = None) -> Iterator[torch.Tensor]:
+                  context: torch.Tensor | None = None, grammar: Grammar | None = None,
+                  decode: str = "auto") -> Iterator[torch.Tensor]:
     """Yield up to n_frames new frames, each (num_samples, frame_size), continuing context + prompt (whole frames).
 
     context: the tokens before the prompt, default layout.audio_context() ([BOUNDARY], then AUDIO_START in the
@@ -144,54 +263,110 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
     (default Grammar(layout, ...): audio, ending with AUDIO_END where the layout has one); a text grammar after
     layout.transcript_context(audio) writes text, frame_size tokens per yield. Once every row's segment has ended
     sampling stops early; a row that ended first repeats its end token. use_cache=False recomputes the whole
-    window for every token (nanoGPT's generate); same tokens, much slower.
+    window for every token (nanoGPT's generate); same tokens, much slower. decode: how cached steps run (see the
+    module docstring); "auto" is "graph" on CUDA and "eager" elsewhere. Memory does not grow with n_frames: the
+    window, the cache and the graphs are allocated once.
+
+    Audio is sampled level by level: at each frame position only that level's rows of lm_head are computed (plus,
+    at a frame start, AUDIO_END's where the layout has one), which is what the captured steps replay. Text (a
+    transcription) is sampled over the whole vocabulary with the grammar's masks, eagerly.
     """
-    fs, block_size = layout.frame_size, model.config.block_size
+    fs, cs, block_size = layout.frame_size, layout.codebook_size, model.config.block_size
+    vocab = model.config.vocab_size
     device = model.lm_head.weight.device
     prompt = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long)
     prompt = prompt.reshape(-1)
     assert len(prompt) % fs == 0, f"prompt of {len(prompt)} tokens is not whole {fs}-token frames"
-    if model.config.vocab_size < layout.vocab_size:
-        raise ValueError(f"the model knows {model.config.vocab_size} token ids, the tokenizer layout needs "
-                        f"{layout.vocab_size}: the checkpoint was trained on another codec")
+    if vocab < layout.vocab_size:
+        raise ValueError(f"the model knows {vocab} token ids, the tokenizer layout needs "
+                         f"{layout.vocab_size}: the checkpoint was trained on another codec")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" else "eager"
+    if decode in ("graph", "compile") and device.type != "cuda":
+        raise ValueError(f"decode={decode!r} captures CUDA graphs: it needs the model on a CUDA device, not {device}")
     context = torch.as_tensor(layout.audio_context() if context is None else context, dtype=torch.long)
-    head = torch.cat([context.reshape(-1).to(prompt.device), prompt])  # every training document starts with BOUNDARY
-    grammar = grammar or Grammar(layout, model.config.vocab_size, device)
+    head = torch.cat([context.reshape(-1), prompt.cpu()])  # every training document starts with BOUNDARY
+    grammar = grammar or Grammar(layout, vocab, device)
     state = grammar.start(head, num_samples)  # (B,)
+    audio = int(state[0]) < fs  # an audio segment, sampled level by level; else text, over the whole vocabulary
+    assert not audio or int(state[0]) == 0, "audio sampling starts on a frame start (whole-frame prompts)"
+    # the ids each frame position may take, (lo, hi), and the grammar's mask over them (AUDIO_END at a frame start)
+    ranges = []
+    for phase in range(fs):
+        lo = int(layout.frame_lo[phase])
+        end = phase == 0 and grammar.audio_end >= 0
+        ranges.append((lo, vocab if end else lo + cs, grammar.masks[0, lo:vocab] if end else None))
     keep = keep_frames(layout, block_size) * fs
-    n_ctx = len(head)
-    buf = torch.empty(num_samples, n_ctx + n_frames * fs, dtype=torch.long, device=device)  # every token, in order
-    buf[:, :n_ctx] = head.to(device)
-    w0, n = max(0, n_ctx - keep) if n_ctx > block_size else 0, n_ctx  # the model sees buf[:, w0:n]
-    cache = model.new_kv_cache(num_samples) if use_cache else None
-    prefill = True
-    for step in range(n_frames * fs):
-        phase = step % fs  # the prompt is whole frames, so this is the position inside the current frame
-        if n - w0 > block_size:
-            # slide: keep the last whole frames that fit plus the partial frame, so positions restart at 0 on a
-            # frame start, and re-prefill the cache from the kept window
-            w0, prefill = n - (keep + phase), True
-        if cache is None:
-            logits, _ = model(buf[:, w0:n])
-        elif prefill:
-            cache.reset()
-            logits, _ = model(buf[:, w0:n], kv_cache=cache)
-            prefill = False
-        else:
-            logits, _ = model(buf[:, n - 1:n], kv_cache=cache)
-        logits = grammar.mask(logits[:, -1, :].float(), state)  # (B, V)
-        buf[:, n:n + 1] = sample_next(logits, temperature, top_k, top_p, generator)
-        state = grammar.advance(state, buf[:, n])
-        n += 1
-        if phase == fs - 1:
-            yield buf[:, n - fs:n]
-            if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
-                return
+    # the window the model sees, at most block_size tokens plus the one just sampled; it always starts on a frame
+    # start, so its position n holds frame position (n - n0) % fs, n0 being where the prompt's frames start
+    ctx = torch.empty(num_samples, block_size + 1, dtype=torch.long, device=device)
+    if len(head) > block_size:
+        head = head[-keep:]
+    n = len(head)
+    ctx[:, :n] = head.to(device)
+    step, cache = None, None
+    if use_cache and decode != "eager" and audio:
+        step = static_step(model, num_samples, (temperature, top_k, top_p), decode, ranges)
+        cache = step.cache
+    elif use_cache:
+        cache = model.new_kv_cache(num_samples)
+    # the sampler's random draws, made outside the model step in the same order whatever runs it: same seed,
+    # same tokens
+    width = max(hi - lo for lo, hi, _ in ranges) if audio else vocab
+    noise = step.noise if step is not None else torch.empty(num_samples, width, device=device)
+    if step is not None:
+        step.busy = True
+    try:
+        prefill = True
+        for i in range(n_frames * fs):
+            phase = i % fs  # the prompt is whole frames, so this is the position inside the current frame
+            lo, hi, mask = ranges[phase] if audio else (0, vocab, None)
+            if n > block_size:
+                # slide: keep the last whole frames that fit plus the partial frame, so positions restart at 0 on a
+                # frame start, and re-prefill the cache from the kept window
+                m = keep + phase
+                ctx[:, :m] = ctx[:, n - m:n].clone()
+                n, prefill = m, True
+            if temperature > 0:
+                noise.uniform_(generator=generator)
+            if step is not None and not prefill:
+                step.tok.copy_(ctx[:, n - 1:n])
+                step.pos.fill_(n - 1)
+                new = step(model, phase)
+            else:
+                with decode_attention():
+                    if cache is None:
+                        logits, _ = model(ctx[:, :n], vocab_range=(lo, hi))
+                    elif prefill:
+                        cache.reset()
+                        logits, _ = model(ctx[:, :n], kv_cache=cache, vocab_range=(lo, hi))
+                        prefill = False
+                    else:
+                        logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, hi))
+                logits = logits[:, -1, :].float()
+                logits = (logits + mask if mask is not None else logits) if audio else grammar.mask(logits, state)
+                new = sample_next(logits, temperature, top_k, top_p, noise[:, :hi - lo]) + lo
+            if grammar.can_end:
+                if audio:  # a row whose audio has ended repeats AUDIO_END (the level ranges do not hold it)
+                    new = torch.where(state[:, None] == grammar.AUDIO_DONE, grammar.audio_end, new)
+                state = grammar.advance(state, new[:, 0])
+            ctx[:, n:n + 1] = new
+            n += 1
+            if phase == fs - 1:
+                yield ctx[:, n - fs:n].clone()
+                if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
+                    return
+    finally:  # also when the caller stops early: the step is free for the next generation
+        if step is not None:
+            step.busy = False
 
 
 def generate_tokens(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, **kwargs) -> torch.Tensor:
     """Prompt + up to n_frames new frames as one token stream (num_samples, len(prompt) + k * frame_size).
-    kwargs are sample_frames' (num_samples, temperature, top_k, top_p, generator, use_cache, context, grammar)."""
+    kwargs are sample_frames' (num_samples, temperature, top_k, top_p, generator, use_cache, context, grammar,
+    decode)."""
     frames = list(sample_frames(model, layout, prompt, n_frames, **kwargs))
     assert frames, f"n_frames={n_frames}: nothing to generate"
     p = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
@@ -232,6 +407,7 @@ def transcribe(model, layout: Layout, audio: torch.Tensor, max_tokens: int, text
 class StreamDecoder:
     """Turns frames into audio as they arrive. A chunk of `chunk_frames` is decoded with CODEC_CONTEXT_FRAMES
     real frames on each side and only its middle is kept, so chunk edges sound (and are) the same as one pass.
+    Only the frames a later chunk still needs are kept, so memory stays flat however long the stream.
 
     A row may end (AUDIO_END at a frame start, then end tokens, as sample_frames gives them): ends[row] is then its
     number of frames, its audio stops there, decoded as the end of a stream (no right context), and is silence
@@ -240,9 +416,15 @@ class StreamDecoder:
     def __init__(self, tok: AudioTokenizer, chunk_frames: int, context_frames: int = CODEC_CONTEXT_FRAMES,
                  max_frames: int = DECODE_FRAMES):
         self.tok, self.chunk, self.context, self.max_frames = tok, chunk_frames, context_frames, max_frames
-        self.frames: list[torch.Tensor] = []  # (B, frame_size) each, all so far
-        self.done = 0  # frames already turned into audio
+        self.frames: list[torch.Tensor] = []  # (B, frame_size) each: frames first, first + 1, ... of the stream
+        self.first = 0  # index in the stream of self.frames[0]
+        self.done = 0  # frames of the stream already turned into audio
         self.ends: list[int | None] = []  # per row: frames before its AUDIO_END, None while it goes on
+
+    @property
+    def n_frames(self) -> int:
+        """Frames pushed so far."""
+        return self.first + len(self.frames)
 
     def _codec(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, F * frame_size) -> (B, F * frame_hop). The codec's activations grow with rows x frames: a few rows at
@@ -252,8 +434,9 @@ class StreamDecoder:
 
     def _decode(self, stop: int) -> torch.Tensor:
         """Audio (B, samples) of frames [done, stop), decoded with context on both sides."""
-        lo, hi = max(0, self.done - self.context), min(len(self.frames), stop + self.context)
-        tokens, _ = cut_at_end(torch.cat(self.frames[lo:hi], dim=1), self.tok.layout)  # (B, (hi - lo) * frame_size)
+        lo, hi = max(0, self.done - self.context), min(self.n_frames, stop + self.context)
+        window = torch.cat(self.frames[lo - self.first:hi - self.first], dim=1)  # (B, (hi - lo) * frame_size)
+        tokens, _ = cut_at_end(window, self.tok.layout)
         audio = self._codec(tokens)
         hop, fs = self.tok.frame_hop, self.tok.layout.frame_size
         for row, end in enumerate(self.ends):  # rows that end in this window: decode up to the end only
@@ -263,6 +446,9 @@ class StreamDecoder:
                     audio[row, :(end - lo) * hop] = self._codec(tokens[row:row + 1, :(end - lo) * fs])[0]
         audio = audio[:, (self.done - lo) * hop:(stop - lo) * hop]
         self.done = stop
+        drop = max(0, self.done - self.context) - self.first  # no later chunk reaches back further
+        del self.frames[:drop]
+        self.first += drop
         return audio
 
     def push(self, frames: torch.Tensor) -> torch.Tensor | None:
@@ -275,15 +461,15 @@ class StreamDecoder:
             ended = (torch.stack([f[:, 0] for f in new], dim=1) == end_id).cpu()  # (B, k), one sync per push
             for row in torch.nonzero(ended.any(dim=1)).reshape(-1).tolist():
                 if self.ends[row] is None:
-                    self.ends[row] = len(self.frames) + int(ended[row].int().argmax())
+                    self.ends[row] = self.n_frames + int(ended[row].int().argmax())
         self.frames.extend(new)
-        if len(self.frames) - self.done >= self.chunk + self.context:
-            return self._decode(len(self.frames) - self.context)
+        if self.n_frames - self.done >= self.chunk + self.context:
+            return self._decode(self.n_frames - self.context)
         return None
 
     def flush(self) -> torch.Tensor | None:
         """The audio of every frame not yet returned (the end of the stream needs no right context)."""
-        return self._decode(len(self.frames)) if self.done < len(self.frames) else None
+        return self._decode(self.n_frames) if self.done < self.n_frames else None
 
 
 def decode_in_chunks(tok: AudioTokenizer, tokens: torch.Tensor, chunk_frames: int = DECODE_FRAMES) -> torch.Tensor:

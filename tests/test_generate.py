@@ -1,5 +1,6 @@
 """generate.py: frame-valid sampling, KV cache vs full recompute, sliding window, prompts, streaming, bad input."""
 import os
+import struct
 import subprocess
 import sys
 from dataclasses import asdict
@@ -76,7 +77,8 @@ def test_kv_cache_matches_full_recompute_greedy(model, tok):
         # 25 frames = 175 tokens through a 64-token context: several slides of the window
         a = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=True)
         b = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=False)
-        assert torch.equal(a, b)
+        c = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, decode="static")
+        assert torch.equal(a, b) and torch.equal(a, c)
         assert_frame_valid(a, layout, 25 + (0 if p is None else len(p) // layout.frame_size))
 
 
@@ -115,23 +117,57 @@ def test_sliding_window_past_block_size(tok):
 
 
 def test_same_seed_same_tokens(model, tok):
-    def sample(seed):
+    def sample(seed, decode="eager"):
         g = torch.Generator().manual_seed(seed)
         return sampling.generate_tokens(model, tok.layout, None, 12, num_samples=2, temperature=1.0, top_k=50,
-                                        top_p=0.9, generator=g)
+                                        top_p=0.9, generator=g, decode=decode)
     a, b, c = sample(1), sample(1), sample(2)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    # the static-shape step (what a CUDA graph replays) draws the same random numbers in the same order
+    assert torch.equal(a, sample(1, decode="static"))
+
+
+def test_static_steps_are_reused_but_never_shared(tok):
+    """A model's static step (its cache, and on CUDA its graphs) is made once per batch size and reused; two
+    generations running at the same time do not share one."""
+    layout, model = tok.layout, tiny_gpt(tok.layout.vocab_size)
+    greedy = sampling.generate_tokens(model, layout, None, 12, num_samples=2, temperature=0.0)
+    a = sampling.sample_frames(model, layout, None, 12, num_samples=2, temperature=0.0, decode="static")
+    b = sampling.sample_frames(model, layout, None, 12, num_samples=2, temperature=0.0, decode="static")
+    frames = list(zip(a, b))  # interleaved, frame by frame (with slides of the 64-token window)
+    assert torch.equal(torch.cat([x for x, _ in frames], dim=1), greedy)
+    assert torch.equal(torch.cat([y for _, y in frames], dim=1), greedy)
+    steps = sampling._STEPS[model]
+    assert len(steps) == 1 and not next(iter(steps.values())).busy  # the first is kept for the next generation
+    ranges = [(int(lo), int(lo) + layout.codebook_size, None) for lo in layout.frame_lo]  # audio-only: no AUDIO_END
+    step = sampling.static_step(model, 2, (0.0, 0, 1.0), "static", ranges)
+    assert step is next(iter(steps.values()))
+
+
+def test_decode_modes_are_checked(model, tok):
+    with pytest.raises(ValueError, match="CUDA"):
+        next(sampling.sample_frames(model, tok.layout, None, 1, decode="graph"))  # the model is on the CPU
+    with pytest.raises(ValueError, match="decode='fast'"):
+        next(sampling.sample_frames(model, tok.layout, None, 1, decode="fast"))
 
 
 def test_top_k_and_top_p_restrict_to_the_most_likely():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, float("-inf")]]).repeat(200, 1)
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, float("-inf")]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert (sampling.sample_next(logits, 1.0, 1, 1.0, g) == 1).all()
-    assert (sampling.sample_next(logits, 1.0, 0, 1e-3, g) == 1).all()
-    picks = sampling.sample_next(logits, 5.0, 2, 1.0, g)
-    assert set(picks.flatten().tolist()) == {1, 3}
-    assert set(sampling.sample_next(logits, 100.0, 0, 1.0, g).flatten().tolist()) == {0, 1, 2, 3}  # never -inf
+
+    def sample(temperature, top_k, top_p):
+        return sampling.sample_next(logits, temperature, top_k, top_p, torch.rand(logits.shape, generator=g)).flatten()
+    assert (sample(1.0, 1, 1.0) == 1).all()
+    assert (sample(1.0, 0, 1e-3) == 1).all()
+    assert set(sample(5.0, 2, 1.0).tolist()) == {1, 3}
+    picks = sample(1.0, 0, 1.0)
+    assert set(picks.tolist()) == {0, 1, 2, 3}  # never -inf
+    # a draw of exactly 0 gives finite noise: the code of probability 0 still never wins
+    assert sampling.sample_next(logits[:1], 1.0, 0, 1.0, torch.zeros(1, 5)).item() == 1
+    # the exponential race draws each id with its softmax probability
+    freq = torch.bincount(picks, minlength=5).float() / len(picks)
+    torch.testing.assert_close(freq, torch.softmax(logits[0], dim=0), atol=0.03, rtol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -198,7 +234,10 @@ def test_stream_decoder_matches_one_pass(quiet_tok):
     for chunk, first in ((2, 1), (3, 6)):  # `first` frames arrive together (a prompt), then one frame at a time
         dec = sampling.StreamDecoder(quiet_tok, chunk)
         parts = [dec.push(tokens[:, :first * layout.frame_size])]
-        parts += [dec.push(f) for f in tokens[:, first * layout.frame_size:].split(layout.frame_size, dim=1)]
+        for f in tokens[:, first * layout.frame_size:].split(layout.frame_size, dim=1):
+            parts.append(dec.push(f))
+            # memory stays flat: only the frames a later chunk still needs are kept
+            assert len(dec.frames) <= chunk + 2 * sampling.CODEC_CONTEXT_FRAMES, len(dec.frames)
         parts.append(dec.flush())
         streamed = torch.cat([p for p in parts if p is not None], dim=1)
         assert sum(p is not None for p in parts) > 2, "expected audio before the end of the stream"
@@ -218,6 +257,31 @@ def test_stream_cli_matches_one_shot(ckpt, tmp_path):
         assert len(x) == len(y) == 9 * 2048  # ceil(0.7 s / 85.3 ms) = 9 frames
         np.testing.assert_allclose(x, y, atol=2 / 32768)  # PCM_16 rounding of values equal to ~1e-6
     assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+    assert "time to first audio" in b.stdout and "real-time factor" in b.stdout
+
+
+def test_stream_to_stdout_is_a_wav_stream(ckpt, tmp_path):
+    """--stream_to=-: stdout carries nothing but a WAV of sample 0 (what `| ffplay -` or `| aplay` play), the
+    messages go to stderr, and the files are still written."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", "--num_samples=2",
+                        "--seconds=0.7", "--stream_frames=3", f"--out_dir={tmp_path}"], capture_output=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith(b"config:"), r.stderr  # without it: messages on stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", "--num_samples=2",
+                        "--seconds=0.7", "--stream_frames=3", f"--out_dir={tmp_path}", "--stream_to=-"],
+                       capture_output=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.decode()
+    assert "time to first audio" in err and "real-time factor" in err and "sample_1.wav" in err
+    head, data = r.stdout[:44], r.stdout[44:]
+    riff, _, wave, fmt, _, pcm, channels, rate, _, _, bits, tag, _ = struct.unpack("<4sI4s4sIHHIIHH4sI", head)
+    assert (riff, wave, fmt, tag, pcm, channels, rate, bits) == (b"RIFF", b"WAVE", b"fmt ", b"data", 1, 1, 24000, 16)
+    streamed = np.frombuffer(data, dtype="<i2")
+    saved, _ = sf.read(tmp_path / "sample_0.wav", dtype="int16")
+    assert len(streamed) == len(saved) == 9 * 2048
+    assert np.abs(streamed.astype(np.int32) - saved).max() <= 1  # the same audio, to PCM_16 rounding
+    assert os.path.isfile(tmp_path / "sample_1.wav") and not list(tmp_path.glob("*.tmp"))
 
 
 # -----------------------------------------------------------------------------

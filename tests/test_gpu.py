@@ -1,6 +1,27 @@
-"""Checks that need a CUDA GPU; each skips itself without one. Timings are in bench.py (`python bench.py watch`)."""
+"""Checks that need a CUDA GPU; each skips itself without one. On any CUDA machine, in about two minutes:
+
+    python -m pytest -q tests/test_gpu.py
+
+Sampling: the captured CUDA-graph step gives the eager step's tokens, bf16 generation decodes to WAV, and no decode
+step runs cuDNN attention. Training: bf16 + compile, fp16 + GradScaler, and resume, through train.py. Eval samples
+leave training's RNG alone. Timings are in bench.py (`python bench.py generate`, `python bench.py watch`).
+"""
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
+
+from conftest import ROOT
+from test_train import read_log, write_dataset
+
+import sampling
+from common import save_checkpoint
+from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -10,7 +31,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_eval_samples_on_cuda_leave_the_cuda_rng_alone(codec_dir, tmp_path):
     import report
-    from model import GPT, GPTConfig
     from tokenizer import load_codec
     meta = load_codec(codec_dir).meta()
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=256, n_layer=2, n_head=2, n_embd=64,
@@ -22,3 +42,129 @@ def test_eval_samples_on_cuda_leave_the_cuda_rng_alone(codec_dir, tmp_path):
     assert torch.equal(cpu, torch.get_rng_state()) and torch.equal(cuda, torch.cuda.get_rng_state())
     assert len(report.list_samples(str(tmp_path))[0]) == 2
     print(f"2 x 1 s eval samples on {torch.cuda.get_device_name()}: {row['sample_s']:.2f} s (codec load included)")
+
+
+# -----------------------------------------------------------------------------
+# issue 12: sampling on CUDA
+
+def cuda_gpt(layout, dtype=torch.float32, block_size: int = 64, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=layout.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=64))
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # sharp logits: no argmax ties, so float noise cannot flip
+    return model.eval().to("cuda", dtype)
+
+
+def tokens(model, layout, decode: str, prompt=None, temperature: float = 0.0, seed: int = 0, **kw) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return sampling.generate_tokens(model, layout, prompt, 25, num_samples=3, temperature=temperature, generator=g,
+                                    decode=decode, **kw).cpu()
+
+
+def test_graph_greedy_tokens_equal_eager(tok):
+    layout = tok.layout
+    prompt = torch.randint(0, layout.codebook_size, (4, layout.frame_size))
+    prompt = (prompt + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(-1)
+    for p in (None, prompt):  # 25 frames through a 64-token context: several slides and re-prefills
+        model = cuda_gpt(layout)
+        graph = tokens(model, layout, "graph", p)
+        assert torch.equal(graph, tokens(model, layout, "static", p))  # the same kernels, replayed
+        assert torch.equal(graph, tokens(model, layout, "eager", p))  # other attention kernels, float32
+        assert torch.equal(graph, tokens(model, layout, "eager", p, use_cache=False))  # nanoGPT's recompute
+        bf16 = cuda_gpt(layout, torch.bfloat16)
+        assert torch.equal(tokens(bf16, layout, "graph", p), tokens(bf16, layout, "static", p))
+
+
+def test_graph_same_seed_same_tokens(tok):
+    layout, model = tok.layout, cuda_gpt(tok.layout, torch.bfloat16)
+    knobs = dict(temperature=0.9, top_k=200, top_p=0.95)
+    a, b, c = (tokens(model, layout, "graph", seed=s, **knobs) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, tokens(model, layout, "static", seed=1, **knobs))  # the same random draws, in order
+    layout.tokens_to_codes(a)  # frame-valid: raises otherwise
+
+
+def test_no_decode_step_runs_cudnn_attention(tok):
+    """cuDNN attention re-plans for every key length on Hopper (sampling.decode_attention); the profiler sees the
+    attention op of every step (eager), of the captures (graph), and of the prefills."""
+    from torch.profiler import ProfilerActivity, profile
+    layout = tok.layout
+    for decode in ("eager", "graph"):
+        model = cuda_gpt(layout, torch.bfloat16, block_size=128, seed=1)  # a new model: its capture is profiled
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            tokens(model, layout, decode, temperature=1.0)
+        names = [e.name.lower() for e in prof.events()]
+        assert any("efficient_attention" in n or "flash_attention" in n for n in names), decode  # the control
+        assert not [n for n in names if "cudnn" in n], (decode, sorted({n for n in names if "cudnn" in n}))
+    # and the profiler does name cuDNN attention when it runs (where this card and build have it)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(1, 2, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof, sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, k)
+    except RuntimeError:  # no cuDNN attention here
+        return
+    assert any("cudnn" in e.name.lower() for e in prof.events())
+
+
+def test_bf16_generation_decodes(tok, codec_dir, tmp_path):
+    """generate.py on CUDA (bf16 weights, graph steps, the codec on the GPU) writes WAVs of the requested length
+    and reports its time to first audio."""
+    model = cuda_gpt(tok.layout, block_size=128)
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint(ckpt, {"model": model.cpu().state_dict(), "model_args": asdict(model.config),
+                           "meta": {**tok.meta(), "codec": codec_dir}})
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", "--device=cuda",
+                        "--dtype=bfloat16", "--num_samples=2", "--seconds=3", "--stream", f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "time to first audio" in r.stdout, r.stdout
+    for i in range(2):
+        audio, sr = sf.read(tmp_path / f"sample_{i}.wav", dtype="float32")
+        assert sr == 24000 and len(audio) == 36 * 2048 and np.isfinite(audio).all()  # ceil(3 s / 85.3 ms) frames
+        assert audio.std() > 0
+
+
+# -----------------------------------------------------------------------------
+# training on CUDA, through train.py
+
+CUDA_TINY = ["--device=cuda", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4",
+             "--dropout=0.0", "--learning_rate=3e-3", "--warmup_iters=2", "--eval_iters=2", "--log_interval=1",
+             "--gradient_accumulation_steps=2"]
+
+
+def run_train(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + CUDA_TINY + args, capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")), train_tokens=[20_000], val_tokens=[2_000])
+
+
+@pytest.mark.parametrize("dtype,compile", [("bfloat16", True), ("float16", False)])
+def test_training_runs_and_learns(data, tmp_path, dtype, compile):
+    r = run_train([f"--data_dir={data}", f"--dtype={dtype}", f"--compile={compile}", "--max_iters=30",
+                   "--eval_interval=30", f"--out_dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr
+    assert f"dtype {dtype}" in r.stdout, r.stdout
+    losses = [row["loss"] for row in read_log(str(tmp_path)) if "loss" in row]
+    assert len(losses) == 30 and np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5, losses
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert bool(ckpt["scaler"]) == (dtype == "float16")  # a GradScaler only where float16 needs it
+
+
+def test_resume_continues_the_run(data, tmp_path):
+    """bf16, stopped at 6 and resumed to 12: the losses of a run straight to 12 (to GPU float noise)."""
+    args = [f"--data_dir={data}", "--dtype=bfloat16", "--compile=False", "--eval_interval=3", "--lr_decay_iters=12"]
+    full = run_train(args + ["--max_iters=12", f"--out_dir={tmp_path}/full"])
+    half = run_train(args + ["--max_iters=6", f"--out_dir={tmp_path}/half"])
+    assert full.returncode == 0 and half.returncode == 0, full.stderr + half.stderr
+    rest = run_train(args + ["--max_iters=12", f"--out_dir={tmp_path}/half", "--init_from=resume"])
+    assert rest.returncode == 0, rest.stderr
+    a = [row["loss"] for row in read_log(f"{tmp_path}/full") if "loss" in row]
+    b = [row["loss"] for row in read_log(f"{tmp_path}/half") if "loss" in row]
+    assert len(a) == len(b) == 12
+    np.testing.assert_allclose(b, a, rtol=2e-2)

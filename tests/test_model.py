@@ -58,6 +58,40 @@ def test_kv_cache_matches_full_forward():
             torch.testing.assert_close(logits[:, 0], full[:, b - 1], atol=1e-5, rtol=1e-5)
 
 
+def test_static_step_matches_full_forward():
+    """The static-shape step (index writes, attention over the whole cache with a mask) gives the logits of a full
+    forward, position after position, after a dynamic prefill; it leaves kv_cache.pos alone."""
+    model = tiny(bias=True).eval()
+    idx = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx, torch.zeros_like(idx))  # (B, T, padded_vocab)
+        cache = model.new_kv_cache(2)
+        assert cache.k.shape == (2, 2, 2, 32, 16)  # (n_layer, B, nh, max_len, hs), allocated once
+        cache.k.fill_(1e4)  # stale values past the filled positions (an earlier window's) must be masked out
+        cache.v.fill_(-1e4)
+        model(idx[:, :8], kv_cache=cache)
+        for t in range(8, 20):
+            pos = torch.tensor([t])
+            logits, _ = model(idx[:, t:t + 1], kv_cache=cache, input_pos=pos)
+            torch.testing.assert_close(logits[:, 0], full[:, t, :50], atol=1e-5, rtol=1e-5)
+        assert cache.pos == 8
+        # several positions at once (a static prefill) and a slice of the vocabulary
+        logits, _ = model(idx[:, 12:16], kv_cache=cache, input_pos=torch.arange(12, 16), vocab_range=(10, 30))
+        torch.testing.assert_close(logits[:, 0], full[:, 15, 10:30], atol=1e-5, rtol=1e-5)
+
+
+def test_vocab_range_is_a_slice_of_the_logits():
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        whole, _ = model(idx)
+        part, _ = model(idx, vocab_range=(7, 19))
+    assert part.shape == (3, 1, 12)
+    torch.testing.assert_close(part, whole[..., 7:19], atol=1e-6, rtol=0)
+    with pytest.raises(AssertionError, match="vocab_range"):
+        model(idx, vocab_range=(0, 51))  # past vocab_size: padded ids could be sampled
+
+
 def test_padded_vocab_is_never_returned():
     model = tiny(vocab_size=70)
     assert model.config.padded_vocab_size == 128 and model.lm_head.weight.shape[0] == 128
