@@ -404,3 +404,29 @@ def test_out_dir_and_codec_problems_are_said_before_sampling(ckpt, tok, tmp_path
     r = run(f"--ckpt={ckpt}", f"--prompt={noise}", f"--out_dir={tmp_path}")
     assert_one_line_error(r, "noise.wav", "not audio in a format")
     assert "does not exist" not in r.stderr
+
+
+def test_text_audio_layout_static_and_eager_steps_agree():
+    """In the text+audio layout a frame start may also take AUDIO_END: the static step samples that range (level 0
+    + the specials) with the grammar's mask; ended rows repeat AUDIO_END. Same tokens as the eager and the recompute
+    paths, greedy and sampled, with and without rows that end."""
+    from tokenizer import Layout
+    layout = Layout((4, 2, 1), 4096, "gpt2o_test", 300)
+    end = layout.special("audio_end")
+    for boost in (0.0, 8.0):  # 8: AUDIO_END likely at frame starts, so rows end (at different frames)
+        model = tiny_gpt(layout.vocab_size)
+        with torch.no_grad():
+            model.lm_head.weight[end] += boost * torch.randn(model.config.n_embd)
+        for temperature in (0.0, 1.0):
+            def sample(**kw):
+                g = torch.Generator().manual_seed(3)
+                return sampling.generate_tokens(model, layout, None, 12, num_samples=3, temperature=temperature,
+                                                generator=g, **kw)
+            eager, static, recompute = sample(decode="eager"), sample(decode="static"), sample(use_cache=False)
+            assert torch.equal(eager, static) and torch.equal(eager, recompute), (boost, temperature)
+            frames = eager.reshape(3, -1, layout.frame_size)
+            ended = frames[:, :, 0] == end
+            for row in range(3):  # once a row has ended it says AUDIO_END at every frame start
+                if ended[row].any():
+                    first = int(ended[row].int().argmax())
+                    assert ended[row, first:].all()

@@ -168,3 +168,16 @@ def test_resume_continues_the_run(data, tmp_path):
     b = [row["loss"] for row in read_log(f"{tmp_path}/half") if "loss" in row]
     assert len(a) == len(b) == 12
     np.testing.assert_allclose(b, a, rtol=2e-2)
+
+
+def test_text_audio_layout_graph_equals_static():
+    """The text+audio layout's captured steps (a frame start samples level 0 + AUDIO_END under the grammar's mask;
+    ended rows repeat AUDIO_END) give the static step's tokens, greedy and sampled."""
+    from tokenizer import Layout
+    layout = Layout((4, 2, 1), 4096, "gpt2o_test", 300)
+    model = cuda_gpt(layout)
+    with torch.no_grad():
+        model.lm_head.weight[layout.special("audio_end")] += 8.0 * torch.randn(model.config.n_embd, device="cuda")
+    for temperature in (0.0, 1.0):
+        graph = tokens(model, layout, "graph", temperature=temperature)
+        assert torch.equal(graph, tokens(model, layout, "static", temperature=temperature))
