@@ -185,6 +185,31 @@ def warm_up(model, tok: AudioTokenizer, cfg: GenerateConfig, chunk_frames: int) 
     torch.cuda.synchronize(tok.device)
 
 
+def fit_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float, block_size: int) -> torch.Tensor:
+    """load_prompt, then only the last whole frames that fit the model's context (with a warning)."""
+    prompt, fs = load_prompt(path, tok, prompt_seconds), tok.layout.frame_size
+    if len(tok.layout.audio_context()) + len(prompt) > block_size:
+        prompt = prompt[-keep_frames(tok.layout, block_size) * fs:]
+        print(f"warning: prompt {path} is longer than the model's context ({block_size} tokens); using its last "
+              f"{len(prompt) // fs * tok.frame_hop / tok.sample_rate:.2f} s", file=sys.stderr, flush=True)
+    return prompt
+
+
+def print_speed(tok: AudioTokenizer, dec: StreamDecoder, p_frames: int, timer: dict[str, float], wall: float,
+                log) -> None:
+    """The LM's and the codec's speed, and where each sample ended (text+audio models end their audio)."""
+    fs, hop, sr, rows = tok.layout.frame_size, tok.frame_hop, tok.sample_rate, len(dec.ends)
+    n_frames = dec.n_frames - p_frames  # sampled, ended rows included (sampling stops when all have ended)
+    print(f"LM: {rows * n_frames * fs / timer['lm']:.1f} tokens/s ({rows} samples), "
+          f"{rows * n_frames * hop / sr / timer['lm']:.2f}x real time | codec: "
+          f"{rows * (p_frames + n_frames) * hop / sr / max(timer['codec'], 1e-9):.2f}x real time | "
+          f"wall {wall:.1f} s", file=log, flush=True)
+    if tok.layout.text_vocab:
+        kept = [n_frames if end is None else end - p_frames for end in dec.ends]  # each row's frames before its end
+        print("seconds per sample, ended by the model (*) or at --seconds: " + ", ".join(
+            f"{k * hop / sr:.2f}{'*' if k < n_frames else ''}" for k in kept), file=log, flush=True)
+
+
 def check_writable(folder: str) -> None:
     if not folder:
         raise UserError("out_dir is empty: pass --out_dir=<folder for the WAV files>")
@@ -288,19 +313,13 @@ def main() -> None:
         return transcribe_files(cfg, model, tok, device)
     context = speech_context(cfg.text, tok, model.config.block_size) if cfg.text else None
     stream = cfg.stream or bool(cfg.stream_to)
-    if device.startswith("cuda") and not cfg.transcribe:
+    if device.startswith("cuda"):
         warm_up(model, tok, cfg, cfg.stream_frames if stream else DECODE_FRAMES)
 
     t_start = time.perf_counter()  # the wall time includes encoding the prompt
-    prompt, p_frames = None, 0
-    if cfg.prompt:
-        prompt = load_prompt(cfg.prompt, tok, cfg.prompt_seconds)
-        if len(layout.audio_context()) + len(prompt) > model.config.block_size:
-            prompt = prompt[-keep_frames(layout, model.config.block_size) * fs:]
-            print(f"warning: prompt {cfg.prompt} is longer than the model's context ({model.config.block_size} "
-                  f"tokens); using its last {len(prompt) // fs * hop / sr:.2f} s", file=sys.stderr, flush=True)
-        p_frames = len(prompt) // fs
-        prompt = prompt.to(device)
+    prompt = fit_prompt(cfg.prompt, tok, cfg.prompt_seconds, model.config.block_size) if cfg.prompt else None
+    p_frames = 0 if prompt is None else len(prompt) // fs
+    prompt = None if prompt is None else prompt.to(device)
     after = f" after a {p_frames * hop / sr:.2f} s prompt" if prompt is not None else ""
     after += f" speaking {len(context) - 4} text tokens" if context is not None else ""
     up_to = "up to " if layout.text_vocab else ""  # the audio ends where the model says so, or at --seconds
@@ -331,15 +350,7 @@ def main() -> None:
         raise UserError("--stream_to=-: stdout was closed before the end of the stream (did the player quit?); "
                         "no file was written") from None
     t_end = time.perf_counter()
-    n_frames = dec.n_frames - p_frames  # sampled, ended rows included (sampling stops when all have ended)
-    kept = [n_frames if end is None else end - p_frames for end in dec.ends]  # each row's frames before its end
-    print(f"LM: {cfg.num_samples * n_frames * fs / timer['lm']:.1f} tokens/s ({cfg.num_samples} samples), "
-          f"{cfg.num_samples * n_frames * hop / sr / timer['lm']:.2f}x real time | codec: "
-          f"{cfg.num_samples * (p_frames + n_frames) * hop / sr / max(timer['codec'], 1e-9):.2f}x real time | "
-          f"wall {t_end - t_start:.1f} s", file=log, flush=True)
-    if layout.text_vocab:
-        print("seconds per sample, ended by the model (*) or at --seconds: " + ", ".join(
-            f"{k * hop / sr:.2f}{'*' if k < n_frames else ''}" for k in kept), file=log, flush=True)
+    print_speed(tok, dec, p_frames, timer, t_end - t_start, log)
     if stream:
         print(f"time to first audio {(t_first - t_sample) * 1000:.0f} ms (from the start of sampling to the first "
               f"samples written) | real-time factor {out.written / sr / (t_end - t_sample):.2f}x (seconds of audio "
