@@ -8,9 +8,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, synth_audio
+from conftest import synth_audio
 from prepare_audio import load_entry
-from test_prepare import ENV, PY, assert_same_output, run_prepare
+from test_prepare import ENV, assert_same_output, kill_after_cache_entries, run_prepare
 from tokenizer import Layout, read_audio
 
 LAYOUT = Layout((4, 2, 1), 4096)
@@ -119,17 +116,7 @@ def test_killed_run_resumes_at_the_row_group(audio_prepared, tmp_path):
     ref, args, _ = audio_prepared
     out = str(tmp_path / "out")
     args = [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={out}"]
-    p = subprocess.Popen([PY, os.path.join(ROOT, "prepare_audio.py"), *args], env=ENV, cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        done = glob.glob(os.path.join(out, ".cache", "*", "*.npz"))
-        if len(done) >= 2:
-            break
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not os.path.exists(os.path.join(out, "meta.json")), "the run finished before it could be killed"
+    kill_after_cache_entries(args, out)
     before = {path: os.stat(path).st_mtime_ns for path in glob.glob(os.path.join(out, ".cache", "*", "*.npz"))}
     assert 2 <= len(before) < 9  # 5 + 2 row groups, the empty file and the damaged one
     r = run_prepare(*args, "--workers=0")  # decoding in the main process this time: the same output

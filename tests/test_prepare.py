@@ -1,6 +1,7 @@
 """prepare_audio.py end to end, as a user runs it: a folder of real audio files in several formats, rates and
 channel counts plus broken ones -> shards + meta.json; resume after a kill, --strict, errors, and torchrun."""
 import filecmp
+import glob
 import json
 import os
 import shutil
@@ -112,22 +113,25 @@ def test_meta_shards_and_token_counts(prepared, audio_dir, tok):
         assert any(f"warning: {name}: {reason}" in line for line in warnings)
 
 
-def test_killed_run_resumes_byte_identical(prepared, tmp_path):
-    ref, args, _ = prepared
-    out = str(tmp_path / "out")
-    args = [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={out}"]
+def kill_after_cache_entries(args: list[str], out: str, n: int = 2) -> None:
+    """Start prepare_audio.py and SIGKILL it once n entries are in out/.cache (the run must not have finished)."""
     p = subprocess.Popen([PY, os.path.join(ROOT, "prepare_audio.py"), *args], env=ENV, cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cache = os.path.join(out, ".cache")
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
-        entries = [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".npz")]
-        if len(entries) >= 2:
+        if len(glob.glob(os.path.join(out, ".cache", "*", "*.npz"))) >= n:
             break
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not os.path.exists(os.path.join(out, "meta.json")), "the run finished before it could be killed"
+
+
+def test_killed_run_resumes_byte_identical(prepared, tmp_path):
+    ref, args, _ = prepared
+    out = str(tmp_path / "out")
+    args = [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={out}"]
+    kill_after_cache_entries(args, out)
     r = run_prepare(*args)
     assert r.returncode == 0, r.stderr
     assert_same_output(ref, out)
