@@ -153,6 +153,8 @@ def bench_prepare() -> None:
     row(f"prepare_audio.py, {hours * 60:.0f} min of audio, {where} (wall)", ours, base, "s", higher_is_better=False)
     print(f"prepare_audio.py takes {ours / base:.2f}x the time of the bare batched encode ({batch} x {chunk:.0f} s per "
           f"call) on {where} (target <= {2 if cuda else 1.15}x)", flush=True)
+    print(f"  prepare_audio.py's own account, {where}: "
+          f"{next((ln for ln in r.stdout.splitlines() if ln.startswith('time: ')), '(none)')}", flush=True)
 
     # (b) the long version of tests/test_tokenizer.py's chunking test: 20 s chunks, 3 per call, two clips at once
     clips = [tok.to_mono(synth_audio(seconds, 24000, seed=7 + i), 24000) for i, seconds in enumerate((120.0, 50.0))]
@@ -466,6 +468,15 @@ def bench_generate() -> None:
         print(f"weight-streaming bound: {n_bytes / 1e6:.0f} MB of weights / {bandwidth / 1e9:.1f} GB/s (128 MiB "
               f"float32 matvec) = {bound:.0f} tokens/s; a step reads {(n_bytes - 8192 * 512 * 4) / 1e6:.0f} MB "
               "(lm_head rows of the sampled level only)", flush=True)
+        # the ceiling of any eager step: the step's own matrix-vector products (every block's four, lm_head's rows
+        # of one level) back to back, nothing between them. Measured on a 2-core VM: they stream at ~25 GB/s, not
+        # the 128 MiB matvec's ~35 (each call pays a ramp-up), and every op between them runs on caches the weights
+        # just flushed (a 3 us layer_norm then takes ~40 us)
+        lins = [m.weight for m in sherlock.modules() if isinstance(m, torch.nn.Linear) and m is not sherlock.lm_head]
+        lins.append(sherlock.lm_head.weight[:layout.codebook_size])
+        xs = [torch.randn(1, w.shape[1]) for w in lins]
+        matvecs = timeit(lambda: [F.linear(x, w) for x, w in zip(xs, lins)], repeat=10)
+        row(f"CPU {label} B=1: the step's matvecs alone vs weight-streaming bound", 1 / matvecs, bound, "steps/s")
         n_frames = round(3 * real_time / fs)  # 3 s of audio
         for b in (1, 4):
             tps = tokens_per_s(sherlock, n_frames, b, repeat=3)

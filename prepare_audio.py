@@ -529,11 +529,13 @@ def run_ahead(pool, tasks, ahead: int) -> Iterator:
 
 
 def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool, batch_seconds: float, pool,
-                  ahead: int) -> Iterator[tuple[Group, dict]]:
+                  ahead: int, clock: dict[str, float]) -> Iterator[tuple[Group, dict]]:
     """(group, entry) in order: a cached entry as it is, any other group's items decoded (in the pool) and encoded,
     its entry written to the cache. The codec gets all chunks of a group at once, batched by length; batches never
     mix groups, so an entry does not depend on which run, or which rank, made it. On CUDA a group's codes are
-    collected after the next group is launched, so the GPU is not left waiting on the host."""
+    collected after the next group is launched, so the GPU is not left waiting on the host. clock[stage] adds up
+    the seconds this process spent waiting for decoded audio ("decode"), launching the codec and collecting its
+    codes ("codec") and writing cache entries ("write")."""
     rate, hop, layout = tok.sample_rate, tok.frame_hop, tok.layout
 
     def tasks():
@@ -548,6 +550,7 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
             yield (g, None), None, None  # the group is complete (or cached)
 
     def finish(g: Group, results: list[dict], encoded: list) -> tuple[Group, dict]:
+        t0 = time.perf_counter()
         it = iter(encoded)  # codes per level of each decoded item, on the codec's device
         for r in results:
             if "audio" in r:
@@ -555,19 +558,31 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
                 r["tokens"] = layout.codes_to_tokens([x.cpu().numpy() for x in c]).astype(np.uint16)
                 assert len(r["tokens"]) == tok.n_frames(len(r.pop("audio"))) * layout.frame_size, \
                     f"{g.source.name}: {len(r['tokens'])} tokens for {r['seconds']} s"
-        return g, save_entry(g.path, g, results)
+        t1 = time.perf_counter()
+        entry = save_entry(g.path, g, results)
+        clock["codec"] += t1 - t0
+        clock["write"] += time.perf_counter() - t1
+        return g, entry
 
     pending = None  # a group whose codes are still on their way from the codec
     results: list[dict] = []
-    for (g, item), out in run_ahead(pool, tasks(), ahead):
+    done = run_ahead(pool, tasks(), ahead)
+    while True:
+        t0 = time.perf_counter()
+        (g, item), out = next(done, ((None, None), None))
+        clock["decode"] += time.perf_counter() - t0
+        if g is None:
+            break
         if item is not None:
             results.append(out)
             continue
         launched = None
         if g.items is not None:  # every item of g is decoded: encode them (on CUDA: launch)
+            t0 = time.perf_counter()
             audio = [r["audio"] for r in results if "audio" in r]
             launched = (g, results, tok.encode_many(audio, cfg.chunk_seconds, batch_seconds=batch_seconds))
             results = []
+            clock["codec"] += time.perf_counter() - t0
         if pending is not None:
             yield finish(*pending)
         pending = launched
@@ -772,13 +787,14 @@ def cache_folder(out_dir: str, tok, cfg: PrepareConfig, columns: Columns, runs_c
 
 
 def prepare_share(cfg: PrepareConfig, ds: Dataset, mine: list[Source], tok, columns: Columns, folder: str,
-                  batch_seconds: float, pool, n_workers: int, master: bool) -> None:
+                  batch_seconds: float, pool, n_workers: int, master: bool) -> dict[str, float]:
     """Cache every group of these sources, in order. With --max_hours/--max_items it stops once its own share
-    passes the limit, which is past the prefix that select() keeps."""
+    passes the limit, which is past the prefix that select() keeps. Returns encode_groups' clock."""
     from tqdm import tqdm
     t0, hours, count, total = time.time(), 0.0, 0, 0.0
+    clock = {"decode": 0.0, "codec": 0.0, "write": 0.0}
     groups = read_groups(ds, mine, folder, columns, cfg)
-    work = encode_groups(groups, tok, cfg, bool(columns.codes), batch_seconds, pool, ahead=2 * n_workers + 2)
+    work = encode_groups(groups, tok, cfg, bool(columns.codes), batch_seconds, pool, 2 * n_workers + 2, clock)
     try:
         with tqdm(total=len(mine), unit="file", disable=not master, desc="prepare", dynamic_ncols=True) as bar:
             for group, entry in work:
@@ -795,6 +811,7 @@ def prepare_share(cfg: PrepareConfig, ds: Dataset, mine: list[Source], tok, colu
     finally:
         work.close()
         groups.close()  # deletes a download that was only partly read
+    return clock
 
 
 def start_workers(cfg: PrepareConfig, dist: Dist) -> tuple[object, int]:
@@ -828,6 +845,7 @@ def main() -> None:
     if enc is None and cfg.text_corpus:
         raise UserError("text_corpus needs a text encoding; drop --text_encoding=none")
 
+    start = time.perf_counter()
     dist = Dist.from_env()  # torchrun: each rank prepares its share of the files
     pool, n_workers = start_workers(cfg, dist)
     try:
@@ -877,11 +895,15 @@ def main() -> None:
 
         # each rank does sources i % world == rank, in order, into the shared cache
         batch_seconds = cfg.batch_seconds or cfg.chunk_seconds * (4 if device.startswith("cuda") else 1)
-        prepare_share(cfg, ds, ds.sources[rank::world], tok, columns, folder, batch_seconds, pool, n_workers, master)
+        clock = {"start-up": time.perf_counter() - start}
+        clock.update(prepare_share(cfg, ds, ds.sources[rank::world], tok, columns, folder, batch_seconds, pool,
+                                   n_workers, master))
         dist.barrier()
         if master:
             try:
+                t0 = time.perf_counter()
                 meta = assemble(cfg, tok, layout, enc, ds, folder, columns.text)
+                clock["shards"] = time.perf_counter() - t0
             except UserError:
                 # nothing came of this run (no usable file, or --strict): leave no folder behind that it made
                 for d in reversed(new_dirs):
@@ -892,6 +914,12 @@ def main() -> None:
                                for name, v in meta["splits"].items())
             print(f"{split} | skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> "
                   f"{os.path.join(cfg.out_dir, 'meta.json')}", flush=True)
+            # where the time went (rank 0): a GPU waiting on decoded audio wants more --workers
+            total = time.perf_counter() - start
+            print(f"time: {total:.1f} s = start-up {clock['start-up']:.1f} (workers, device, dataset, codec) + "
+                  f"waiting for decoded audio {clock['decode']:.1f} ({n_workers} worker(s)) + codec "
+                  f"{clock['codec']:.1f} (launch, collect codes) + cache writes {clock['write']:.1f} + shards "
+                  f"{clock['shards']:.1f} + other {total - sum(clock.values()):.1f}", flush=True)
     finally:
         if pool is not None:
             pool.terminate()

@@ -7,10 +7,11 @@
 Used by generate.py (and by train.py for eval samples). Errors are ValueError with a message for the user.
 
 Decode steps (`decode=`): "eager" runs the model on the filled cache positions only (dynamic shapes: the fewest
-bytes to read, the CPU default); "static" runs the static-shape step (a cache of block_size positions, attention
-over all of them with a mask); "graph" captures that step once per level as a CUDA graph and replays it (the CUDA
-default); "compile" hands it to torch.compile(mode="reduce-overhead"). All give the same tokens for the same seed,
-up to float rounding between the eager and static kernels.
+bytes to read, the CPU default); "static" runs a whole frame of static-shape steps (a cache of block_size
+positions, attention over all of them with a mask, the sampler and the grammar between them); "graph" captures
+that frame once as a CUDA graph and replays it (the CUDA default); "compile" hands the one-token step to
+torch.compile(mode="reduce-overhead"). All give the same tokens for the same seed, up to float rounding between
+the eager and static kernels.
 """
 from __future__ import annotations
 
@@ -160,73 +161,92 @@ def decode_attention() -> contextlib.AbstractContextManager:
 
 
 class StaticStep:
-    """The one-token decode step with static shapes: its KV cache and its inputs and outputs are tensors allocated
-    once, so the step can be replayed as a CUDA graph. Set `tok` (B, 1) and `pos` (1,), fill `noise`, then
-    step(model, phase) -> ids (B, 1), sampled among ids ranges[phase] = (lo, hi, additive mask over them or None).
+    """A whole frame of decode steps with static shapes: its KV cache and its inputs and outputs are tensors
+    allocated once, so the frame can be replayed as one CUDA graph. Set `tok` (B, 1), the last token in context,
+    `pos` (1,), its position, and `state` (B,), the grammar's; fill `noise` (frame_size, B, width); then
+    step(model) -> (ids (B, frame_size), the state after them). Frame position p samples among the ids
+    ranges[p] = (lo, hi, additive mask over them or None); rows whose audio has ended repeat AUDIO_END.
 
-    mode "static" runs it eagerly; "graph" captures it by hand (torch.cuda.CUDAGraph) once per level, here: no
-    compiler, a few forwards to capture (milliseconds), then one launch per token (one graph per distinct range,
-    so frame positions of the same level share one); "compile" uses
-    torch.compile(mode="reduce-overhead"), which captures CUDA graphs of its own kernels after compiling (slow to
-    warm up). Which is faster is measured by `python bench.py generate` on CUDA. The model is passed to every call,
-    never kept: a step is cached per model (static_step) and must not keep it alive.
+    mode "static" runs it eagerly; "graph" captures the frame by hand (torch.cuda.CUDAGraph): no compiler, a few
+    frames to capture (milliseconds), then one launch per frame. A frame, not a token: on an H200 a captured
+    one-token step (104 kernels, 0.28 ms of GPU time) still ran at 1.3 ms per token, the sampler's random draws,
+    the grammar and the copies around it each paying a launch and Python. "compile" hands the one-token step to
+    torch.compile(mode="reduce-overhead"), which captures CUDA graphs of its own kernels after compiling (slow
+    to warm up; seven steps in one compiled graph would be slower still). Which is faster is measured by
+    `python bench.py generate` on CUDA. The model is passed to every call, never kept: a step is cached per model
+    (static_step) and must not keep it alive.
     """
 
     def __init__(self, model, batch_size: int, knobs: tuple[float, int, float], mode: str,
-                 ranges: list[tuple[int, int, torch.Tensor | None]]):
+                 ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar):
         device = model.lm_head.weight.device
         self.cache, self.knobs, self.mode, self.ranges = model.new_kv_cache(batch_size), knobs, mode, ranges
+        self.grammar = grammar
+        fs = len(ranges)
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.noise = torch.ones(batch_size, max(hi - lo for lo, hi, _ in ranges), device=device)
-        self.out = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.compiled: Callable | None = None
+        self.state = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.noise = torch.ones(fs, batch_size, max(hi - lo for lo, hi, _ in ranges), device=device)
+        self.out = torch.zeros(batch_size, fs, dtype=torch.long, device=device)
+        self.out_state = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.token_step: Callable = self._forward
         self.busy = False  # a generation is using it (another one at the same time gets its own)
         if mode == "compile":
             # the cache is mutated in place by every step: marked static, the compiled graphs write it where it is
             # instead of copying it in and out
             torch._dynamo.mark_static_address(self.cache.k)
             torch._dynamo.mark_static_address(self.cache.v)
-            self.compiled = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
+            self.token_step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
         if mode == "graph":
             # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
             # current device, so make it the model's (cuda:1 works too)
             with decode_attention(), torch.cuda.device(device):
-                pool = torch.cuda.graph_pool_handle()  # the level graphs run one at a time: they share memory
-                first = {(lo, hi): phase for phase, (lo, hi, _) in reversed(list(enumerate(ranges)))}
-                captured = {p: self._capture(model, p, pool) for p in first.values()}
-                self.graphs = {phase: captured[first[lo, hi]] for phase, (lo, hi, _) in enumerate(ranges)}
+                self.graph = self._capture(model)
 
     def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int) -> torch.Tensor:
+        """One token: tok (B, 1) at position pos -> the next ids (B, 1), sampled among ranges[phase]."""
         lo, hi, mask = self.ranges[phase]
         logits, _ = model(tok, kv_cache=self.cache, input_pos=pos, vocab_range=(lo, hi))
         logits = logits[:, -1, :].float()
         return sample_next(logits + mask if mask is not None else logits, *self.knobs, noise[:, :hi - lo]) + lo
 
-    def _capture(self, model, phase: int, pool) -> torch.cuda.CUDAGraph:
+    def _frame(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        g, tok, state, new = self.grammar, self.tok, self.state, []
+        for phase in range(len(self.ranges)):
+            t = self.token_step(model, tok, self.pos + phase, self.noise[phase], phase)  # (B, 1)
+            if self.mode == "compile":
+                t = t.clone()  # a compiled step's output memory is reused by its next replay
+            if g.can_end:  # a row whose audio has ended repeats AUDIO_END (the level ranges do not hold it)
+                t = torch.where(state[:, None] == g.AUDIO_DONE, g.audio_end, t)
+                state = g.advance(state, t[:, 0])
+            new.append(t)
+            tok = t
+        return torch.cat(new, dim=1), state
+
+    def _capture(self, model) -> torch.cuda.CUDAGraph:
         # warm up on a side stream first (cuBLAS handles and workspaces are created outside the capture); the
-        # warm-up steps write position `pos` of the cache, which a prefill or a step fills before it is read
+        # warm-up frames write positions pos.. of the cache, which a prefill or a frame fills before they are read
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.out.copy_(self._forward(model, self.tok, self.pos, self.noise, phase))
+                self._frame(model)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.out.copy_(self._forward(model, self.tok, self.pos, self.noise, phase))
+        with torch.cuda.graph(graph):
+            out, state = self._frame(model)
+            self.out.copy_(out)
+            self.out_state.copy_(state)
         return graph
 
-    def __call__(self, model, phase: int) -> torch.Tensor:
-        if self.mode == "graph":
+    def __call__(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is not None:
             with torch.cuda.device(self.out.device):
-                self.graphs[phase].replay()
-            return self.out
+                self.graph.replay()
+            return self.out, self.out_state
         with decode_attention():
-            if self.mode == "compile":
-                return self.compiled(model, self.tok, self.pos, self.noise, phase)
-            return self._forward(model, self.tok, self.pos, self.noise, phase)
+            return self._frame(model)
 
 
 # the static steps of each model, by batch size, sampling knobs and mode: captured (or compiled) once, replayed by
@@ -235,15 +255,15 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def static_step(model, batch_size: int, knobs: tuple[float, int, float], mode: str,
-                ranges: list[tuple[int, int, torch.Tensor | None]]) -> StaticStep:
-    """The model's StaticStep for this batch size, knobs, mode and id ranges: made at the first request, then reused
-    (its cache and graphs point at the model's weights: a model moved with .to() gets new ones)."""
+                ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar) -> StaticStep:
+    """The model's StaticStep for this batch size, knobs, mode, id ranges and grammar: made at the first request,
+    then reused (its cache and graph point at the model's weights: a model moved with .to() gets new ones)."""
     w = model.lm_head.weight
     spans = tuple((lo, hi, mask is not None) for lo, hi, mask in ranges)  # the masks follow from the spans
-    key = (batch_size, knobs, mode, spans, w.device, w.dtype, w.data_ptr())
+    key = (batch_size, knobs, mode, spans, grammar.audio_end, w.device, w.dtype, w.data_ptr())
     steps = _STEPS.setdefault(model, {})
     if key not in steps or steps[key].busy:
-        step = StaticStep(model, batch_size, knobs, mode, ranges)
+        step = StaticStep(model, batch_size, knobs, mode, ranges, grammar)
         if key not in steps:
             steps[key] = step
         return step
@@ -308,56 +328,63 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
     ctx[:, :n] = head.to(device)
     step, cache = None, None
     if use_cache and decode != "eager" and audio:
-        step = static_step(model, num_samples, (temperature, top_k, top_p), decode, ranges)
+        step = static_step(model, num_samples, (temperature, top_k, top_p), decode, ranges, grammar)
         cache = step.cache
     elif use_cache:
         cache = model.new_kv_cache(num_samples)
-    # the sampler's random draws, made outside the model step in the same order whatever runs it: same seed,
-    # same tokens
+    # the sampler's random draws, a frame's at once (fs, B, width), made outside the model step in the same order
+    # whatever runs it: same seed, same tokens
     width = max(hi - lo for lo, hi, _ in ranges) if audio else vocab
-    noise = step.noise if step is not None else torch.empty(num_samples, width, device=device)
+    noise = step.noise if step is not None else torch.empty(fs, num_samples, width, device=device)
     if step is not None:
         step.busy = True
     try:
         prefill = True
-        for i in range(n_frames * fs):
-            phase = i % fs  # the prompt is whole frames, so this is the position inside the current frame
-            lo, hi, mask = ranges[phase] if audio else (0, vocab, None)
-            if n > block_size:
-                # slide: keep the last whole frames that fit plus the partial frame, so positions restart at 0 on a
-                # frame start, and re-prefill the cache from the kept window
-                m = keep + phase
-                ctx[:, :m] = ctx[:, n - m:n].clone()
-                n, prefill = m, True
+        for _ in range(n_frames):
+            if n + fs - 1 > block_size:
+                # slide at a frame start: keep the last whole frames that fit, so positions restart at 0 on a frame
+                # start, and re-prefill the cache from the kept window (keep_frames leaves room for a whole frame)
+                ctx[:, :keep] = ctx[:, n - keep:n].clone()
+                n, prefill = keep, True
             if temperature > 0:
                 noise.uniform_(generator=generator)
-            if step is not None and not prefill:
+            if step is not None:
+                if prefill:  # the cache takes all but the last token in context: the frame step feeds that one
+                    cache.reset()
+                    if n > 1:
+                        with decode_attention():
+                            model(ctx[:, :n - 1], kv_cache=cache, vocab_range=(0, 1))  # logits not needed
+                    prefill = False
                 step.tok.copy_(ctx[:, n - 1:n])
                 step.pos.fill_(n - 1)
-                new = step(model, phase)
+                step.state.copy_(state)
+                frame, state = step(model)
+                ctx[:, n:n + fs] = frame
+                n += fs
             else:
-                with decode_attention():
-                    if cache is None:
-                        logits, _ = model(ctx[:, :n], vocab_range=(lo, hi))
-                    elif prefill:
-                        cache.reset()
-                        logits, _ = model(ctx[:, :n], kv_cache=cache, vocab_range=(lo, hi))
-                        prefill = False
-                    else:
-                        logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, hi))
-                logits = logits[:, -1, :].float()
-                logits = (logits + mask if mask is not None else logits) if audio else grammar.mask(logits, state)
-                new = sample_next(logits, temperature, top_k, top_p, noise[:, :hi - lo]) + lo
-            if grammar.can_end:
-                if audio:  # a row whose audio has ended repeats AUDIO_END (the level ranges do not hold it)
-                    new = torch.where(state[:, None] == grammar.AUDIO_DONE, grammar.audio_end, new)
-                state = grammar.advance(state, new[:, 0])
-            ctx[:, n:n + 1] = new
-            n += 1
-            if phase == fs - 1:
-                yield ctx[:, n - fs:n].clone()
-                if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
-                    return
+                for phase in range(fs):  # the prompt is whole frames, so this is the position inside the frame
+                    lo, hi, mask = ranges[phase] if audio else (0, vocab, None)
+                    with decode_attention():
+                        if cache is None:
+                            logits, _ = model(ctx[:, :n], vocab_range=(lo, hi))
+                        elif prefill:
+                            cache.reset()
+                            logits, _ = model(ctx[:, :n], kv_cache=cache, vocab_range=(lo, hi))
+                            prefill = False
+                        else:
+                            logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, hi))
+                    logits = logits[:, -1, :].float()
+                    logits = (logits + mask if mask is not None else logits) if audio else grammar.mask(logits, state)
+                    new = sample_next(logits, temperature, top_k, top_p, noise[phase, :, :hi - lo]) + lo
+                    if grammar.can_end:
+                        if audio:  # a row whose audio has ended repeats AUDIO_END (the level ranges do not hold it)
+                            new = torch.where(state[:, None] == grammar.AUDIO_DONE, grammar.audio_end, new)
+                        state = grammar.advance(state, new[:, 0])
+                    ctx[:, n:n + 1] = new
+                    n += 1
+            yield ctx[:, n - fs:n].clone()
+            if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
+                return
     finally:  # also when the caller stops early: the step is free for the next generation
         if step is not None:
             step.busy = False

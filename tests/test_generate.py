@@ -141,7 +141,8 @@ def test_static_steps_are_reused_but_never_shared(tok):
     steps = sampling._STEPS[model]
     assert len(steps) == 1 and not next(iter(steps.values())).busy  # the first is kept for the next generation
     ranges = [(int(lo), int(lo) + layout.codebook_size, None) for lo in layout.frame_lo]  # audio-only: no AUDIO_END
-    step = sampling.static_step(model, 2, (0.0, 0, 1.0), "static", ranges)
+    step = sampling.static_step(model, 2, (0.0, 0, 1.0), "static", ranges,
+                                sampling.Grammar(layout, model.config.vocab_size, "cpu"))
     assert step is next(iter(steps.values()))
 
 

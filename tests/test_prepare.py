@@ -4,6 +4,7 @@ import filecmp
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,6 +112,11 @@ def test_meta_shards_and_token_counts(prepared, audio_dir, tok):
     assert "truncated" in reasons["truncated.wav"] and "cannot be decoded" in reasons["corrupt.flac"]
     for name, reason in reasons.items():
         assert any(f"warning: {name}: {reason}" in line for line in warnings)
+    # the last line says where the time went; its parts add up to the total (each rounded to 0.1 s)
+    last = r.stdout.strip().splitlines()[-1]
+    total, *parts = (float(x) for x in re.findall(r"-?\d+\.\d", last))
+    assert last.startswith("time: ") and len(parts) == 6 and abs(total - sum(parts)) <= 0.35, last
+    assert parts[2] > 0 and all(p >= 0 for p in parts[:5]), last  # the codec ran (for ~10 s of audio)
 
 
 def kill_after_cache_entries(args: list[str], out: str, n: int = 2) -> None:
