@@ -155,6 +155,7 @@ def bench_prepare() -> None:
           f"call) on {where} (target <= {2 if cuda else 1.15}x)", flush=True)
     print(f"  prepare_audio.py's own account, {where}: "
           f"{next((ln for ln in r.stdout.splitlines() if ln.startswith('time: ')), '(none)')}", flush=True)
+    bench_handoff()
 
     # (b) the long version of tests/test_tokenizer.py's chunking test: 20 s chunks, 3 per call, two clips at once
     clips = [tok.to_mono(synth_audio(seconds, 24000, seed=7 + i), 24000) for i, seconds in enumerate((120.0, 50.0))]
@@ -164,6 +165,36 @@ def bench_prepare() -> None:
         same = (torch.cat(codes) == one).float().mean().item()
         print(f"chunked + batched codes equal to one pass, {len(clip) / 24000:.0f} s clip, {where}: {same:.2%} "
               "(target >= 99%)", flush=True)
+
+
+def bench_handoff() -> None:
+    """The CPU time prepare_audio.py's main process spends receiving 10 minutes of decoded audio (24 kHz float32,
+    57.6 MB) from a worker process: in a file (decode_to_file, what it does) vs through the pool's pipe, pickled."""
+    import multiprocessing
+    import os
+    import tempfile
+    import soundfile as sf
+    import prepare_audio
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from conftest import synth_audio
+    with tempfile.TemporaryDirectory() as tmp, multiprocessing.get_context("fork").Pool(1) as pool:
+        wav = os.path.join(tmp, "a.wav")
+        sf.write(wav, synth_audio(600.0, 44100, 2), 44100)
+        cpu = {}
+        for how in ("file", "pipe"):
+            best = float("inf")
+            for i in range(3):
+                t0 = time.process_time()  # every thread of this process: the pool's result handler too
+                if how == "file":
+                    got = prepare_audio.take_audio_file(pool.apply(prepare_audio.decode_to_file,
+                                                                   (wav, 24000, 2048, os.path.join(tmp, f"{i}.f32"))))
+                else:
+                    got = pool.apply(prepare_audio.decode_audio, (wav, 24000, 2048))
+                best = min(best, time.process_time() - t0)
+                assert len(got["audio"]) == 600 * 24000
+            cpu[how] = best
+    row("main-process CPU to receive 10 min of decoded audio: file vs pipe", cpu["file"], cpu["pipe"], "s",
+        higher_is_better=False)
 
 
 # --- train --------------------------------------------------------------------

@@ -138,9 +138,14 @@ def test_killed_run_resumes_byte_identical(prepared, tmp_path):
     out = str(tmp_path / "out")
     args = [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={out}"]
     kill_after_cache_entries(args, out)
+    # the decoded audio a worker was handing over when the run was killed (a file in the rank's scratch folder)
+    left = glob.glob(os.path.join(out, ".cache", "*", "decoded.0"))
+    assert len(left) == 1
+    open(os.path.join(left[0], "0.0.f32"), "wb").write(b"\0" * 4000)
     r = run_prepare(*args)
     assert r.returncode == 0, r.stderr
     assert_same_output(ref, out)
+    assert not glob.glob(os.path.join(out, ".cache", "*", "decoded.*"))  # emptied at the start, removed at the end
 
 
 def test_strict_makes_a_bad_file_an_error(prepared, tmp_path):
