@@ -362,9 +362,9 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
                 ctx[:, n:n + fs] = frame
                 n += fs
             else:
-                for phase in range(fs):  # the prompt is whole frames, so this is the position inside the frame
-                    lo, hi, mask = ranges[phase] if audio else (0, vocab, None)
-                    with decode_attention():
+                with decode_attention():
+                    for phase in range(fs):  # the prompt is whole frames: this is the position inside the frame
+                        lo, hi, mask = ranges[phase] if audio else (0, vocab, None)
                         if cache is None:
                             logits, _ = model(ctx[:, :n], vocab_range=(lo, hi))
                         elif prefill:
@@ -373,15 +373,16 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
                             prefill = False
                         else:
                             logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, hi))
-                    logits = logits[:, -1, :].float()
-                    logits = (logits + mask if mask is not None else logits) if audio else grammar.mask(logits, state)
-                    new = sample_next(logits, temperature, top_k, top_p, noise[phase, :, :hi - lo]) + lo
-                    if grammar.can_end:
-                        if audio:  # a row whose audio has ended repeats AUDIO_END (the level ranges do not hold it)
-                            new = torch.where(state[:, None] == grammar.AUDIO_DONE, grammar.audio_end, new)
-                        state = grammar.advance(state, new[:, 0])
-                    ctx[:, n:n + 1] = new
-                    n += 1
+                        logits = logits[:, -1, :].float()
+                        logits = ((logits + mask if mask is not None else logits) if audio
+                                  else grammar.mask(logits, state))
+                        new = sample_next(logits, temperature, top_k, top_p, noise[phase, :, :hi - lo]) + lo
+                        if grammar.can_end:
+                            if audio:  # a row whose audio has ended repeats AUDIO_END (not in the level ranges)
+                                new = torch.where(state[:, None] == grammar.AUDIO_DONE, grammar.audio_end, new)
+                            state = grammar.advance(state, new[:, 0])
+                        ctx[:, n:n + 1] = new
+                        n += 1
             yield ctx[:, n - fs:n].clone()
             if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
                 return
