@@ -40,7 +40,7 @@ def run_main(main: Callable[[], Any]) -> None:
     except OSError as e:
         if e.filename is None:  # not about a file the user named: a real bug, keep the traceback
             raise
-        die(f"{e.filename or '(an empty path)'}: {e.strerror} (check the path and its permissions)")
+        die(f"{e.filename or '(an empty path)'}: {e.strerror} (check the path, its permissions and the free space)")
     except KeyboardInterrupt:
         die("interrupted")
 

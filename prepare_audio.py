@@ -468,7 +468,11 @@ def decode_to_file(source: str | bytes, rate: int, frame_hop: int, path: str) ->
     r = decode_audio(source, rate, frame_hop)
     if "audio" in r:
         audio = np.ascontiguousarray(r.pop("audio"), dtype=np.float32)
-        audio.tofile(path)
+        try:
+            with open(path, "wb") as f:
+                f.write(memoryview(audio))
+        except OSError as e:  # a full disk, say: name the file, so the main process says it in one line
+            raise OSError(e.errno, e.strerror, path) from None
         r["audio_file"] = (path, len(audio))
     return r
 

@@ -159,6 +159,23 @@ def test_strict_makes_a_bad_file_an_error(prepared, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_failed_write_is_one_line_naming_the_file(prepared, tmp_path):
+    """A write that fails (here: files capped at 40 kB, as a full disk would fail it) in a decoding worker, which
+    hands its audio over in a file: one line naming that file, and the scratch folder is gone."""
+    import resource
+
+    def cap_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+    _, args, _ = prepared
+    out = tmp_path / "out"
+    r = run_prepare(*[a for a in args if not a.startswith("--out_dir")], f"--out_dir={out}", preexec_fn=cap_file_size)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "decoded.0" in errors[0] and ".f32: File too large" in errors[0], r.stderr
+    assert not glob.glob(str(out / ".cache" / "*" / "decoded.*"))
+
+
 def test_no_audio_or_no_hub_is_one_line_and_writes_nothing(tmp_path, codec_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
