@@ -30,7 +30,8 @@ import torch
 
 from common import UserError, load_model_source, parse_config, pick_device, pick_dtype, run_main, user_errors
 from model import GPT
-from sampling import CODEC_CONTEXT_FRAMES, DECODE_FRAMES, StreamDecoder, keep_frames, sample_frames, transcribe
+from sampling import (CODEC_CONTEXT_FRAMES, DECODE_FRAMES, DECODE_MODES, StreamDecoder, keep_frames, sample_frames,
+                      transcribe)
 from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, load_codec, load_text_encoding,
                        read_audio, read_audio_tail)
 
@@ -56,6 +57,7 @@ class GenerateConfig:
     transcribe: str = ""  # audio file(s), comma-separated: print the text the model writes for each, one line each
     text_temperature: float = 0.0  # for --transcribe: 0 = greedy (the most likely text); top_k/top_p apply too
     stream_to: str = ""  # "-": also write sample 0 to stdout as a WAV stream while it is made (implies --stream)
+    decode: str = "auto"  # how decode steps run: auto (graph on CUDA, else eager), eager, static, graph, compile
 
 
 class SampleWriters:
@@ -177,7 +179,7 @@ def warm_up(model, tok: AudioTokenizer, cfg: GenerateConfig, chunk_frames: int) 
     its first run for a batch size: sample one frame and decode one codec chunk of the streaming size now, as part
     of loading, so the time to first audio does not pay for that."""
     for _ in sample_frames(model, tok.layout, None, 1, num_samples=cfg.num_samples, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p):
+                           top_k=cfg.top_k, top_p=cfg.top_p, decode=cfg.decode):
         pass
     n = chunk_frames + CODEC_CONTEXT_FRAMES  # the first chunk: no left context yet
     tokens = torch.from_numpy(tok.layout.frame_lo).repeat(n)[None]  # code 0 of every level
@@ -287,6 +289,8 @@ def check_config(cfg: GenerateConfig) -> None:
         raise UserError(f"text_temperature={cfg.text_temperature}: must be >= 0 (0 = greedy)")
     if sum(map(bool, (cfg.text, cfg.transcribe, cfg.prompt))) > 1:
         raise UserError("--text, --transcribe and --prompt are separate modes: pass one of them")
+    if cfg.decode not in DECODE_MODES:
+        raise UserError(f"decode={cfg.decode}: expected one of {', '.join(DECODE_MODES)} (see sampling.py)")
     if cfg.stream_to not in ("", "-"):
         raise UserError(f"stream_to={cfg.stream_to}: the only stream target is stdout (--stream_to=-); the files "
                         "in out_dir are written either way")
@@ -299,6 +303,8 @@ def main() -> None:
     print(f"config: {cfg}", file=log, flush=True)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.decode in ("graph", "compile") and not device.startswith("cuda"):
+        raise UserError(f"decode={cfg.decode} captures CUDA graphs, the device is {device}: use eager or static")
     paths = [os.path.join(cfg.out_dir, f"sample_{i}.wav") for i in range(cfg.num_samples)]
     cont_paths = [p[:-4] + "_continuation.wav" for p in paths] if cfg.prompt else []
     if not cfg.transcribe:
@@ -331,7 +337,7 @@ def main() -> None:
     t_first = None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     frames = sample_frames(model, layout, prompt, n_frames, num_samples=cfg.num_samples, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, context=context)
+                           top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, context=context, decode=cfg.decode)
     dec = StreamDecoder(tok, cfg.stream_frames if stream else DECODE_FRAMES)  # it also notes where rows end
     timer = {"lm": 0.0, "codec": 0.0}
     pipe = sys.stdout.buffer if cfg.stream_to else None

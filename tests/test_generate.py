@@ -259,6 +259,10 @@ def test_stream_cli_matches_one_shot(ckpt, tmp_path):
         np.testing.assert_allclose(x, y, atol=2 / 32768)  # PCM_16 rounding of values equal to ~1e-6
     assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
     assert "time to first audio" in b.stdout and "real-time factor" in b.stdout
+    # the static-shape frame step, what a CUDA graph captures, from the command line
+    c = run(*common, f"--out_dir={tmp_path / 'c'}", "--decode=static")
+    assert c.returncode == 0, c.stderr
+    assert all(sf.info(tmp_path / "c" / f"sample_{i}.wav").frames == 9 * 2048 for i in range(2))
 
 
 def test_stream_to_stdout_is_a_wav_stream(ckpt, tmp_path):
@@ -311,6 +315,8 @@ def test_bad_inputs(ckpt, tok, codec_dir, tmp_path):
     assert_one_line_error(run(f"--ckpt={ckpt}", f"--prompt={bad_prompt}"), str(bad_prompt), "cannot be decoded")
     assert_one_line_error(run(f"--ckpt={ckpt}", "--seconds=0"), "seconds=0", "> 0")
     assert_one_line_error(run(f"--ckpt={ckpt}", "--temprature=0.5"), "temprature")
+    assert_one_line_error(run(f"--ckpt={ckpt}", "--decode=fast"), "decode=fast", "expected one of")
+    assert_one_line_error(run(f"--ckpt={ckpt}", "--decode=graph", "--device=cpu"), "decode=graph", "CUDA")
 
 
 def test_help_lists_options():
