@@ -197,6 +197,10 @@ class StaticStep:
             # instead of copying it in and out
             torch._dynamo.mark_static_address(self.cache.k)
             torch._dynamo.mark_static_address(self.cache.v)
+            # every frame position (`phase`, which indexes self.ranges) is its own compiled entry of _forward's one
+            # code object, for every step made: past dynamo's default of 8 entries fullgraph=True would raise
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
             self.token_step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
         if mode == "graph":
             # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
@@ -234,7 +238,8 @@ class StaticStep:
                 self._frame(model)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA calls (NCCL's watchdog, in training) must not abort the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out, state = self._frame(model)
             self.out.copy_(out)
             self.out_state.copy_(state)
@@ -260,7 +265,10 @@ def static_step(model, batch_size: int, knobs: tuple[float, int, float], mode: s
     then reused (its cache and graph point at the model's weights: a model moved with .to() gets new ones)."""
     w = model.lm_head.weight
     spans = tuple((lo, hi, mask is not None) for lo, hi, mask in ranges)  # the masks follow from the spans
-    key = (batch_size, knobs, mode, spans, grammar.audio_end, w.device, w.dtype, w.data_ptr())
+    # every weight's address, as a graph has them all baked in (moved away and back, lm_head alone may land where
+    # it was)
+    where = tuple(p.data_ptr() for p in model.parameters())
+    key = (batch_size, knobs, mode, spans, grammar.audio_end, w.device, w.dtype, where)
     steps = _STEPS.setdefault(model, {})
     if key not in steps or steps[key].busy:
         step = StaticStep(model, batch_size, knobs, mode, ranges, grammar)

@@ -83,6 +83,19 @@ def test_graph_same_seed_same_tokens(tok):
     layout.tokens_to_codes(a)  # frame-valid: raises otherwise
 
 
+def test_compile_steps_for_two_batch_sizes_equal_static(tok):
+    """torch.compile's step: each frame position is a compiled entry of one code object, and a second batch size
+    (a second step) adds as many again, past dynamo's default limit of 8 (sampling raises it)."""
+    layout, model = tok.layout, cuda_gpt(tok.layout)
+    for b in (1, 2):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        compiled = sampling.generate_tokens(model, layout, None, 12, num_samples=b, temperature=0.0, generator=g,
+                                            decode="compile").cpu()
+        static = sampling.generate_tokens(model, layout, None, 12, num_samples=b, temperature=0.0,
+                                          decode="static").cpu()
+        assert torch.equal(compiled, static), b
+
+
 def test_no_decode_step_runs_cudnn_attention(tok):
     """cuDNN attention re-plans for every key length on Hopper (sampling.decode_attention); the profiler sees the
     attention op of every step (eager), of the captures (graph), and of the prefills."""
