@@ -13,7 +13,8 @@ Sampling is frame-valid: the position inside the current frame says which SNAC l
 of another level (and every text id and special token but AUDIO_END at a frame start) is masked out of the
 logits, so any model's output decodes to whole frames: ceil(seconds * sample_rate / frame_hop) of them, or fewer
 where a model trained on text+audio data ends its audio. Past block_size the context slides by whole frames.
-On CUDA each decode step is a CUDA graph replay (sampling.py), so one sample runs many times faster than real time.
+On CUDA each frame of decode steps (7 tokens, sampler included) is one CUDA graph replay (sampling.py; --decode
+picks another path), so one sample runs many times faster than real time.
 """
 from __future__ import annotations
 
