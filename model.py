@@ -103,9 +103,19 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 if T > 1:
                     mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-        # flash attention where the backend has it; dropout on the attention weights only while training
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if input_pos is not None:
+            # the static step: plain matmuls, not SDPA. The one fused kernel that takes this mask, memory-efficient
+            # attention, runs one thread block per (batch, head) for a lone query, each walking all max_len keys:
+            # on an H200 at batch 1 that was 0.77 ms of a 1.29 ms token; cuBLAS spreads the keys over the chip.
+            # The scale and the mask are applied in the matmul's epilogue, softmax accumulates in float32
+            hs = C // self.n_head
+            att = torch.baddbmm(mask[0], q.reshape(B * self.n_head, T, hs), k.flatten(0, 1).transpose(1, 2),
+                                alpha=1.0 / math.sqrt(hs))  # (B * nh, T, max_len)
+            y = torch.bmm(att.softmax(dim=-1), v.flatten(0, 1)).view(B, self.n_head, T, hs)  # (B, nh, T, hs)
+        else:
+            # flash attention where the backend has it; dropout on the attention weights only while training
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
