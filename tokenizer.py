@@ -532,13 +532,16 @@ class AudioTokenizer:
         (n_frames * codes_per_frame[l],) on the codec's device, exactly as encode_codes gives them one by one.
 
         The chunks of all clips (chunk_plan) are grouped by their length rounded up to pad_unit, and each group goes
-        through the codec in batches of up to batch_seconds of audio (default: chunk_seconds). SNAC pads every input
-        with zeros up to that same length and has no layer that mixes the rows of a batch, so a chunk's codes do not
-        depend on the chunks it shares a call with (up to the rounding of batched kernels). On CUDA nothing here
+        through the codec in batches of up to batch_seconds of audio (default: chunk_seconds), the margins not
+        counted. SNAC pads every input with zeros up to that same length and has no layer that mixes the rows of a
+        batch, so a chunk's codes do not depend on the chunks it shares a call with (up to the rounding of batched
+        kernels). On CUDA nothing here
         waits for the GPU (the caller's .cpu() does), so the host can prepare the next clips meanwhile.
         """
         unit, cuda = self.pad_unit, self.device.type == "cuda"
         budget = round((batch_seconds or chunk_seconds) * self.sample_rate)
+        # the margins are not counted: 60 s chunks and 240 s batches make 4 chunks per call, not 3 (61.5 s each)
+        chunk = max(1, round(chunk_seconds * self.sample_rate / unit)) * unit
         chunks: dict[int, list[tuple[int, int, int, int]]] = {}  # padded length -> [(clip, chunk, a, b)]
         plans = [self.chunk_plan(int(x.shape[-1]), chunk_seconds, margin_seconds) for x in audios]
         for i, plan in enumerate(plans):
@@ -546,7 +549,7 @@ class AudioTokenizer:
                 chunks.setdefault(-(-(b - a) // unit) * unit, []).append((i, j, a, b))
         out: dict[tuple[int, int], list[torch.Tensor]] = {}  # (clip, chunk) -> codes per level of that chunk
         for length, group in chunks.items():
-            per_call = max(1, budget // length)
+            per_call = max(1, budget // min(length, chunk))
             for first in range(0, len(group), per_call):
                 calls = group[first:first + per_call]
                 x = torch.zeros((len(calls), length), dtype=torch.float32, pin_memory=cuda)  # (B, samples)

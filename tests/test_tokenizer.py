@@ -171,6 +171,23 @@ def test_chunked_batched_encode_matches_one_pass(tok):
         assert (torch.cat(codes) == one).float().mean() >= 0.99
 
 
+def test_batch_seconds_counts_chunks_without_their_margins(tok):
+    # five whole ~2 s chunks: the first and last are encoded with one 0.77 s margin (2.7 s), the three in the
+    # middle with two (3.5 s). batch_seconds=6 is three chunks per call, as 4 x 60 s is four on CUDA: margins
+    # counted, it would be one 3.5 s chunk per call
+    chunk = round(2.0 * 24000 / tok.pad_unit) * tok.pad_unit
+    clip = tok.to_mono(synth_audio(10.0, 24000, seed=3), 24000)[:5 * chunk]
+    calls = []
+    encode = tok.codec.encode
+    tok.codec.encode = lambda x: calls.append(x.shape[0]) or encode(x)  # count the rows per call, nothing else
+    try:
+        codes = tok.encode_many([clip], chunk_seconds=2.0, batch_seconds=6.0)[0]
+    finally:
+        del tok.codec.encode
+    assert sorted(calls) == [2, 3]
+    assert (torch.cat(codes) == torch.cat(tok.encode_codes(clip, chunk_seconds=1000))).float().mean() >= 0.99
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_batched_encode_on_cuda_matches_one_pass(codec_dir):
     # what prepare_audio.py does on a GPU: pinned host batches, codes read back only at the end
