@@ -560,8 +560,9 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
     its entry written to the cache. The codec gets all chunks of a group at once, batched by length; batches never
     mix groups, so an entry does not depend on which run, or which rank, made it. On CUDA a group's codes are
     collected after the next group is launched, so the GPU is not left waiting on the host. clock[stage] adds up
-    the seconds this process spent waiting for decoded audio ("decode"), launching the codec and collecting its
-    codes ("codec") and writing cache entries ("write"). Workers hand decoded audio back in files in `scratch`."""
+    the seconds this process spent waiting for decoded audio ("decode"), launching the codec ("launch"), waiting
+    for its codes and turning them into tokens ("codes back": on CUDA mostly the GPU's time) and writing cache
+    entries ("write"). Workers hand decoded audio back in files in `scratch`."""
     rate, hop, layout = tok.sample_rate, tok.frame_hop, tok.layout
 
     def tasks():
@@ -588,7 +589,7 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
                     f"{g.source.name}: {len(r['tokens'])} tokens for {r['seconds']} s"
         t1 = time.perf_counter()
         entry = save_entry(g.path, g, results)
-        clock["codec"] += t1 - t0
+        clock["codes back"] += t1 - t0
         clock["write"] += time.perf_counter() - t1
         return g, entry
 
@@ -610,7 +611,7 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
             audio = [r["audio"] for r in results if "audio" in r]
             launched = (g, results, tok.encode_many(audio, cfg.chunk_seconds, batch_seconds=batch_seconds))
             results = []
-            clock["codec"] += time.perf_counter() - t0
+            clock["launch"] += time.perf_counter() - t0
         if pending is not None:
             yield finish(*pending)
         pending = launched
@@ -820,7 +821,7 @@ def prepare_share(cfg: PrepareConfig, ds: Dataset, mine: list[Source], tok, colu
     passes the limit, which is past the prefix that select() keeps. Returns encode_groups' clock."""
     from tqdm import tqdm
     t0, hours, count, total = time.time(), 0.0, 0, 0.0
-    clock = {"decode": 0.0, "codec": 0.0, "write": 0.0}
+    clock = {"decode": 0.0, "launch": 0.0, "codes back": 0.0, "write": 0.0}
     # decoded audio in flight between the workers and this process: its own folder (ranks share the cache), emptied
     # of what a killed run left
     scratch = os.path.join(folder, f"decoded.{os.environ.get('RANK', '0')}")
@@ -951,12 +952,14 @@ def main() -> None:
                                for name, v in meta["splits"].items())
             print(f"{split} | skipped {len(meta['skipped'])} | {len(meta['shards'])} shards -> "
                   f"{os.path.join(cfg.out_dir, 'meta.json')}", flush=True)
-            # where the time went (rank 0): a GPU waiting on decoded audio wants more --workers
+            # where the time went (rank 0): a GPU waiting on decoded audio wants more --workers; on CUDA, "codes
+            # back" is mostly the GPU running the codec, "codec launches" the host queueing it
             total = time.perf_counter() - start
             print(f"time: {total:.1f} s = start-up {clock['start-up']:.1f} (workers, device, dataset, codec) + "
-                  f"waiting for decoded audio {clock['decode']:.1f} ({n_workers} worker(s)) + codec "
-                  f"{clock['codec']:.1f} (launch, collect codes) + cache writes {clock['write']:.1f} + shards "
-                  f"{clock['shards']:.1f} + other {total - sum(clock.values()):.1f}", flush=True)
+                  f"waiting for decoded audio {clock['decode']:.1f} ({n_workers} worker(s)) + codec launches "
+                  f"{clock['launch']:.1f} + codes back {clock['codes back']:.1f} + cache writes "
+                  f"{clock['write']:.1f} + shards {clock['shards']:.1f} + other {total - sum(clock.values()):.1f}",
+                  flush=True)
     finally:
         if pool is not None:
             pool.terminate()
