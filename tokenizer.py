@@ -507,6 +507,10 @@ class AudioTokenizer:
     def n_frames(self, n_samples: int) -> int:
         return -(-n_samples // self.frame_hop)
 
+    def chunk_samples(self, chunk_seconds: float) -> int:
+        """The samples a chunk keeps: chunk_seconds rounded to whole pad_units (at least one)."""
+        return max(1, round(chunk_seconds * self.sample_rate / self.pad_unit)) * self.pad_unit
+
     def chunk_plan(self, n: int, chunk_seconds: float = 60.0,
                    margin_seconds: float = ENCODE_MARGIN_SECONDS) -> list[tuple[int, int, int, int]]:
         """How n samples go through the codec: (a, b, f0, nf) per chunk, in order: the codec encodes samples [a, b)
@@ -516,8 +520,7 @@ class AudioTokenizer:
         `margin_seconds` of real audio on both sides and only its middle is kept; chunk starts and margins are
         multiples of pad_unit, so the codec sees the same frame grid as in one pass over the whole file.
         """
-        unit = self.pad_unit
-        chunk = max(1, round(chunk_seconds * self.sample_rate / unit)) * unit
+        unit, chunk = self.pad_unit, self.chunk_samples(chunk_seconds)
         margin = math.ceil(margin_seconds * self.sample_rate / unit) * unit
         plan = []
         for start in range(0, n, chunk):
@@ -535,13 +538,13 @@ class AudioTokenizer:
         through the codec in batches of up to batch_seconds of audio (default: chunk_seconds), the margins not
         counted. SNAC pads every input with zeros up to that same length and has no layer that mixes the rows of a
         batch, so a chunk's codes do not depend on the chunks it shares a call with (up to the rounding of batched
-        kernels). On CUDA nothing here
-        waits for the GPU (the caller's .cpu() does), so the host can prepare the next clips meanwhile.
+        kernels). On CUDA nothing here waits for the GPU (the caller's .cpu() does), so the host can prepare the next
+        clips meanwhile.
         """
         unit, cuda = self.pad_unit, self.device.type == "cuda"
         budget = round((batch_seconds or chunk_seconds) * self.sample_rate)
         # the margins are not counted: 60 s chunks and 240 s batches make 4 chunks per call, not 3 (61.5 s each)
-        chunk = max(1, round(chunk_seconds * self.sample_rate / unit)) * unit
+        chunk = self.chunk_samples(chunk_seconds)
         chunks: dict[int, list[tuple[int, int, int, int]]] = {}  # padded length -> [(clip, chunk, a, b)]
         plans = [self.chunk_plan(int(x.shape[-1]), chunk_seconds, margin_seconds) for x in audios]
         for i, plan in enumerate(plans):

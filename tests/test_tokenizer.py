@@ -175,8 +175,7 @@ def test_batch_seconds_counts_chunks_without_their_margins(tok):
     # five whole ~2 s chunks: the first and last are encoded with one 0.77 s margin (2.7 s), the three in the
     # middle with two (3.5 s). batch_seconds=6 is three chunks per call, as 4 x 60 s is four on CUDA: margins
     # counted, it would be one 3.5 s chunk per call
-    chunk = round(2.0 * 24000 / tok.pad_unit) * tok.pad_unit
-    clip = tok.to_mono(synth_audio(10.0, 24000, seed=3), 24000)[:5 * chunk]
+    clip = tok.to_mono(synth_audio(10.0, 24000, seed=3), 24000)[:5 * tok.chunk_samples(2.0)]
     calls = []
     encode = tok.codec.encode
     tok.codec.encode = lambda x: calls.append(x.shape[0]) or encode(x)  # count the rows per call, nothing else
