@@ -386,8 +386,8 @@ def main() -> None:
     if master:
         best = f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else "no eval (no val split)"
         print(f"done: {iter_num} iterations, {best}, checkpoints in {cfg.out_dir}", flush=True)
-    # leave the group together, once rank 0 has written its last checkpoint and report: a rank that fails while
-    # leaving (seen once in CI: gloo, SIGABRT at exit) has torchrun stop the others, and rank 0 not mid-write
+    # leave the group together, once rank 0 has written its last checkpoint and report: a rank that dies on its way
+    # out (seen in CI: gloo aborting rank 1, cause unknown) has torchrun stop the others, and rank 0 not mid-write
     dist.barrier()
     dist.close()
 
