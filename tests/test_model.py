@@ -39,8 +39,11 @@ def test_overfits_a_repeating_stream():
     assert loss.item() < 0.05, loss.item()
 
 
-def test_kv_cache_matches_full_forward():
-    model = tiny(bias=True).eval()
+@pytest.mark.parametrize("bias", [False, True])
+def test_kv_cache_matches_full_forward(bias: bool):
+    """The prefill, one-token steps (with and without vocab_range) and later chunks all give the logits of one full
+    forward; a cache already holding block_size positions refuses one more token."""
+    model = tiny(bias=bias).eval()
     idx = torch.randint(0, 50, (2, 20))
     with torch.no_grad():
         full, _ = model(idx, torch.zeros_like(idx))  # (B, T, padded_vocab): logits at every position
@@ -49,9 +52,14 @@ def test_kv_cache_matches_full_forward():
         logits, _ = model(idx[:, :8], kv_cache=cache)  # prefill
         torch.testing.assert_close(logits[:, 0], full[:, 7], atol=1e-5, rtol=1e-5)
         for t in range(8, 20):  # then one token at a time
-            logits, _ = model(idx[:, t:t + 1], kv_cache=cache)
-            torch.testing.assert_close(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+            logits, _ = model(idx[:, t:t + 1], kv_cache=cache, vocab_range=(10, 30) if t % 2 else None)
+            torch.testing.assert_close(logits[:, 0], full[:, t, 10:30] if t % 2 else full[:, t], atol=1e-5, rtol=1e-5)
         assert cache.pos == 20
+        cache.reset()
+        for t in range(32):  # a one-token step from the empty cache on, up to block_size, and one past it
+            model(idx[:, t % 20:t % 20 + 1], kv_cache=cache)
+        with pytest.raises(ValueError, match="33 tokens is longer than block_size 32"):
+            model(idx[:, :1], kv_cache=cache)
         cache.reset()  # chunks after the first need the offset causal mask
         for a, b in ((0, 5), (5, 12), (12, 20)):
             logits, _ = model(idx[:, a:b], kv_cache=cache)
