@@ -40,6 +40,8 @@ import numpy as np
 from common import Dist, UserError, atomic_write, parse_config, pick_device, run_main, user_errors, write_json
 from tokenizer import (DEFAULT_CODEC, DEFAULT_TEXT_ENCODING, BadAudio, Layout, load_codec, load_text_encoding,
                        read_audio, resampled_length, to_mono)
+from sources import (Columns, Dataset, Item, Source, audio_extensions, codes_to_tokens, fetch, open_dataset,
+                     pick_columns, read_schema, rows_to_items)
 
 # -----------------------------------------------------------------------------
 # config
@@ -67,177 +69,6 @@ class PrepareConfig:
     asr_fraction: float = 0.5  # share of transcribed documents written as transcription items [audio][text]
     text_corpus: str = ""  # a UTF-8 text file; each paragraph (blank-line separated) is a text-only train document
     seed: int = 1337  # which transcribed documents are transcription items is a function of (seed, name)
-
-
-# extensions we look for; soundfile (libsndfile) decodes all of them, mp3 since libsndfile 1.1
-AUDIO_EXTENSIONS = {"wav": "WAV", "wave": "WAV", "flac": "FLAC", "ogg": "OGG", "oga": "OGG", "opus": "OGG",
-                    "mp3": "MP3", "aiff": "AIFF", "aif": "AIFF", "aifc": "AIFF", "au": "AU", "snd": "AU",
-                    "caf": "CAF", "w64": "W64", "rf64": "RF64", "voc": "VOC"}
-# parquet columns recognised without a flag, first match wins
-TEXT_COLUMNS = ("text", "transcription", "transcript", "sentence", "normalized_text", "text_normalized", "raw_text")
-CODES_COLUMNS = ("snac24khz", "snac_24khz", "snac32khz", "snac_32khz", "snac44khz", "snac_44khz", "snac_codes",
-                 "snac", "codes", "audio_codes")  # flattened, 7 codes per frame (24 kHz) in depth-first order
-LEVEL_PREFIXES = ("snac_", "codes_", "snac_l", "level_")  # one column per level: snac_0, snac_1, snac_2
-
-
-# -----------------------------------------------------------------------------
-# the dataset: sources (audio files or parquet files) in order, local or on the Hub
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str  # path relative to the dataset folder or Hub repo, as messages and meta.json show it
-    key: str  # cache identity: a changed file gets new entries
-    path: str  # the local file; for a Hub parquet file its path in the repo, downloaded when its turn comes
-
-
-@dataclass
-class Dataset:
-    kind: str  # "audio" (a file is a document) or "parquet" (a row is a document)
-    sources: list[Source]
-    root: str  # the local folder searched, or the Hub repo id
-    repo: str = ""  # Hub dataset id when parquet files are downloaded one at a time
-    revision: str = ""  # the commit they are read at
-
-
-def audio_extensions() -> list[str]:
-    import soundfile as sf
-    formats = sf.available_formats()
-    return sorted(ext for ext, fmt in AUDIO_EXTENSIONS.items() if fmt in formats)
-
-
-def find_files(root: str, exclude: str, extensions: set[str]) -> list[str]:
-    """Files with these extensions under root (hidden folders and `exclude` left out), as sorted relative posix
-    paths."""
-    exclude = os.path.realpath(exclude)
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) != exclude]
-        for name in files:
-            if name.rsplit(".", 1)[-1].lower() in extensions and not name.startswith("."):
-                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
-    return sorted(found)
-
-
-def local_dataset(root: str, exclude: str) -> Dataset:
-    """A folder of .parquet files (searched recursively), else a folder of audio files."""
-    def source(rel: str) -> Source:
-        st = os.stat(os.path.join(root, rel))  # a source file that changes gets new cache entries
-        key = hashlib.sha1(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-        return Source(rel, key, os.path.join(root, rel))
-
-    parquet = find_files(root, exclude, {"parquet"})
-    if parquet:
-        return Dataset("parquet", [source(rel) for rel in parquet], root)
-    return Dataset("audio", [source(rel) for rel in find_files(root, exclude, set(audio_extensions()))], root)
-
-
-def open_dataset(dataset: str, exclude: str) -> Dataset:
-    """A local folder as is. A Hub dataset stored as parquet is listed here and its files are downloaded one at a
-    time later; any other Hub dataset is downloaded whole (or found in the Hugging Face cache) first."""
-    if os.path.isdir(dataset):
-        return local_dataset(dataset, exclude)
-    if os.path.exists(dataset):
-        raise UserError(f"dataset {dataset}: is a file; pass a folder of audio or .parquet files, or a Hub dataset id")
-    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
-        raise UserError(f"dataset '{dataset}': no such folder, and not a Hub dataset id like "
-                        "'eastwind/tiny-sherlock-audio'")
-    from huggingface_hub import HfApi, snapshot_download
-    try:
-        info = HfApi().dataset_info(dataset, files_metadata=True)
-        parquet = sorted((s for s in info.siblings if s.rfilename.endswith(".parquet")), key=lambda s: s.rfilename)
-        if parquet:
-            return Dataset("parquet", [Source(s.rfilename, hashlib.sha1(
-                f"{dataset}\0{s.rfilename}\0{s.blob_id}".encode()).hexdigest()[:24], s.rfilename) for s in parquet],
-                dataset, repo=dataset, revision=info.sha)
-    except Exception:  # offline, unknown repo, auth: a snapshot in the local cache may still do, see below
-        pass
-    try:
-        root = snapshot_download(repo_id=dataset, repo_type="dataset")
-    except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
-        raise UserError(f"dataset '{dataset}': cannot download it from the Hugging Face Hub ({type(e).__name__}). "
-                        "Without internet, copy its audio or .parquet files into a folder and pass "
-                        "--dataset=<that folder>") from None
-    return local_dataset(root, exclude)
-
-
-def fetch(ds: Dataset, source: Source, out_dir: str) -> str:
-    """The local path of a source: a Hub parquet file is downloaded into out_dir/.downloads/ first."""
-    if not ds.repo:
-        return source.path
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(ds.repo, source.path, repo_type="dataset", revision=ds.revision,
-                               local_dir=os.path.join(out_dir, ".downloads"))
-    except Exception as e:  # network, disk, auth: huggingface_hub raises many types
-        raise UserError(f"dataset '{ds.repo}': cannot download {source.path} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); run again to resume, "
-                        "or download the .parquet files yourself and pass --dataset=<that folder>") from None
-
-
-# -----------------------------------------------------------------------------
-# parquet columns: audio (a struct with bytes, as the datasets library writes it) or SNAC codes, and transcripts
-
-
-@dataclass(frozen=True)
-class Columns:
-    audio: str = ""  # struct<bytes, path> or binary: the bytes of an audio file
-    codes: tuple[str, ...] = ()  # one flattened column, or one per level (coarse first)
-    text: str = ""  # transcripts, carried along (not used by the audio-only layout)
-
-
-def read_schema(ds: Dataset):
-    """The arrow schema of the first parquet file that can be read (a Hub file: only its footer is fetched)."""
-    import pyarrow.parquet as pq
-    for source in ds.sources:
-        try:
-            if not ds.repo:
-                return pq.read_schema(source.path)
-            from huggingface_hub import HfFileSystem
-            with HfFileSystem().open(f"datasets/{ds.repo}@{ds.revision}/{source.path}", "rb") as f:
-                return pq.read_schema(f)
-        except (OSError, ValueError):  # pyarrow's errors derive from these; an unreadable file is reported later
-            continue
-    raise UserError(f"dataset {ds.root}: none of its {len(ds.sources)} .parquet files can be read")
-
-
-def pick_columns(schema, cfg: PrepareConfig, n_levels: int) -> Columns:
-    """The columns to read, from the flags or else by well-known names and types."""
-    import pyarrow as pa
-    names = schema.names
-    where = f"dataset {cfg.dataset}: columns {', '.join(names)}"
-
-    def check(column: str, flag: str) -> str:
-        if column not in names:
-            raise UserError(f"{flag}={column}: no such column ({where})")
-        return column
-
-    text = check(cfg.text_column, "--text_column") if cfg.text_column else next(
-        (c for c in TEXT_COLUMNS if c in names and (pa.types.is_string(schema.field(c).type) or
-                                                     pa.types.is_large_string(schema.field(c).type))), "")
-    if cfg.codes_column:
-        codes = tuple(check(c.strip(), "--codes_column") for c in cfg.codes_column.split(","))
-        if len(codes) not in (1, n_levels):
-            raise UserError(f"--codes_column={cfg.codes_column}: give one column of flattened codes or one column "
-                            f"per level ({n_levels} for this codec, coarse first), comma-separated")
-        return Columns(codes=codes, text=text)
-    flat = next((c for c in CODES_COLUMNS if c in names), "")
-    if flat:
-        return Columns(codes=(flat,), text=text)
-    for prefix in LEVEL_PREFIXES:
-        if all(f"{prefix}{level}" in names for level in range(n_levels)):
-            return Columns(codes=tuple(f"{prefix}{level}" for level in range(n_levels)), text=text)
-
-    def is_audio(column: str) -> bool:
-        t = schema.field(column).type
-        return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 or pa.types.is_binary(t) or \
-            pa.types.is_large_binary(t)
-    audio = next((c for c in ["audio"] + names if c in names and is_audio(c)), "")
-    if not audio:
-        raise UserError(f"{where}: found no audio column (a struct with 'bytes', as the datasets library writes "
-                        f"audio) and no SNAC codes column; name it with --codes_column=snac24khz (flattened) or "
-                        f"--codes_column=snac_0,snac_1,snac_2 (one per level)")
-    return Columns(audio=audio, text=text)
 
 
 # -----------------------------------------------------------------------------
@@ -311,14 +142,6 @@ def transcription_first(seed: int, rel: str, asr_fraction: float) -> bool:
 
 # -----------------------------------------------------------------------------
 # work: groups of items (an audio file, or a parquet row group) -> cache entries
-
-
-@dataclass
-class Item:
-    row: int  # row in its parquet file; -1 for an audio file
-    payload: object  # an audio file's path or bytes, or a row's codes (a list, a string, or a tuple of levels)
-    text: str | None = None  # its transcript, if the dataset has them
-    error: str = ""  # why it cannot be used, known before decoding
 
 
 @dataclass
@@ -426,22 +249,6 @@ def parquet_groups(path: str, source: Source, folder: str, columns: Columns) -> 
         first += rows
 
 
-def rows_to_items(table, columns: Columns, first: int) -> list[Item]:
-    texts = table.column(columns.text).to_pylist() if columns.text else [None] * table.num_rows
-    if columns.codes:
-        values = [table.column(c).to_pylist() for c in columns.codes]
-        payloads = values[0] if len(values) == 1 else list(zip(*values))
-        return [Item(first + j, p, t) for j, (p, t) in enumerate(zip(payloads, texts))]
-    items = []
-    for j, (cell, text) in enumerate(zip(table.column(columns.audio).to_pylist(), texts)):
-        data = cell.get("bytes") if isinstance(cell, dict) else cell
-        error = "" if data else "no audio bytes in the row" + (
-            f" (only a path, {cell.get('path')!r}, which is not looked up)" if isinstance(cell, dict) and
-            cell.get("path") else "")
-        items.append(Item(first + j, data, text, error))
-    return items
-
-
 # -----------------------------------------------------------------------------
 # per item: decode + resample audio (in worker processes), or check pre-tokenised codes
 
@@ -484,49 +291,6 @@ def take_audio_file(r: dict) -> dict:
         r["audio"] = np.fromfile(path, dtype=np.float32, count=n)
         os.remove(path)
     return r
-
-
-def codes_to_tokens(value, layout: Layout) -> np.ndarray:
-    """A row's SNAC codes -> token ids of the layout. `value`: flattened codes, 7 per frame in depth-first order
-    (for 24 kHz), as a list of ints or a space-separated string; or a tuple of per-level lists, coarse first.
-    Codes are 0..codebook_size-1 (ids already offset by level, as in our layout, are accepted too).
-    Raises ValueError(reason)."""
-    cb, fs = layout.codebook_size, layout.frame_size
-    if value is None or isinstance(value, tuple) and any(v is None for v in value):
-        raise ValueError("no codes (null)")
-    try:
-        if isinstance(value, tuple):
-            levels = [np.asarray(v, dtype=np.int64).reshape(-1) for v in value]
-        elif isinstance(value, str):
-            levels = [np.array(value.split(), dtype=np.int64)]
-        else:
-            levels = [np.asarray(value, dtype=np.int64).reshape(-1)]
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError("codes are not integers" + (" separated by spaces" if isinstance(value, str) else "")) \
-            from None
-    if not len(levels[0]):
-        raise ValueError("no codes (empty)")
-    flat = levels[0]
-    if len(levels) == 1 and len(flat) % fs == 0 and flat.max() >= cb:  # maybe ids offset by level, as in our layout
-        lo = layout.frame_levels * cb
-        frames = flat.reshape(-1, fs)  # (n_frames, frame_size)
-        if ((frames >= lo) & (frames < lo + cb)).all():
-            return flat
-    for level, c in enumerate(levels):
-        if c.min() < 0 or c.max() >= cb:
-            bad = int(np.flatnonzero((c < 0) | (c >= cb))[0])
-            raise ValueError(f"code {int(c[bad])} at position {bad}{f' of level {level}' if len(levels) > 1 else ''}"
-                             f" is outside 0..{cb - 1}")
-    if len(levels) > 1:
-        n_frames = len(levels[0])
-        for level, (c, k) in enumerate(zip(levels, layout.codes_per_frame)):
-            if len(c) != n_frames * k:
-                raise ValueError(f"level {level} has {len(c)} codes, expected {n_frames * k} ({k} per frame for the "
-                                 f"{n_frames} frames of level 0)")
-        return layout.codes_to_tokens(levels)
-    if len(flat) % fs:
-        raise ValueError(f"{len(flat)} codes is not a whole number of {fs}-code frames")
-    return (flat.reshape(-1, fs) + layout.frame_levels * layout.codebook_size).reshape(-1)  # (n_frames, fs) + offsets
 
 
 def check_codes(value, layout: Layout, seconds_per_frame: float) -> dict:
@@ -907,7 +671,8 @@ def main() -> None:
         if ds.kind == "parquet":
             with user_errors():
                 tok = load_codec(cfg.codec, "cpu", weights=False)  # the layout, for finding codes columns
-            columns = pick_columns(read_schema(ds), cfg, tok.layout.n_levels)
+            columns = pick_columns(read_schema(ds), cfg.dataset, cfg.text_column, cfg.codes_column,
+                                   tok.layout.n_levels)
         runs_codec = not columns.codes
         if runs_codec:
             with user_errors():
