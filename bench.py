@@ -153,8 +153,11 @@ def bench_prepare() -> None:
     row(f"prepare_audio.py, {hours * 60:.0f} min of audio, {where} (wall)", ours, base, "s", higher_is_better=False)
     print(f"prepare_audio.py takes {ours / base:.2f}x the time of the bare batched encode ({batch} x {chunk:.0f} s per "
           f"call) on {where} (target <= {2 if cuda else 1.15}x)", flush=True)
-    print(f"  prepare_audio.py's own account, {where}: "
-          f"{next((ln for ln in r.stdout.splitlines() if ln.startswith('time: ')), '(none)')}", flush=True)
+    account = next((ln for ln in r.stdout.splitlines() if ln.startswith("time: ")), "")
+    print(f"  prepare_audio.py's own account, {where}: {account or '(none)'}", flush=True)
+    if account:  # the rest is the interpreter: importing torch before main() and tearing it down after
+        print(f"  outside its own timer (Python start, imports, exit), {where}: "
+              f"{ours - float(account.split()[1]):.1f} s", flush=True)
     bench_handoff()
 
     # (b) the long version of tests/test_tokenizer.py's chunking test: 20 s chunks, 3 per call, two clips at once
