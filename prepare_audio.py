@@ -38,10 +38,10 @@ from typing import Iterator
 import numpy as np
 
 from common import Dist, UserError, atomic_write, parse_config, pick_device, run_main, user_errors, write_json
-from tokenizer import (DEFAULT_CODEC, DEFAULT_TEXT_ENCODING, BadAudio, Layout, load_codec, load_text_encoding,
-                       read_audio, resampled_length, to_mono)
 from sources import (Columns, Dataset, Item, Source, audio_extensions, codes_to_tokens, fetch, open_dataset,
                      pick_columns, read_schema, rows_to_items)
+from tokenizer import (DEFAULT_CODEC, DEFAULT_TEXT_ENCODING, BadAudio, Layout, load_codec, load_text_encoding,
+                       read_audio, resampled_length, to_mono)
 
 # -----------------------------------------------------------------------------
 # config
