@@ -7,6 +7,7 @@
     logits, _ = model(prompt, kv_cache=cache)            # prefill: logits (B, 1, vocab_size) for the last position
     logits, _ = model(token, kv_cache=cache)             # then one token a step (attends to the filled positions)
     logits, _ = model(token, kv_cache=cache, input_pos=pos)  # or with static shapes, for CUDA graphs (see forward)
+    logits, _ = model(token, kv_cache=cache, input_pos=pos, attend=n)  # the same over cache positions 0..n-1 only
 """
 from __future__ import annotations
 
@@ -49,17 +50,21 @@ class LayerNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once for max_len positions: (n_layer, B, n_head, max_len, head_size).
+    """Keys and values of every layer, allocated once for max_len positions: k[layer], v[layer] are
+    (B, n_head, max_len, head_size).
 
-    Zeros, not empty memory: the static-shape step attends over every position and masks the unwritten ones, and a
-    masked NaN would still poison the sum (0 * NaN). `pos` counts the positions filled by the dynamic-shape path.
+    One tensor per layer, not views of one: torch.compile copies a whole graph input that a step writes into a view
+    of, which on a CPU made a compiled step 7x slower than eager. Zeros, not empty memory: the static-shape step
+    attends over every position and masks the unwritten ones, and a masked NaN would still poison the sum (0 * NaN).
+    `pos` counts the positions filled by the dynamic-shape path.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int,
                  device: torch.device, dtype: torch.dtype):
-        shape = (n_layer, batch_size, n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_head, max_len, head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
         self.pos = 0  # positions filled so far; the next token goes at this position
 
     def reset(self) -> None:
@@ -87,10 +92,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         is_causal = mask is None
         if input_pos is not None:
-            # static shapes: new keys written by index, attention over all max_len positions, the mask hiding the
-            # ones not written yet (and the causal future): the same kernels whatever the position
-            k = kv_cache.k[layer].index_copy_(2, input_pos, k)  # (B, nh, max_len, hs)
-            v = kv_cache.v[layer].index_copy_(2, input_pos, v)
+            # static shapes: new keys written by index, attention over the mask's L cache positions (all max_len,
+            # or the first `attend`), the mask hiding the ones not written yet and the causal future
+            L = mask.size(-1)
+            k = kv_cache.k[layer].index_copy_(2, input_pos, k)[:, :, :L]  # (B, nh, L, hs)
+            v = kv_cache.v[layer].index_copy_(2, input_pos, v)[:, :, :L]
         elif kv_cache is not None:
             # dynamic shapes: attend to the positions filled so far only (the least memory to read on a CPU)
             pos, cache_k, cache_v = kv_cache.pos, kv_cache.k[layer], kv_cache.v[layer]  # (B, nh, max_len, hs)
@@ -110,7 +116,7 @@ class CausalSelfAttention(nn.Module):
             # The scale and the mask are applied in the matmul's epilogue, softmax accumulates in float32
             hs = C // self.n_head
             att = torch.baddbmm(mask[0], q.reshape(B * self.n_head, T, hs), k.flatten(0, 1).transpose(1, 2),
-                                alpha=1.0 / math.sqrt(hs))  # (B * nh, T, max_len)
+                                alpha=1.0 / math.sqrt(hs))  # (B * nh, T, L)
             y = torch.bmm(att.softmax(dim=-1), v.flatten(0, 1)).view(B, self.n_head, T, hs)  # (B, nh, T, hs)
         else:
             # flash attention where the backend has it; dropout on the attention weights only while training
@@ -195,7 +201,7 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None, attend: int | None = None,
                 vocab_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> (logits, loss).
 
@@ -206,17 +212,19 @@ class GPT(nn.Module):
         With kv_cache, idx continues the kv_cache.pos positions filled so far, and attention reads just those.
         With kv_cache and input_pos, a (T,) tensor of positions on idx's device, idx is written at those positions
         and attention runs over the whole cache with a mask: every shape and every kernel is the same at any
-        position, so one step can be captured as a CUDA graph and replayed (kv_cache.pos is left alone).
+        position, so one step can be captured as a CUDA graph and replayed (kv_cache.pos is left alone). attend=L
+        (>= the last position + 1) reads only the first L cache positions instead: on a CPU, where each byte read
+        counts, with L a dynamic size of one compiled step.
         """
         B, T = idx.size()
         mask = None
         if input_pos is not None:
             assert kv_cache is not None and input_pos.shape == (T,), f"input_pos {tuple(input_pos.shape)}, T {T}"
             pos = input_pos
-            max_len = kv_cache.k.size(3)
-            # additive mask (1, 1, T, max_len): query at position p sees the cached positions 0..p
-            seen = torch.arange(max_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, max_len)
-            mask = torch.zeros(seen.shape, device=idx.device, dtype=kv_cache.k.dtype).masked_fill(~seen, -math.inf)
+            # additive mask (1, 1, T, L): query at position p sees the cached positions 0..p
+            L = attend or kv_cache.max_len
+            seen = torch.arange(L, device=idx.device)[None, :] <= input_pos[:, None]  # (T, L)
+            mask = torch.zeros(seen.shape, device=idx.device, dtype=kv_cache.k[0].dtype).masked_fill(~seen, -math.inf)
             mask = mask[None, None]
         else:
             pos0 = kv_cache.pos if kv_cache is not None else 0

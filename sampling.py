@@ -10,8 +10,9 @@ Decode steps (`decode=`): "eager" runs the model on the filled cache positions o
 bytes to read, the CPU default); "static" runs a whole frame of static-shape steps (a cache of block_size
 positions, attention over all of them with a mask, the sampler and the grammar between them); "graph" captures
 that frame once as a CUDA graph and replays it (the CUDA default); "compile" hands the one-token step to
-torch.compile(mode="reduce-overhead"). All give the same tokens for the same seed, up to float rounding between
-the eager and static kernels.
+torch.compile: on CUDA with mode="reduce-overhead" (CUDA graphs of its own), on a CPU as C++ code with the
+attention length a dynamic size (cpu_token_step). All give the same tokens for the same seed, up to float rounding
+between the kernels.
 """
 from __future__ import annotations
 
@@ -160,6 +161,41 @@ def decode_attention() -> contextlib.AbstractContextManager:
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def token_step(model, tok: torch.Tensor, cache, pos: torch.Tensor, noise: torch.Tensor,
+               knobs: tuple[float, int, float], lo: int, hi: int, mask: torch.Tensor | None,
+               attend: int | None = None) -> torch.Tensor:
+    """One static-shape decode step: tok (B, 1) at position pos (1,) -> the next ids (B, 1), sampled with knobs
+    (temperature, top_k, top_p) and noise (B, >= hi - lo) among ids lo..hi-1 (mask: additive over them, or None).
+    attend: the cache positions attention reads, >= pos + 1 (default all; the rest are masked)."""
+    logits, _ = model(tok, kv_cache=cache, input_pos=pos, attend=attend, vocab_range=(lo, hi))
+    logits = logits[:, -1, :].float()
+    return sample_next(logits + mask if mask is not None else logits, *knobs, noise[:, :hi - lo]) + lo
+
+
+_CPU_STEP: Callable | None = None
+
+
+def cpu_token_step() -> Callable:
+    """decode="compile" on a CPU: token_step compiled by inductor, once per process, for every model, position and
+    id range. At batch 1 a step streams every weight; eager, the ~60 small ops between the matrix-vector products
+    (each a dispatch, some an OpenMP region, all on caches the weights just flushed) held it to ~50% of the
+    weight-streaming bound on 2 cores. Compiled, they are fused into a few C++ loops: ~1.5x eager (bench.py
+    generate). dynamic=True: the attention length and the id range are symbolic sizes, so one graph serves every
+    step (dynamo would recompile per new value at first; in the text+audio layout frame starts get a second one, as
+    their id range is longer than 4096); attention reads the filled positions only, rounded up to 8 (which also
+    keeps the length from ever being 1, a size dynamo specialises). cpp_wrapper: the graph's calls
+    are made from C++, not Python (~1.1x). The compile takes ~20-40 s on 2 cores, once per process (inductor's disk
+    cache shortens the next), so eager stays the default."""
+    global _CPU_STEP
+    if _CPU_STEP is None:
+        # a graph per model shape, batch size and sampling knobs: past dynamo's default of 8 it would fall back to
+        # eager with a warning
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+        _CPU_STEP = torch.compile(token_step, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+    return _CPU_STEP
+
+
 class StaticStep:
     """A whole frame of decode steps with static shapes: its KV cache and its inputs and outputs are tensors
     allocated once, so the frame can be replayed as one CUDA graph. Set `tok` (B, 1), the last token in context,
@@ -196,8 +232,8 @@ class StaticStep:
         if mode == "compile":
             # the cache is mutated in place by every step: marked static, the compiled graphs write it where it is
             # instead of copying it in and out
-            torch._dynamo.mark_static_address(self.cache.k)
-            torch._dynamo.mark_static_address(self.cache.v)
+            for t in self.cache.k + self.cache.v:
+                torch._dynamo.mark_static_address(t)
             # every frame position (`phase`, which indexes self.ranges) is its own compiled entry of _forward's one
             # code object, for every step made: past dynamo's default of 8 entries fullgraph=True would raise
             dynamo = torch._dynamo.config
@@ -211,10 +247,7 @@ class StaticStep:
 
     def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int) -> torch.Tensor:
         """One token: tok (B, 1) at position pos -> the next ids (B, 1), sampled among ranges[phase]."""
-        lo, hi, mask = self.ranges[phase]
-        logits, _ = model(tok, kv_cache=self.cache, input_pos=pos, vocab_range=(lo, hi))
-        logits = logits[:, -1, :].float()
-        return sample_next(logits + mask if mask is not None else logits, *self.knobs, noise[:, :hi - lo]) + lo
+        return token_step(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase])
 
     def _frame(self, model) -> tuple[torch.Tensor, torch.Tensor]:
         g, tok, state, new = self.grammar, self.tok, self.state, []
@@ -313,7 +346,7 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
         raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
     if decode == "auto":
         decode = "graph" if device.type == "cuda" else "eager"
-    if decode in ("graph", "compile") and device.type != "cuda":
+    if decode == "graph" and device.type != "cuda":
         raise ValueError(f"decode={decode!r} captures CUDA graphs: it needs the model on a CUDA device, not {device}")
     context = torch.as_tensor(layout.audio_context() if context is None else context, dtype=torch.long)
     head = torch.cat([context.reshape(-1), prompt.cpu()])  # every training document starts with BOUNDARY
@@ -327,6 +360,12 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
         lo = int(layout.frame_lo[phase])
         end = phase == 0 and grammar.audio_end >= 0
         ranges.append((lo, vocab if end else lo + cs, grammar.masks[0, lo:vocab] if end else None))
+    # a CPU's compiled audio step runs in the eager loop below (its cache filled by the eager prefill), every frame
+    # position with a mask (zeros where the range has none: one graph, not two)
+    compiled = None
+    if decode == "compile" and device.type != "cuda" and use_cache and audio:
+        compiled = cpu_token_step()
+        masks = [torch.zeros(hi - lo, device=device) if m is None else m.clone() for lo, hi, m in ranges]
     keep = keep_frames(layout, block_size) * fs
     # the window the model sees, at most block_size tokens plus the one just sampled; it always starts on a frame
     # start, so its position n holds frame position (n - n0) % fs, n0 being where the prompt's frames start
@@ -335,15 +374,26 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
         head = head[-keep:]
     n = len(head)
     ctx[:, :n] = head.to(device)
+    width = max(hi - lo for lo, hi, _ in ranges) if audio else vocab  # of the sampler's random draws (below)
     step, cache = None, None
-    if use_cache and decode != "eager" and audio:
+    if use_cache and decode != "eager" and compiled is None and audio:
         step = static_step(model, num_samples, (temperature, top_k, top_p), decode, ranges, grammar)
         cache = step.cache
+    elif compiled is not None:
+        # 8 positions more than attention ever reads: a length equal to the cache's would be guarded on (a second
+        # compile, mid-generation). Its inputs are whole tensors, not views (a view's offset, which changes every
+        # step, would be guarded on), and those whose sizes never change are marked static, so that dynamo does not
+        # tie a symbolic size to one of them that happens to be equal at first (another recompile when they differ)
+        cache = model.new_kv_cache(num_samples, max_len=block_size + 8)
+        step_tok = torch.zeros(num_samples, 1, dtype=torch.long, device=device)
+        # one wider than any id range, so that the step's slice of it is never all of it (guarded on, like the length)
+        step_noise = torch.zeros(num_samples, width + 1, device=device)
+        for t in cache.k + cache.v + [step_tok, step_noise]:
+            torch._dynamo.mark_static(t)
     elif use_cache:
         cache = model.new_kv_cache(num_samples)
     # the sampler's random draws, a frame's at once (fs, B, width), made outside the model step in the same order
     # whatever runs it: same seed, same tokens
-    width = max(hi - lo for lo, hi, _ in ranges) if audio else vocab
     noise = step.noise if step is not None else torch.empty(fs, num_samples, width, device=device)
     if step is not None:
         step.busy = True
@@ -374,18 +424,30 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
                 with decode_attention():
                     for phase in range(fs):  # the prompt is whole frames: this is the position inside the frame
                         lo, hi, mask = ranges[phase] if audio else (0, vocab, None)
-                        if cache is None:
-                            logits, _ = model(ctx[:, :n], vocab_range=(lo, hi))
-                        elif prefill:
-                            cache.reset()
-                            logits, _ = model(ctx[:, :n], kv_cache=cache, vocab_range=(lo, hi))
-                            prefill = False
+                        if compiled is not None and not prefill:  # position n - 1, attending to n rounded up to 8
+                            step_tok.copy_(ctx[:, n - 1:n])
+                            step_noise[:, :width].copy_(noise[phase])
+                            try:
+                                new = compiled(model, step_tok, cache, torch.tensor([n - 1], device=device),
+                                               step_noise, (temperature, top_k, top_p), lo, hi, masks[phase],
+                                               -(-n // 8) * 8)
+                            except torch._dynamo.exc.BackendCompilerFailed as e:
+                                raise ValueError(f"decode=compile: torch.compile could not build the decode step "
+                                                 f"({str(e).splitlines()[0]}); it needs a working C++ compiler (g++ "
+                                                 "or clang, or CXX=<path>); decode=eager needs none") from None
                         else:
-                            logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, hi))
-                        logits = logits[:, -1, :].float()
-                        logits = ((logits + mask if mask is not None else logits) if audio
-                                  else grammar.mask(logits, state))
-                        new = sample_next(logits, temperature, top_k, top_p, noise[phase, :, :hi - lo]) + lo
+                            if cache is None:
+                                logits, _ = model(ctx[:, :n], vocab_range=(lo, hi))
+                            elif prefill:
+                                cache.reset()
+                                logits, _ = model(ctx[:, :n], kv_cache=cache, vocab_range=(lo, hi))
+                                prefill = False
+                            else:
+                                logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, hi))
+                            logits = logits[:, -1, :].float()
+                            logits = ((logits + mask if mask is not None else logits) if audio
+                                      else grammar.mask(logits, state))
+                            new = sample_next(logits, temperature, top_k, top_p, noise[phase, :, :hi - lo]) + lo
                         if grammar.can_end:
                             if audio:  # a row whose audio has ended repeats AUDIO_END (not in the level ranges)
                                 new = torch.where(state[:, None] == grammar.AUDIO_DONE, grammar.audio_end, new)

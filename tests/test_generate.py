@@ -1,5 +1,6 @@
 """generate.py: frame-valid sampling, KV cache vs full recompute, sliding window, prompts, streaming, bad input."""
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -146,6 +147,54 @@ def test_static_steps_are_reused_but_never_shared(tok):
     assert step is next(iter(steps.values()))
 
 
+def has_a_cxx_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def needs_a_cxx_compiler() -> None:
+    """torch.compile on a CPU builds C++: skip where there is no compiler at all (CI has one, and must)."""
+    if not has_a_cxx_compiler():
+        if os.environ.get("CI") == "true":
+            pytest.fail("no C++ compiler (g++) for torch.compile")
+        pytest.skip("no C++ compiler (apt-get install g++): torch.compile cannot build the CPU decode step")
+
+
+def test_cpu_compiled_step_matches_eager(model, tok):
+    """decode="compile" on a CPU: inductor's C++ one-token step (sampler included, attention over the filled cache
+    positions as a dynamic size) gives the eager steps' tokens, through slides of the window, in both layouts
+    (text+audio: AUDIO_END at frame starts, rows that end; with top-k and top-p). One graph serves every position
+    and id range: no recompile for a new generation. (Compiles are slow: the audio-only one is generate.py's
+    default settings, which test_stream_cli_matches_one_shot then finds in inductor's disk cache.)"""
+    from torch._dynamo.utils import counters
+    from tokenizer import Layout
+    needs_a_cxx_compiler()
+
+    def sample(m, layout, decode, n_frames, seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return sampling.generate_tokens(m, layout, None, n_frames, generator=g, decode=decode, **kw)
+
+    for seed in (0, 1):  # 25 frames = 175 tokens through a 64-token context: several slides
+        compiled = sample(model, tok.layout, "compile", 25, seed, num_samples=2, temperature=1.0)
+        assert torch.equal(compiled, sample(model, tok.layout, "eager", 25, seed, num_samples=2, temperature=1.0))
+        if seed == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs  # a new generation, the same graph
+    layout = Layout((4, 2, 1), 4096, "gpt2o_test", 300)
+    end = layout.special("audio_end")
+    text_audio = tiny_gpt(layout.vocab_size)
+    with torch.no_grad():
+        text_audio.lm_head.weight[end] += 8.0 * torch.randn(text_audio.config.n_embd)  # rows end, at different frames
+    kw = dict(num_samples=3, temperature=1.0, top_k=2000, top_p=0.9)
+    for seed in (3, 4):
+        compiled = sample(text_audio, layout, "compile", 12, seed, **kw)
+        assert torch.equal(compiled, sample(text_audio, layout, "eager", 12, seed, **kw))
+        assert (compiled.reshape(3, -1, layout.frame_size)[:, :, 0] == end).any()
+    # one graph per configuration (model, batch size, sampling knobs) whatever the positions and a full context
+    # (the window slid several times), and in the text+audio layout one more for frame starts: their id range (a
+    # level + AUDIO_END's) is longer than 4096, where inductor's C++ reductions switch to another accumulator
+    assert counters["stats"]["unique_graphs"] == graphs + 2
+
+
 def test_decode_modes_are_checked(model, tok):
     with pytest.raises(ValueError, match="CUDA"):
         next(sampling.sample_frames(model, tok.layout, None, 1, decode="graph"))  # the model is on the CPU
@@ -259,10 +308,26 @@ def test_stream_cli_matches_one_shot(ckpt, tmp_path):
         np.testing.assert_allclose(x, y, atol=2 / 32768)  # PCM_16 rounding of values equal to ~1e-6
     assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
     assert "time to first audio" in b.stdout and "real-time factor" in b.stdout
-    # the static-shape frame step, what a CUDA graph captures, from the command line
-    c = run(*common, f"--out_dir={tmp_path / 'c'}", "--decode=static")
-    assert c.returncode == 0, c.stderr
-    assert all(sf.info(tmp_path / "c" / f"sample_{i}.wav").frames == 9 * 2048 for i in range(2))
+    # the static-shape frame step, what a CUDA graph captures, and the compiled CPU step, from the command line:
+    # the same tokens as the eager steps, so the same audio
+    for decode in ("static", "compile") if has_a_cxx_compiler() or os.environ.get("CI") == "true" else ("static",):
+        c = run(*common, f"--out_dir={tmp_path / decode}", f"--decode={decode}")
+        assert c.returncode == 0, c.stderr
+        for i in range(2):
+            x, _ = sf.read(tmp_path / "a" / f"sample_{i}.wav", dtype="float32")
+            y, _ = sf.read(tmp_path / decode / f"sample_{i}.wav", dtype="float32")
+            np.testing.assert_allclose(x, y, atol=2 / 32768)
+        assert ("compiling the decode step" in c.stdout) == (decode == "compile")
+
+
+def test_compile_without_a_compiler_is_one_line(ckpt, tmp_path):
+    """--decode=compile where no C++ compiler works (CXX points at one that fails; an empty compile cache, so
+    nothing compiled earlier is reused): one line that says what is missing and that eager needs none."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", "--seconds=0.2",
+                        "--decode=compile", f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert_one_line_error(r, "decode=compile", "C++ compiler", "eager")
 
 
 def test_stream_to_stdout_is_a_wav_stream(ckpt, tmp_path):

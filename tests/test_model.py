@@ -66,21 +66,26 @@ def test_kv_cache_matches_full_forward(bias: bool):
             torch.testing.assert_close(logits[:, 0], full[:, b - 1], atol=1e-5, rtol=1e-5)
 
 
-def test_static_step_matches_full_forward():
-    """The static-shape step (index writes, attention over the whole cache with a mask) gives the logits of a full
-    forward, position after position, after a dynamic prefill; it leaves kv_cache.pos alone."""
+@pytest.mark.parametrize("attend", [False, True])
+def test_static_step_matches_full_forward(attend: bool):
+    """The static-shape step (index writes, attention over the whole cache, or its first `attend` positions, with a
+    mask) gives the logits of a full forward, position after position, after a dynamic prefill; it leaves
+    kv_cache.pos alone."""
     model = tiny(bias=True).eval()
     idx = torch.randint(0, 50, (2, 20))
     with torch.no_grad():
         full, _ = model(idx, torch.zeros_like(idx))  # (B, T, padded_vocab)
         cache = model.new_kv_cache(2)
-        assert cache.k.shape == (2, 2, 2, 32, 16)  # (n_layer, B, nh, max_len, hs), allocated once
-        cache.k.fill_(1e4)  # stale values past the filled positions (an earlier window's) must be masked out
-        cache.v.fill_(-1e4)
+        assert len(cache.k) == 2 and cache.k[0].shape == (2, 2, 32, 16)  # per layer (B, nh, max_len, hs), once
+        for k, v in zip(cache.k, cache.v):  # stale values past the filled positions (an earlier window's) are masked
+            k.fill_(1e4)
+            v.fill_(-1e4)
         model(idx[:, :8], kv_cache=cache)
         for t in range(8, 20):
             pos = torch.tensor([t])
-            logits, _ = model(idx[:, t:t + 1], kv_cache=cache, input_pos=pos)
+            # attend: the filled positions rounded up to 8, as the compiled CPU step reads them
+            logits, _ = model(idx[:, t:t + 1], kv_cache=cache, input_pos=pos, attend=-(-(t + 1) // 8) * 8 if attend
+                              else None)
             torch.testing.assert_close(logits[:, 0], full[:, t, :50], atol=1e-5, rtol=1e-5)
         assert cache.pos == 8
         # several positions at once (a static prefill) and a slice of the vocabulary
