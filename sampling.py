@@ -179,7 +179,7 @@ def cpu_token_step() -> Callable:
     """decode="compile" on a CPU: token_step compiled by inductor, once per process, for every model, position and
     id range. At batch 1 a step streams every weight; eager, the ~60 small ops between the matrix-vector products
     (each a dispatch, some an OpenMP region, all on caches the weights just flushed) held it to ~50% of the
-    weight-streaming bound on 2 cores. Compiled, they are fused into a few C++ loops: ~1.5x eager (bench.py
+    weight-streaming bound on 2 cores. Compiled, they are fused into a few C++ loops: ~1.6x eager (bench.py
     generate). dynamic=True: the attention length and the id range are symbolic sizes, so one graph serves every
     step (dynamo would recompile per new value at first; in the text+audio layout frame starts get a second one, as
     their id range is longer than 4096); attention reads the filled positions only, rounded up to 8 (which also
@@ -348,6 +348,8 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
         decode = "graph" if device.type == "cuda" else "eager"
     if decode == "graph" and device.type != "cuda":
         raise ValueError(f"decode={decode!r} captures CUDA graphs: it needs the model on a CUDA device, not {device}")
+    if decode == "compile" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"decode={decode!r} compiles for CUDA or a CPU, not {device}: use eager or static")
     context = torch.as_tensor(layout.audio_context() if context is None else context, dtype=torch.long)
     head = torch.cat([context.reshape(-1), prompt.cpu()])  # every training document starts with BOUNDARY
     grammar = grammar or Grammar(layout, vocab, device)
@@ -363,7 +365,7 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
     # a CPU's compiled audio step runs in the eager loop below (its cache filled by the eager prefill), every frame
     # position with a mask (zeros where the range has none: one graph, not two)
     compiled = None
-    if decode == "compile" and device.type != "cuda" and use_cache and audio:
+    if decode == "compile" and device.type == "cpu" and use_cache and audio:
         compiled = cpu_token_step()
         masks = [torch.zeros(hi - lo, device=device) if m is None else m.clone() for lo, hi, m in ranges]
     keep = keep_frames(layout, block_size) * fs
