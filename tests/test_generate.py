@@ -173,11 +173,13 @@ def test_cpu_compiled_step_matches_eager(model, tok):
         g = torch.Generator().manual_seed(seed)
         return sampling.generate_tokens(m, layout, None, n_frames, generator=g, decode=decode, **kw)
 
+    before = counters["stats"]["unique_graphs"]
     for seed in (0, 1):  # 25 frames = 175 tokens through a 64-token context: several slides
         compiled = sample(model, tok.layout, "compile", 25, seed, num_samples=2, temperature=1.0)
         assert torch.equal(compiled, sample(model, tok.layout, "eager", 25, seed, num_samples=2, temperature=1.0))
         if seed == 0:
             graphs = counters["stats"]["unique_graphs"]
+    assert graphs == before + 1  # compiled once (not eager), whatever the position and the frame position
     assert counters["stats"]["unique_graphs"] == graphs  # a new generation, the same graph
     layout = Layout((4, 2, 1), 4096, "gpt2o_test", 300)
     end = layout.special("audio_end")
