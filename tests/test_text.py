@@ -189,7 +189,7 @@ def test_random_model_speaks_and_transcribes_validly(layout, enc):
     hook = model.transformer.ln_f.register_forward_hook(lambda module, args, out: hidden.append(out))
     model(torch.from_numpy(random_audio(layout, 8))[None])
     hook.remove()
-    direction = hidden[0][0].mean(0)
+    direction = hidden[0].mean(0)  # the residual stream is (B * T, n_embd); B = 1
     g = torch.Generator().manual_seed(0)
     ctx = torch.from_numpy(layout.speech_context(enc.encode_ordinary("You see, but you do not observe.")))
     for scale, n_frames in ((2.0, 20), (6.0, 40)):
