@@ -179,11 +179,11 @@ def cpu_token_step() -> Callable:
     """decode="compile" on a CPU: token_step compiled by inductor, once per process, for every model, position and
     id range. At batch 1 a step streams every weight; eager, the ~60 small ops between the matrix-vector products
     (each a dispatch, some an OpenMP region, all on caches the weights just flushed) held it to ~50% of the
-    weight-streaming bound on 2 cores. Compiled, they are fused into a few C++ loops: 1.5-1.6x eager (bench.py
-    generate). dynamic=True: the attention length and the id range are symbolic sizes, so one graph serves every
-    step (dynamo would recompile per new value at first; in the text+audio layout frame starts get a second one, as
-    their id range is longer than 4096); attention reads the filled positions only, rounded up to 8 (which also
-    keeps the length from ever being 1, a size dynamo specialises). cpp_wrapper: the graph's calls
+    weight-streaming bound on 2 cores. Compiled, they are fused into a few C++ loops: 1.5-1.7x eager, 69-80% of
+    the bound (bench.py generate). dynamic=True: the attention length and the id range are symbolic sizes, so one
+    graph serves every step (dynamo would recompile per new value at first; in the text+audio layout frame starts
+    get a second one, as their id range is longer than 4096); attention reads the filled positions only, rounded up
+    to 8 (which also keeps the length from ever being 1, a size dynamo specialises). cpp_wrapper: the graph's calls
     are made from C++, not Python (~1.1x). The compile takes ~20-40 s on 2 cores, once per process (inductor's disk
     cache shortens the next), so eager stays the default."""
     global _CPU_STEP
