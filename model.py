@@ -249,7 +249,9 @@ class GPT(nn.Module):
         lo, hi = vocab_range or (0, self.config.vocab_size)
         assert 0 <= lo < hi <= self.config.vocab_size, f"vocab_range {vocab_range}, vocab_size {self.config.vocab_size}"
         # rows lo..hi-1 of the tied weight are a contiguous view (no copy)
-        x = x if T == 1 else x.view(B, T, -1)[:, -1, :]  # (B, n_embd), the last position
+        # (B, n_embd), the last position; a one-token step passes x itself: a (B, 1, C) view's slice is the
+        # zero-stride matrix that ATen copies (above)
+        x = x if T == 1 else x.view(B, T, -1)[:, -1, :]
         return F.linear(x, self.lm_head.weight[lo:hi]).view(B, 1, -1), None
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
