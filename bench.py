@@ -510,7 +510,7 @@ def bench_generate() -> None:
         matvecs = timeit(lambda: [F.linear(x, w) for x, w in zip(xs, lins)], repeat=10)
         row(f"CPU {label} B=1: the step's matvecs alone vs weight-streaming bound", 1 / matvecs, bound, "steps/s")
         n_frames = round(3 * real_time / fs)  # 3 s of audio
-        # decode="compile": the one-token step compiled to C++ (sampling.cpu_token_step); its first run compiles
+        # decode="compile": the one-token step compiled to C++ (sampling.compiled_token_step); its first run compiles
         t0 = time.perf_counter()
         sampling.generate_tokens(sherlock, layout, None, 2, decode="compile")
         print(f"CPU {label} decode=compile: first run (compile included) {time.perf_counter() - t0:.1f} s",
@@ -569,10 +569,11 @@ def bench_generate() -> None:
         before = before_per_s(sherlock, round(2 * real_time / fs))
         print(f"[{card}] {label} B=1, the loop before (default attention dispatch): {before:.1f} tokens/s",
               flush=True)
+        per_mode = {}
         for decode in ("eager", "static", "graph", "compile"):
             try:
                 t0 = time.perf_counter()
-                tps = tokens_per_s(sherlock, n_frames, decode=decode)
+                tps = per_mode[decode] = tokens_per_s(sherlock, n_frames, decode=decode)
                 warm = time.perf_counter() - t0 - n_frames * fs / tps  # the warm-up run: capture or compile
             except Exception as e:  # a compile that fails on this machine must not hide the other figures
                 print(f"[{card}] decode={decode} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -581,7 +582,9 @@ def bench_generate() -> None:
             row(f"[{card}] {label} B=1 {decode} vs real time", tps, real_time, "tokens/s")
             print(f"[{card}]   decode={decode}: first run (warm-up, capture/compile included) {warm:.2f} s",
                   flush=True)
-        for decode in ("eager", "graph"):
+        if "compile" in per_mode:  # inductor's kernels in the frame graph against the eager kernels in it
+            row(f"[{card}] {label} B=1 compile vs graph", per_mode["compile"], per_mode["graph"], "tokens/s")
+        for decode in [d for d in ("eager", "graph", "compile") if d in per_mode]:
             row(f"[{card}] {label} B=64 {decode} LM 10s vs real time", tokens_per_s(sherlock, n_frames, 64,
                                                                                      decode=decode),
                 real_time, "tokens/s")

@@ -9,10 +9,9 @@ Used by generate.py (and by train.py for eval samples). Errors are ValueError wi
 Decode steps (`decode=`): "eager" runs the model on the filled cache positions only (dynamic shapes: the fewest
 bytes to read, the CPU default); "static" runs a whole frame of static-shape steps (a cache of block_size
 positions, attention over all of them with a mask, the sampler and the grammar between them); "graph" captures
-that frame once as a CUDA graph and replays it (the CUDA default); "compile" hands the one-token step to
-torch.compile: on CUDA with mode="reduce-overhead" (CUDA graphs of its own), on a CPU as C++ code with the
-attention length a dynamic size (cpu_token_step). All give the same tokens for the same seed, up to float rounding
-between the kernels.
+that frame once as a CUDA graph and replays it (the CUDA default); "compile" compiles the one-token step with
+inductor (compiled_token_step): on CUDA inside the captured frame, on a CPU as C++ code with the attention length a
+dynamic size. All give the same tokens for the same seed, up to float rounding between the kernels.
 """
 from __future__ import annotations
 
@@ -172,28 +171,34 @@ def token_step(model, tok: torch.Tensor, cache, pos: torch.Tensor, noise: torch.
     return sample_next(logits + mask if mask is not None else logits, *knobs, noise[:, :hi - lo]) + lo
 
 
-_CPU_STEP: Callable | None = None
+_COMPILED_STEPS: dict[str, Callable] = {}
 
 
-def cpu_token_step() -> Callable:
-    """decode="compile" on a CPU: token_step compiled by inductor, once per process, for every model, position and
-    id range. At batch 1 a step streams every weight; eager, the ~60 small ops between the matrix-vector products
-    (each a dispatch, some an OpenMP region, all on caches the weights just flushed) held it to ~50% of the
-    weight-streaming bound on 2 cores. Compiled, they are fused into a few C++ loops: 1.5-1.7x eager, 69-80% of
-    the bound (bench.py generate). dynamic=True: the attention length and the id range are symbolic sizes, so one
-    graph serves every step (dynamo would recompile per new value at first; in the text+audio layout frame starts
-    get a second one, as their id range is longer than 4096); attention reads the filled positions only, rounded up
-    to 8 (which also keeps the length from ever being 1, a size dynamo specialises). cpp_wrapper: the graph's calls
-    are made from C++, not Python (~1.1x). The compile takes ~20-40 s on 2 cores, once per process (inductor's disk
-    cache shortens the next), so eager stays the default."""
-    global _CPU_STEP
-    if _CPU_STEP is None:
+def compiled_token_step(device_type: str) -> Callable:
+    """token_step compiled by inductor, once per process and device type, for every model, position and id range:
+    decode="compile". dynamic=True: the attention length and the id range are symbolic sizes, so one graph serves
+    every step (dynamo would recompile per new value at first; in the text+audio layout frame starts get a second
+    one, as their id range is longer than 4096).
+
+    On a CPU it runs in the eager loop with attention over the filled positions only, rounded up to 8 (which also
+    keeps the length from ever being 1, a size dynamo specialises). At batch 1 a step streams every weight; eager,
+    the ~60 small ops between the matrix-vector products (each a dispatch, some an OpenMP region, all on caches the
+    weights just flushed) held it to ~50% of the weight-streaming bound on 2 cores. Compiled, they are fused into a
+    few C++ loops: 1.5-1.9x eager, 64-90% of the bound on one 2-core VM whose bandwidth drifts (bench.py generate).
+    cpp_wrapper: the graph's calls are made from C++, not Python (~1.1x). The compile takes ~20-40 s on 2 cores,
+    once per process (inductor's disk cache shortens the next), so eager stays the default there.
+
+    On CUDA StaticStep captures a frame of its steps as one CUDA graph (attention over the whole cache): the graph
+    removes the launches, the compile the kernels (layer norms, residual adds, the sampler and the grammar fused).
+    """
+    if device_type not in _COMPILED_STEPS:
         # a graph per model shape, batch size and sampling knobs: past dynamo's default of 8 it would fall back to
         # eager with a warning
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-        _CPU_STEP = torch.compile(token_step, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
-    return _CPU_STEP
+        options = {"cpp_wrapper": True} if device_type == "cpu" else {}
+        _COMPILED_STEPS[device_type] = torch.compile(token_step, dynamic=True, fullgraph=True, options=options)
+    return _COMPILED_STEPS[device_type]
 
 
 class StaticStep:
@@ -206,10 +211,12 @@ class StaticStep:
     mode "static" runs it eagerly; "graph" captures the frame by hand (torch.cuda.CUDAGraph): no compiler, a few
     frames to capture (milliseconds), then one launch per frame. A frame, not a token: between captured one-token
     steps, the sampler's random draws, the grammar and the copies each paid a launch and Python. On an H200 at
-    batch 1 the frame graph runs at 0.52 ms per token, 0.475 of them the GPU's own time. "compile" hands the
-    one-token step to torch.compile(mode="reduce-overhead"), which captures CUDA graphs of its own kernels after
-    compiling (slow to warm up; seven steps in one compiled graph would be slower still). `python bench.py
-    generate` measures both on CUDA: on an H200, graph 1,938 tokens/s (0.6 s to capture), compile 1,640 (46 s).
+    batch 1 the frame graph runs at 0.52 ms per token, 0.475 of them the GPU's own time: the graph's ~15 kernels
+    per layer and the sampler's, a few microseconds each. "compile" captures the same frame with inductor's kernels
+    in it (compiled_token_step: layer norms, residual adds, the attention's mask and softmax, the sampler fused), one
+    graph for every frame position. It replaces torch.compile(mode="reduce-overhead") on the one-token step, which
+    an H200 measured at 1,640 tokens/s (graph: 1,938) after a 46 s warm-up: its CUDA graphs hold one token, and each
+    frame position was a compile of its own. `python bench.py generate` measures graph against compile on CUDA.
     The model is passed to every call, never kept: a step is cached per model (static_step) and must not keep it
     alive.
     """
@@ -227,19 +234,10 @@ class StaticStep:
         self.out = torch.zeros(batch_size, fs, dtype=torch.long, device=device)
         self.out_state = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.token_step: Callable = self._forward
+        # mode "compile": inductor's kernels (compiled_token_step), the attention over the whole cache
+        self.fn: Callable = compiled_token_step(device.type) if mode == "compile" else token_step
         self.busy = False  # a generation is using it (another one at the same time gets its own)
-        if mode == "compile":
-            # the cache is mutated in place by every step: marked static, the compiled graphs write it where it is
-            # instead of copying it in and out
-            for t in self.cache.k + self.cache.v:
-                torch._dynamo.mark_static_address(t)
-            # every frame position (`phase`, which indexes self.ranges) is its own compiled entry of _forward's one
-            # code object, for every step made: past dynamo's default of 8 entries fullgraph=True would raise
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
-            self.token_step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
-        if mode == "graph":
+        if mode in ("graph", "compile") and device.type == "cuda":
             # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
             # current device, so make it the model's (cuda:1 works too)
             with decode_attention(), torch.cuda.device(device):
@@ -247,14 +245,12 @@ class StaticStep:
 
     def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int) -> torch.Tensor:
         """One token: tok (B, 1) at position pos -> the next ids (B, 1), sampled among ranges[phase]."""
-        return token_step(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase])
+        return self.fn(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase])
 
     def _frame(self, model) -> tuple[torch.Tensor, torch.Tensor]:
         g, tok, state, new = self.grammar, self.tok, self.state, []
         for phase in range(len(self.ranges)):
-            t = self.token_step(model, tok, self.pos + phase, self.noise[phase], phase)  # (B, 1)
-            if self.mode == "compile":
-                t = t.clone()  # a compiled step's output memory is reused by its next replay
+            t = self._forward(model, tok, self.pos + phase, self.noise[phase], phase)  # (B, 1)
             if g.can_end:  # a row whose audio has ended repeats AUDIO_END (the level ranges do not hold it)
                 t = torch.where(state[:, None] == g.AUDIO_DONE, g.audio_end, t)
                 state = g.advance(state, t[:, 0])
@@ -366,7 +362,7 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
     # position with a mask (zeros where the range has none: one graph, not two)
     compiled = None
     if decode == "compile" and device.type == "cpu" and use_cache and audio:
-        compiled = cpu_token_step()
+        compiled = compiled_token_step("cpu")
         masks = [torch.zeros(hi - lo, device=device) if m is None else m.clone() for lo, hi, m in ranges]
     keep = keep_frames(layout, block_size) * fs
     # the window the model sees, at most block_size tokens plus the one just sampled; it always starts on a frame

@@ -206,6 +206,45 @@ def test_cpu_compiled_step_matches_eager(model, tok):
     assert counters["stats"]["unique_graphs"] == graphs + 2
 
 
+def test_compiled_static_frame_matches_static(tok):
+    """decode="compile" on CUDA: inductor's step inside the static frame that a CUDA graph captures (attention over
+    the whole cache, a mask; text+audio: AUDIO_END's range at frame starts, rows that end). Run here without the
+    capture: it gives the eager static frame's tokens, sampled and greedy, and its graphs serve every frame position
+    and position (two per configuration in the text+audio layout, as the CPU step), so a GPU compiles few."""
+    from torch._dynamo.utils import counters
+    from tokenizer import Layout
+    needs_a_cxx_compiler()
+    layout = Layout((4, 2, 1), 4096, "gpt2o_test", 300)
+    model, fs, end = tiny_gpt(layout.vocab_size), layout.frame_size, layout.special("audio_end")
+    with torch.no_grad():
+        model.lm_head.weight[end] += 8.0 * torch.randn(model.config.n_embd)  # rows end, at different frames
+    grammar = sampling.Grammar(layout, model.config.vocab_size, "cpu")
+    ranges = [(int(lo), model.config.vocab_size if p == 0 else int(lo) + layout.codebook_size,
+               grammar.masks[0, int(lo):] if p == 0 else None) for p, lo in enumerate(layout.frame_lo)]
+
+    def frames(mode: str, knobs: tuple, n_frames: int = 8) -> torch.Tensor:
+        step = sampling.static_step(model, 3, knobs, mode, ranges, grammar)
+        step.tok.fill_(layout.special("audio_start"))
+        step.state.zero_()
+        g, out = torch.Generator().manual_seed(0), []
+        with torch.no_grad():
+            for f in range(n_frames):  # the frame step feeds the last token in context at position pos
+                step.pos.fill_(f * fs)
+                step.noise.uniform_(generator=g)
+                ids, state = step(model)
+                out.append(ids.clone())
+                step.tok.copy_(ids[:, -1:])
+                step.state.copy_(state)
+        return torch.cat(out, dim=1)
+
+    graphs = counters["stats"]["unique_graphs"]
+    for knobs in ((1.0, 2000, 0.9), (0.0, 0, 1.0)):
+        compiled = frames("compile", knobs)
+        assert torch.equal(compiled, frames("static", knobs)), knobs
+    assert (compiled.reshape(3, -1, fs)[:, :, 0] == end).any()
+    assert counters["stats"]["unique_graphs"] == graphs + 4  # (frame start, the rest) x two sets of knobs
+
+
 def test_decode_modes_are_checked(model, tok):
     with pytest.raises(ValueError, match="CUDA"):
         next(sampling.sample_frames(model, tok.layout, None, 1, decode="graph"))  # the model is on the CPU
