@@ -45,6 +45,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import numpy as np
 import torch
@@ -571,6 +572,23 @@ class AudioTokenizer:
                 f"chunked encode gave {[c.shape for c in codes]} for {n_frames} frames"
             result.append(codes)
         return result
+
+    def codes_to_host(self, encoded: list[list[torch.Tensor]]) -> Callable[[], list[list[np.ndarray]]]:
+        """Start copying encode_many's codes to the host now; the returned function waits for them and gives them
+        as numpy arrays. On CUDA the copies are queued right behind these codec calls, so that function waits for
+        them only: a plain .cpu() would also wait for whatever was queued since (prepare_audio.py launches the next
+        files first), and the GPU would stand idle while the host finishes these and launches more."""
+        host = [[c.to("cpu", non_blocking=True) for c in codes] for codes in encoded]  # pinned memory on CUDA
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+
+        def wait() -> list[list[np.ndarray]]:
+            if done is not None:
+                done.synchronize()
+            return [[c.numpy() for c in codes] for codes in host]
+        return wait
 
     def encode_codes(self, audio: torch.Tensor, chunk_seconds: float = 60.0,
                      margin_seconds: float = ENCODE_MARGIN_SECONDS) -> list[torch.Tensor]:

@@ -198,3 +198,22 @@ def test_text_audio_layout_graph_equals_static():
     for temperature in (0.0, 1.0):
         graph = tokens(model, layout, "graph", temperature=temperature)
         assert torch.equal(graph, tokens(model, layout, "static", temperature=temperature))
+
+
+# -----------------------------------------------------------------------------
+# issue 10: data prep on the GPU
+
+def test_codes_come_back_while_the_next_files_encode(codec_dir):
+    """prepare_audio.py's hand-off (tok.codes_to_host): a group's codes are copied to the host behind its own codec
+    calls and read after the next group's calls are queued; they are the codes a plain .cpu() gives."""
+    from conftest import synth_audio
+    from tokenizer import load_codec
+    tok = load_codec(codec_dir, "cuda")
+    clips = [tok.to_mono(synth_audio(seconds, 24000, seed=seed), 24000) for seed, seconds in ((1, 30.0), (2, 20.0))]
+    first = tok.encode_many(clips, chunk_seconds=10, batch_seconds=20)
+    wait = tok.codes_to_host(first)
+    big = [tok.to_mono(synth_audio(180.0, 24000, seed=3), 24000)]
+    tok.encode_many(big, chunk_seconds=60)  # still running when the first group's codes are read
+    got = wait()
+    for codes, host in zip(first, got):
+        assert all(np.array_equal(c.cpu().numpy(), h) for c, h in zip(codes, host))
