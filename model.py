@@ -215,7 +215,7 @@ class GPT(nn.Module):
         and attention runs over the whole cache with a mask: every shape and every kernel is the same at any
         position, so one step can be captured as a CUDA graph and replayed (kv_cache.pos is left alone). attend=L
         (>= the last position + 1) reads only the first L cache positions instead: on a CPU, where each byte read
-        counts, with L a dynamic size of one compiled step.
+        counts, with L a dynamic size of one compiled step; on CUDA, a graph captured per L.
         """
         B, T = idx.size()
         mask = None

@@ -7,11 +7,12 @@
 Used by generate.py (and by train.py for eval samples). Errors are ValueError with a message for the user.
 
 Decode steps (`decode=`): "eager" runs the model on the filled cache positions only (dynamic shapes: the fewest
-bytes to read, the CPU default); "static" runs a whole frame of static-shape steps (a cache of block_size
-positions, attention over all of them with a mask, the sampler and the grammar between them); "graph" captures
-that frame once as a CUDA graph and replays it (the CUDA default); "compile" compiles the one-token step with
-inductor (compiled_token_step): on CUDA inside the captured frame, on a CPU as C++ code with the attention length a
-dynamic size. All give the same tokens for the same seed, up to float rounding between the kernels.
+bytes to read, the CPU default); "static" runs a whole frame of static-shape steps (a cache of block_size positions,
+attention over the first 1/8, 1/4, 1/2 or all of them with a mask, the sampler and the grammar between them);
+"graph" captures that frame once per attention length as a CUDA graph and replays it (the CUDA default); "compile"
+compiles the one-token step with inductor (compiled_token_step): on CUDA inside the captured frame, on a CPU as C++
+code with the attention length a dynamic size. All give the same tokens for the same seed, up to float rounding
+between the kernels.
 """
 from __future__ import annotations
 
@@ -188,8 +189,9 @@ def compiled_token_step(device_type: str) -> Callable:
     cpp_wrapper: the graph's calls are made from C++, not Python (~1.1x). The compile takes ~20-40 s on 2 cores,
     once per process (inductor's disk cache shortens the next), so eager stays the default there.
 
-    On CUDA StaticStep captures a frame of its steps as one CUDA graph (attention over the whole cache): the graph
-    removes the launches, the compile the kernels (layer norms, residual adds, the sampler and the grammar fused).
+    On CUDA StaticStep captures a frame of its steps as one CUDA graph per attention length: the graph removes the
+    launches, the compile the kernels (layer norms, residual adds, the sampler fused); the attention length is a
+    symbolic size, so one compile serves every captured length.
     """
     if device_type not in _COMPILED_STEPS:
         # a graph per model shape, batch size and sampling knobs: past dynamo's default of 8 it would fall back to
@@ -205,8 +207,8 @@ class StaticStep:
     """A whole frame of decode steps with static shapes: its KV cache and its inputs and outputs are tensors
     allocated once, so the frame can be replayed as one CUDA graph. Set `tok` (B, 1), the last token in context,
     `pos` (1,), its position, and `state` (B,), the grammar's; fill `noise` (frame_size, B, width); then
-    step(model) -> (ids (B, frame_size), the state after them). Frame position p samples among the ids
-    ranges[p] = (lo, hi, additive mask over them or None); rows whose audio has ended repeat AUDIO_END.
+    step(model, pos + frame_size) -> (ids (B, frame_size), the state after them). Frame position p samples among
+    the ids ranges[p] = (lo, hi, additive mask over them or None); rows whose audio has ended repeat AUDIO_END.
 
     mode "static" runs it eagerly; "graph" captures the frame by hand (torch.cuda.CUDAGraph): no compiler, a few
     frames to capture (milliseconds), then one launch per frame. A frame, not a token: between captured one-token
@@ -224,7 +226,11 @@ class StaticStep:
     def __init__(self, model, batch_size: int, knobs: tuple[float, int, float], mode: str,
                  ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar):
         device = model.lm_head.weight.device
-        self.cache, self.knobs, self.mode, self.ranges = model.new_kv_cache(batch_size), knobs, mode, ranges
+        # 8 positions more than a frame ever reads: a compiled step would be guarded on a length equal to the cache's
+        # (a compile more, for the longest length)
+        block_size = model.config.block_size
+        self.cache = model.new_kv_cache(batch_size, max_len=block_size + 8)
+        self.knobs, self.mode, self.ranges = knobs, mode, ranges
         self.grammar = grammar
         fs = len(ranges)
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -233,24 +239,30 @@ class StaticStep:
         self.noise = torch.ones(fs, batch_size, max(hi - lo for lo, hi, _ in ranges), device=device)
         self.out = torch.zeros(batch_size, fs, dtype=torch.long, device=device)
         self.out_state = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        # mode "compile": inductor's kernels (compiled_token_step), the attention over the whole cache
+        # a frame attends over the first L cache positions, L the smallest of these lengths that holds it (multiples
+        # of 8, as new_kv_cache's max_len), with a graph per length: early in a generation a frame reads 256 keys,
+        # not 2048. On an H200 the softmax over 2048-key rows was a quarter of a batch-1 token's GPU time
+        self.lengths = sorted({-(-max(fs, block_size >> k) // 8) * 8 for k in range(4)})
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # mode "compile": inductor's kernels (compiled_token_step)
         self.fn: Callable = compiled_token_step(device.type) if mode == "compile" else token_step
         self.busy = False  # a generation is using it (another one at the same time gets its own)
         if mode in ("graph", "compile") and device.type == "cuda":
             # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
             # current device, so make it the model's (cuda:1 works too)
             with decode_attention(), torch.cuda.device(device):
-                self.graph = self._capture(model)
+                self.graphs = {length: self._capture(model, length) for length in self.lengths}
 
-    def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int) -> torch.Tensor:
-        """One token: tok (B, 1) at position pos -> the next ids (B, 1), sampled among ranges[phase]."""
-        return self.fn(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase])
+    def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int,
+                 length: int) -> torch.Tensor:
+        """One token: tok (B, 1) at position pos -> the next ids (B, 1), sampled among ranges[phase], attending
+        over cache positions 0 .. length-1."""
+        return self.fn(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase], length)
 
-    def _frame(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+    def _frame(self, model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         g, tok, state, new = self.grammar, self.tok, self.state, []
         for phase in range(len(self.ranges)):
-            t = self._forward(model, tok, self.pos + phase, self.noise[phase], phase)  # (B, 1)
+            t = self._forward(model, tok, self.pos + phase, self.noise[phase], phase, length)  # (B, 1)
             if g.can_end:  # a row whose audio has ended repeats AUDIO_END (the level ranges do not hold it)
                 t = torch.where(state[:, None] == g.AUDIO_DONE, g.audio_end, t)
                 state = g.advance(state, t[:, 0])
@@ -258,30 +270,33 @@ class StaticStep:
             tok = t
         return torch.cat(new, dim=1), state
 
-    def _capture(self, model) -> torch.cuda.CUDAGraph:
+    def _capture(self, model, length: int) -> torch.cuda.CUDAGraph:
         # warm up on a side stream first (cuBLAS handles and workspaces are created outside the capture); the
-        # warm-up frames write positions pos.. of the cache, which a prefill or a frame fills before they are read
+        # warm-up frames write positions pos.. of the cache (pos is 0 here), which a prefill or a frame fills before
+        # they are read
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self._frame(model)
+                self._frame(model, length)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA calls (NCCL's watchdog, in training) must not abort the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out, state = self._frame(model)
+            out, state = self._frame(model, length)
             self.out.copy_(out)
             self.out_state.copy_(state)
         return graph
 
-    def __call__(self, model) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graph is not None:
+    def __call__(self, model, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """end: the positions this frame's last step sees, pos + frame_size (pos = tok's position)."""
+        length = next(n for n in self.lengths if n >= end)
+        if self.graphs:
             with torch.cuda.device(self.out.device):
-                self.graph.replay()
+                self.graphs[length].replay()
             return self.out, self.out_state
         with decode_attention():
-            return self._frame(model)
+            return self._frame(model, length)
 
 
 # the static steps of each model, by batch size, sampling knobs and mode: captured (or compiled) once, replayed by
@@ -415,7 +430,7 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
                 step.tok.copy_(ctx[:, n - 1:n])
                 step.pos.fill_(n - 1)
                 step.state.copy_(state)
-                frame, state = step(model)
+                frame, state = step(model, n - 1 + fs)
                 ctx[:, n:n + fs] = frame
                 n += fs
             else:

@@ -231,7 +231,7 @@ def test_compiled_static_frame_matches_static(tok):
             for f in range(n_frames):  # the frame step feeds the last token in context at position pos
                 step.pos.fill_(f * fs)
                 step.noise.uniform_(generator=g)
-                ids, state = step(model)
+                ids, state = step(model, f * fs + fs)
                 out.append(ids.clone())
                 step.tok.copy_(ids[:, -1:])
                 step.state.copy_(state)
