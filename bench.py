@@ -582,7 +582,8 @@ def bench_generate() -> None:
             row(f"[{card}] {label} B=1 {decode} vs real time", tps, real_time, "tokens/s")
             print(f"[{card}]   decode={decode}: first run (warm-up, capture/compile included) {warm:.2f} s",
                   flush=True)
-        if "compile" in per_mode:  # inductor's kernels in the frame graph against the eager kernels in it
+        # inductor's kernels in the frame graph against the eager kernels in it
+        if "compile" in per_mode and "graph" in per_mode:
             row(f"[{card}] {label} B=1 compile vs graph", per_mode["compile"], per_mode["graph"], "tokens/s")
         for decode in [d for d in ("eager", "graph", "compile") if d in per_mode]:
             row(f"[{card}] {label} B=64 {decode} LM 10s vs real time", tokens_per_s(sherlock, n_frames, 64,

@@ -327,7 +327,8 @@ def main() -> None:
     stream = cfg.stream or bool(cfg.stream_to)
     if device.startswith("cuda") or cfg.decode == "compile":
         if cfg.decode == "compile":
-            print("compiling the decode step (once per process: ~30 s on 2 CPU cores)", file=log, flush=True)
+            on = "" if device.startswith("cuda") else ": ~30 s on 2 CPU cores"
+            print(f"compiling the decode step (once per process{on})", file=log, flush=True)
         with user_errors():  # a compile that cannot run (no C++ compiler) says so in one line
             warm_up(model, tok, cfg, cfg.stream_frames if stream else DECODE_FRAMES)
 

@@ -236,7 +236,12 @@ class StaticStep:
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.state = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.noise = torch.ones(fs, batch_size, max(hi - lo for lo, hi, _ in ranges), device=device)
+        width = max(hi - lo for lo, hi, _ in ranges)
+        self.noise = torch.ones(fs, batch_size, width, device=device)
+        # a compiled step gets its row of noise in a whole tensor, not as a view of self.noise: at batch 1 a view's
+        # offset (phase x width) equals a size, which dynamo guards on (a compile more). One wider than any id range,
+        # so that the step's slice of it is never all of it (guarded on too)
+        self.step_noise = torch.ones(batch_size, width + 1, device=device) if mode == "compile" else None
         self.out = torch.zeros(batch_size, fs, dtype=torch.long, device=device)
         self.out_state = torch.zeros(batch_size, dtype=torch.long, device=device)
         # a frame attends over the first L cache positions, L the smallest of these lengths that holds it (multiples
@@ -257,6 +262,9 @@ class StaticStep:
                  length: int) -> torch.Tensor:
         """One token: tok (B, 1) at position pos -> the next ids (B, 1), sampled among ranges[phase], attending
         over cache positions 0 .. length-1."""
+        if self.step_noise is not None:
+            self.step_noise[:, :noise.size(1)].copy_(noise)
+            noise = self.step_noise
         return self.fn(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase], length)
 
     def _frame(self, model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,8 +289,10 @@ class StaticStep:
                 self._frame(model, length)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA calls (NCCL's watchdog, in training) must not abort the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # thread_local: another thread's CUDA calls (NCCL's watchdog, in training) must not abort the capture. On the
+        # warm-up stream, which is on the model's device: torch.cuda.graph's default stream is one per process, made
+        # on whichever device captured first
+        with torch.cuda.graph(graph, stream=s, capture_error_mode="thread_local"):
             out, state = self._frame(model, length)
             self.out.copy_(out)
             self.out_state.copy_(state)

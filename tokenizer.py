@@ -539,8 +539,8 @@ class AudioTokenizer:
         through the codec in batches of up to batch_seconds of audio (default: chunk_seconds), the margins not
         counted. SNAC pads every input with zeros up to that same length and has no layer that mixes the rows of a
         batch, so a chunk's codes do not depend on the chunks it shares a call with (up to the rounding of batched
-        kernels). On CUDA nothing here waits for the GPU (the caller's .cpu() does), so the host can prepare the next
-        clips meanwhile.
+        kernels). On CUDA nothing here waits for the GPU (codes_to_host's function does), so the host can prepare the
+        next clips meanwhile.
         """
         unit, cuda = self.pad_unit, self.device.type == "cuda"
         budget = round((batch_seconds or chunk_seconds) * self.sample_rate)
@@ -578,9 +578,11 @@ class AudioTokenizer:
         as numpy arrays. On CUDA the copies are queued right behind these codec calls, so that function waits for
         them only: a plain .cpu() would also wait for whatever was queued since (prepare_audio.py launches the next
         files first), and the GPU would stand idle while the host finishes these and launches more."""
-        host = [[c.to("cpu", non_blocking=True) for c in codes] for codes in encoded]  # pinned memory on CUDA
+        cuda = self.device.type == "cuda"
+        # non_blocking only where an event then waits for them (a copy from an Apple GPU would be asynchronous too)
+        host = [[c.to("cpu", non_blocking=cuda) for c in codes] for codes in encoded]  # pinned memory on CUDA
         done = None
-        if self.device.type == "cuda":
+        if cuda:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
 

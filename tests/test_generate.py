@@ -21,9 +21,9 @@ from model import GPT, GPTConfig
 BLOCK_SIZE = 64  # 9 frames of 7 tokens: every test that generates more than that slides the window
 
 
-def tiny_gpt(vocab_size: int, block_size: int = BLOCK_SIZE, seed: int = 0) -> GPT:
+def tiny_gpt(vocab_size: int, block_size: int = BLOCK_SIZE, seed: int = 0, n_embd: int = 32) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=n_embd))
     # GPT-2's init gives near-uniform logits; wider embeddings make argmax ties (and so float-noise flips) unlikely
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)
     return model.eval()
@@ -208,22 +208,25 @@ def test_cpu_compiled_step_matches_eager(model, tok):
 
 def test_compiled_static_frame_matches_static(tok):
     """decode="compile" on CUDA: inductor's step inside the static frame that a CUDA graph captures (attention over
-    the whole cache, a mask; text+audio: AUDIO_END's range at frame starts, rows that end). Run here without the
-    capture: it gives the eager static frame's tokens, sampled and greedy, and its graphs serve every frame position
-    and position (two per configuration in the text+audio layout, as the CPU step), so a GPU compiles few."""
+    the first L cache positions, a mask; text+audio: AUDIO_END's range at frame starts, rows that end). Run here
+    without the capture: it gives the eager static frame's tokens, sampled and greedy, at batch 3 and 1, and its
+    graphs serve every frame position, position and attention length (two per configuration in the text+audio
+    layout, as the CPU step), so a GPU compiles few."""
     from torch._dynamo.utils import counters
     from tokenizer import Layout
     needs_a_cxx_compiler()
     layout = Layout((4, 2, 1), 4096, "gpt2o_test", 300)
-    model, fs, end = tiny_gpt(layout.vocab_size), layout.frame_size, layout.special("audio_end")
+    # a width no other test compiles: a compiled graph serves any model of the same shapes, so the count below
+    # would depend on which tests ran first
+    model, fs, end = tiny_gpt(layout.vocab_size, n_embd=48), layout.frame_size, layout.special("audio_end")
     with torch.no_grad():
         model.lm_head.weight[end] += 8.0 * torch.randn(model.config.n_embd)  # rows end, at different frames
     grammar = sampling.Grammar(layout, model.config.vocab_size, "cpu")
     ranges = [(int(lo), model.config.vocab_size if p == 0 else int(lo) + layout.codebook_size,
                grammar.masks[0, int(lo):] if p == 0 else None) for p, lo in enumerate(layout.frame_lo)]
 
-    def frames(mode: str, knobs: tuple, n_frames: int = 8) -> torch.Tensor:
-        step = sampling.static_step(model, 3, knobs, mode, ranges, grammar)
+    def frames(mode: str, knobs: tuple, batch: int, n_frames: int = 8) -> torch.Tensor:
+        step = sampling.static_step(model, batch, knobs, mode, ranges, grammar)
         step.tok.fill_(layout.special("audio_start"))
         step.state.zero_()
         g, out = torch.Generator().manual_seed(0), []
@@ -238,11 +241,12 @@ def test_compiled_static_frame_matches_static(tok):
         return torch.cat(out, dim=1)
 
     graphs = counters["stats"]["unique_graphs"]
-    for knobs in ((1.0, 2000, 0.9), (0.0, 0, 1.0)):
-        compiled = frames("compile", knobs)
-        assert torch.equal(compiled, frames("static", knobs)), knobs
-    assert (compiled.reshape(3, -1, fs)[:, :, 0] == end).any()
-    assert counters["stats"]["unique_graphs"] == graphs + 4  # (frame start, the rest) x two sets of knobs
+    for knobs, batch in (((1.0, 2000, 0.9), 3), ((0.0, 0, 1.0), 3), ((1.0, 2000, 0.9), 1)):
+        compiled = frames("compile", knobs, batch)
+        assert torch.equal(compiled, frames("static", knobs, batch)), (knobs, batch)
+        if batch == 3:
+            assert (compiled.reshape(3, -1, fs)[:, :, 0] == end).any()
+    assert counters["stats"]["unique_graphs"] == graphs + 6  # (frame start, the rest) x (two sets of knobs, batch 1)
 
 
 def test_decode_modes_are_checked(model, tok):
