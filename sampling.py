@@ -203,6 +203,22 @@ def compiled_token_step(device_type: str) -> Callable:
     return _COMPILED_STEPS[device_type]
 
 
+def step_inputs(model, batch_size: int, width: int) -> tuple:
+    """The KV cache, last-token (B, 1) and noise (B, width + 1) buffers a static-shape step reads, made so that dynamo
+    never ties a symbolic size of a compiled step to one of theirs (each tie is a compile more, mid-generation): the
+    cache is 8 positions longer than attention ever reads (a length equal to the cache's is guarded on), the noise
+    one wider than any id range (so is a slice that is all of it), and their sizes are marked static (a symbolic
+    size that equals one of them at first would be guarded on too). A step is given whole tensors, not views: a
+    view's offset changes every step, and at batch 1 it can equal a size."""
+    device = model.lm_head.weight.device
+    cache = model.new_kv_cache(batch_size, max_len=model.config.block_size + 8)
+    tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    noise = torch.ones(batch_size, width + 1, device=device)
+    for t in cache.k + cache.v + [tok, noise]:
+        torch._dynamo.mark_static(t)
+    return cache, tok, noise
+
+
 class StaticStep:
     """A whole frame of decode steps with static shapes: its KV cache and its inputs and outputs are tensors
     allocated once, so the frame can be replayed as one CUDA graph. Set `tok` (B, 1), the last token in context,
@@ -225,23 +241,16 @@ class StaticStep:
 
     def __init__(self, model, batch_size: int, knobs: tuple[float, int, float], mode: str,
                  ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar):
-        device = model.lm_head.weight.device
-        # 8 positions more than a frame ever reads: a compiled step would be guarded on a length equal to the cache's
-        # (a compile more, for the longest length)
-        block_size = model.config.block_size
-        self.cache = model.new_kv_cache(batch_size, max_len=block_size + 8)
+        device, block_size = model.lm_head.weight.device, model.config.block_size
         self.knobs, self.mode, self.ranges = knobs, mode, ranges
         self.grammar = grammar
         fs = len(ranges)
-        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        width = max(hi - lo for lo, hi, _ in ranges)
+        # a compiled step gets its row of noise in step_noise (step_inputs), not as a view of self.noise
+        self.cache, self.tok, self.step_noise = step_inputs(model, batch_size, width)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.state = torch.zeros(batch_size, dtype=torch.long, device=device)
-        width = max(hi - lo for lo, hi, _ in ranges)
         self.noise = torch.ones(fs, batch_size, width, device=device)
-        # a compiled step gets its row of noise in a whole tensor, not as a view of self.noise: at batch 1 a view's
-        # offset (phase x width) equals a size, which dynamo guards on (a compile more). One wider than any id range,
-        # so that the step's slice of it is never all of it (guarded on too)
-        self.step_noise = torch.ones(batch_size, width + 1, device=device) if mode == "compile" else None
         self.out = torch.zeros(batch_size, fs, dtype=torch.long, device=device)
         self.out_state = torch.zeros(batch_size, dtype=torch.long, device=device)
         # a frame attends over the first L cache positions, L the smallest of these lengths that holds it (multiples
@@ -262,7 +271,7 @@ class StaticStep:
                  length: int) -> torch.Tensor:
         """One token: tok (B, 1) at position pos -> the next ids (B, 1), sampled among ranges[phase], attending
         over cache positions 0 .. length-1."""
-        if self.step_noise is not None:
+        if self.mode == "compile":
             self.step_noise[:, :noise.size(1)].copy_(noise)
             noise = self.step_noise
         return self.fn(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase], length)
@@ -403,16 +412,7 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
         step = static_step(model, num_samples, (temperature, top_k, top_p), decode, ranges, grammar)
         cache = step.cache
     elif compiled is not None:
-        # 8 positions more than attention ever reads: a length equal to the cache's would be guarded on (a second
-        # compile, mid-generation). Its inputs are whole tensors, not views (a view's offset, which changes every
-        # step, would be guarded on), and those whose sizes never change are marked static, so that dynamo does not
-        # tie a symbolic size to one of them that happens to be equal at first (another recompile when they differ)
-        cache = model.new_kv_cache(num_samples, max_len=block_size + 8)
-        step_tok = torch.zeros(num_samples, 1, dtype=torch.long, device=device)
-        # one wider than any id range, so that the step's slice of it is never all of it (guarded on, like the length)
-        step_noise = torch.zeros(num_samples, width + 1, device=device)
-        for t in cache.k + cache.v + [step_tok, step_noise]:
-            torch._dynamo.mark_static(t)
+        cache, step_tok, step_noise = step_inputs(model, num_samples, width)
     elif use_cache:
         cache = model.new_kv_cache(num_samples)
     # the sampler's random draws, a frame's at once (fs, B, width), made outside the model step in the same order
