@@ -555,7 +555,7 @@ def bench_generate() -> None:
                                                            generator=torch.Generator().manual_seed(0)), repeat=1)
 
         def prefill() -> None:
-            with torch.no_grad(), sampling.decode_attention():
+            with torch.no_grad(), sampling.decode_context("cpu"):
                 sherlock(torch.cat([torch.as_tensor(layout.audio_context()), prompt])[None],
                          kv_cache=sherlock.new_kv_cache(1))
         t_prefill = timeit(prefill, repeat=2)
@@ -637,7 +637,7 @@ def bench_generate() -> None:
 
 
 def bench_attention_backends(model, card: str) -> None:
-    """CUDA: SDPA's default dispatch against the backends sampling.decode_attention() allows, for one decode step at
+    """CUDA: SDPA's default dispatch against the backends sampling.decode_context() allows, for one decode step at
     a full 2048-token cache (the dynamic-shape eager step) and for a training step of the same model (bf16
     autocast, batch 8 x block_size, forward + backward)."""
     import torch
@@ -663,7 +663,7 @@ def bench_attention_backends(model, card: str) -> None:
         with torch.no_grad():
             model(idx, kv_cache=cache)
     default = ms(decode_step)
-    with sampling.decode_attention():
+    with sampling.decode_context("cuda"):
         chosen = ms(decode_step)
     row(f"[{card}] eager decode step, cache ~{c.block_size // 2}: chosen vs default attention", chosen, default,
         "ms", higher_is_better=False)

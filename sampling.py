@@ -152,13 +152,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return (probs / e).argmax(dim=-1, keepdim=True)
 
 
-def decode_attention() -> contextlib.AbstractContextManager:
-    """The attention kernels sampling may use. Never cuDNN: on Hopper (H200, torch 2.11) SDPA's default dispatch
-    picks it for the one-token step and it builds a new execution plan for every new key length, 48 ms per decode
-    forward against 2.2 (memory-efficient) and 2.5 ms (flash). Flash serves the causal prefill, memory-efficient
-    the masked static step (flash takes no mask), math whatever neither supports. Training keeps the default
-    dispatch: for its fixed shapes cuDNN was the fastest (bench.py generate prints both on CUDA)."""
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+def decode_context(device_type: str) -> contextlib.AbstractContextManager:
+    """What every model call of sampling runs under: the attention kernels it may use, and no autocast.
+
+    Never cuDNN attention: on Hopper (H200, torch 2.11) SDPA's default dispatch picks it for the one-token step and
+    it builds a new execution plan for every new key length, 48 ms per decode forward against 2.2 (memory-efficient)
+    and 2.5 ms (flash). Flash serves the causal prefill, memory-efficient the masked one-token step (flash takes no
+    mask), math whatever neither supports. Training keeps the default dispatch: for its fixed shapes cuDNN was the
+    fastest (bench.py generate prints both on CUDA).
+
+    Autocast off: sampling runs in the weights' dtype (cast the model for half precision, as generate.py does).
+    Under a caller's autocast a static step's new keys would come out in another dtype than its cache's, and a
+    captured graph would keep reading autocast's cast copies of the weights, freed when that autocast exits."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+    if device_type in ("cpu", "cuda", "mps"):  # the device types autocast knows
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def token_step(model, tok: torch.Tensor, cache, pos: torch.Tensor, noise: torch.Tensor,
@@ -264,7 +274,7 @@ class StaticStep:
         if mode in ("graph", "compile") and device.type == "cuda":
             # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
             # current device, so make it the model's (cuda:1 works too)
-            with decode_attention(), torch.cuda.device(device):
+            with decode_context(device.type), torch.cuda.device(device):
                 self.graphs = {length: self._capture(model, length) for length in self.lengths}
 
     def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int,
@@ -314,7 +324,7 @@ class StaticStep:
             with torch.cuda.device(self.out.device):
                 self.graphs[length].replay()
             return self.out, self.out_state
-        with decode_attention():
+        with decode_context(self.out.device.type):
             return self._frame(model, length)
 
 
@@ -334,6 +344,8 @@ def static_step(model, batch_size: int, knobs: tuple[float, int, float], mode: s
     where = tuple(p.data_ptr() for p in model.parameters())
     key = (batch_size, knobs, mode, spans, grammar.audio_end, w.device, w.dtype, where)
     steps = _STEPS.setdefault(model, {})
+    for stale in [k for k in steps if k[-1] != where]:  # the weights have moved since: their graphs and caches go
+        del steps[stale]
     if key not in steps or steps[key].busy:
         step = StaticStep(model, batch_size, knobs, mode, ranges, grammar)
         if key not in steps:
@@ -434,7 +446,7 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
                 if prefill:  # the cache takes all but the last token in context: the frame step feeds that one
                     cache.reset()
                     if n > 1:
-                        with decode_attention():
+                        with decode_context(device.type):
                             model(ctx[:, :n - 1], kv_cache=cache, vocab_range=(0, 1))  # logits not needed
                     prefill = False
                 step.tok.copy_(ctx[:, n - 1:n])
@@ -444,7 +456,7 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
                 ctx[:, n:n + fs] = frame
                 n += fs
             else:
-                with decode_attention():
+                with decode_context(device.type):
                     for phase in range(fs):  # the prompt is whole frames: this is the position inside the frame
                         lo, hi, mask = ranges[phase] if audio else (0, vocab, None)
                         if compiled is not None and not prefill:  # position n - 1, attending to n rounded up to 8

@@ -583,7 +583,8 @@ class AudioTokenizer:
         host = [[c.to("cpu", non_blocking=cuda) for c in codes] for codes in encoded]  # pinned memory on CUDA
         done = None
         if cuda:
-            done = torch.cuda.Event()
+            # blocking: the waiting thread sleeps rather than spins, leaving its core to the decoding workers
+            done = torch.cuda.Event(blocking=True)
             done.record(torch.cuda.current_stream(self.device))
 
         def wait() -> list[list[np.ndarray]]:

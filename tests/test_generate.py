@@ -145,6 +145,24 @@ def test_static_steps_are_reused_but_never_shared(tok):
     step = sampling.static_step(model, 2, (0.0, 0, 1.0), "static", ranges,
                                 sampling.Grammar(layout, model.config.vocab_size, "cpu"))
     assert step is next(iter(steps.values()))
+    # moved weights (.to(), .half()) make a new step; the old one, whose graphs read the old addresses, goes
+    sampling.generate_tokens(model.double(), layout, None, 2, num_samples=2, temperature=0.0, decode="static")
+    assert [k[-3] for k in steps] == [model.lm_head.weight.device] and [k[-2] for k in steps] == [torch.float64]
+
+
+def test_sampling_under_autocast_runs_in_the_weights_dtype(model, tok):
+    """nanoGPT's sample.py samples under autocast: every decode path then runs as without it, in the weights' dtype
+    (a static step's keys would otherwise be bfloat16 against a float32 cache, and a captured graph would read
+    autocast's cast weights after they are freed)."""
+    def sample(decode):
+        g = torch.Generator().manual_seed(0)
+        return sampling.generate_tokens(model, tok.layout, None, 12, num_samples=2, temperature=1.0, generator=g,
+                                        decode=decode)
+    plain = sample("eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for decode in ("eager", "static"):
+            assert torch.equal(sample(decode), plain), decode
+        assert torch.is_autocast_enabled("cpu")  # the caller's autocast is back between and after generations
 
 
 def has_a_cxx_compiler() -> bool:
