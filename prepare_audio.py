@@ -33,7 +33,7 @@ import time
 import zipfile
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -345,7 +345,7 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
                     yield (g, item), decode_to_file, (item.payload, rate, hop, os.path.join(scratch, f"{i}.{j}.f32"))
             yield (g, None), None, None  # the group is complete (or cached)
 
-    def finish(g: Group, results: list[dict], encoded) -> tuple[Group, dict]:
+    def finish(g: Group, results: list[dict], encoded: Callable[[], list[list[np.ndarray]]]) -> tuple[Group, dict]:
         t0 = time.perf_counter()
         it = iter(encoded())  # codes per level of each decoded item (waits for this group's codec calls only)
         for r in results:
