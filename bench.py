@@ -94,7 +94,7 @@ def bench_prepare() -> None:
     root = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, os.path.join(root, "tests"))
     from conftest import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
-    from tokenizer import load_codec
+    from codec import load_codec
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
@@ -427,9 +427,11 @@ def bench_generate() -> None:
     import torch
     import torch.nn.functional as F
     import sampling
-    from common import read_config_file, save_checkpoint
+    from checkpoints import save_checkpoint
+    from codec import load_codec
+    from config import read_config_file
     from model import GPT, GPTConfig
-    from tokenizer import Layout, load_codec
+    from tokenizer import Layout
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, os.path.join(here, "tests"))
     from conftest import SNAC_24KHZ_CONFIG, save_random_snac
@@ -730,7 +732,8 @@ def bench_watch() -> None:
     import numpy as np
     import torch
     import report
-    from common import read_config_file
+    from config import read_config_file
+    from samples import SAMPLE_SHARE
     from tokenizer import Layout
     root = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, os.path.join(root, "tests"))
@@ -782,7 +785,7 @@ def bench_watch() -> None:
     run_s = cfg["max_iters"] * ms / 1e3
     every = samples[0] + (n_evals - 1) * samples[-1]
     print(f"sherlock schedule: training {run_s / 60:.1f} min; samples at all {n_evals} evals {every:.0f} s = "
-          f"{100 * every / run_s:.1f}% (capped at {100 * report.SAMPLE_SHARE:.0f}% by skipping evals), report "
+          f"{100 * every / run_s:.1f}% (capped at {100 * SAMPLE_SHARE:.0f}% by skipping evals), report "
           f"{n_evals * t_report:.0f} s = {100 * n_evals * t_report / run_s:.1f}%", flush=True)
 
 

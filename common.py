@@ -1,29 +1,28 @@
-"""What the scripts share: one-line errors, config parsing, atomic writes, processes, devices, checkpoints and
-exported models.
+"""What the scripts share, small and torch-free at import: one-line errors, atomic writes, torchrun, devices, FLOPs.
 
-Nothing here runs at import and nothing prints; scripts call these from their main(). The library modules
-(model.py, tokenizer.py, sampling.py) do not import this file: they raise ValueError, which scripts turn into
-UserError with the command that fixes it.
+    run_main(main)                          # a script's main(): a UserError -> `error: <message>`, exit 1
+    with user_errors():                     # a library's ValueError (bad data, bad settings) -> a UserError
+        meta, streams = load_dataset(cfg.data_dir)
+    write_json(path, obj)                   # atomically: a temp file beside path, fsync, rename
+
+Nothing here runs at import and nothing but die() prints; scripts call these from their main(). The library modules
+raise ValueError, which scripts turn into UserError (user_errors) with the command that fixes it. torch is imported
+inside the functions that use it, so report.py renders a page without loading it.
 """
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
 import json
-import math
-import operator
 import os
-import pickle
 import re
 import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class UserError(Exception):
@@ -58,146 +57,6 @@ def user_errors(hint: str = ""):
         yield
     except ValueError as e:
         raise UserError(f"{e}{hint}") from None
-
-
-# -----------------------------------------------------------------------------
-# config: dataclass defaults <- config file (data, never executed) <- --key=value
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
-# bounds on what a config value may evaluate to, checked before each operation: `9**9**9` or `"a" * 10**11` would
-# otherwise hang or fill memory before any check on the result could run
-MAX_NUMBER = 10 ** 18
-MAX_LENGTH = 10_000
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _binop(op: ast.operator, a: Any, b: Any) -> Any:
-    if isinstance(op, ast.Pow) and _number(a) and _number(b) and abs(b) > 64:
-        raise ValueError(f"the exponent {b} is too large (at most 64)")
-    if isinstance(op, ast.Mult) and isinstance(a, (str, list)) + isinstance(b, (str, list)) == 1:
-        seq, n = (a, b) if isinstance(a, (str, list)) else (b, a)
-        if not isinstance(n, int) or len(seq) * max(n, 0) > MAX_LENGTH:
-            raise ValueError(f"a text or list longer than {MAX_LENGTH} items")
-    value = _BINOPS[type(op)](a, b)
-    if _number(value) and not abs(value) <= MAX_NUMBER:  # also catches inf and nan
-        raise ValueError(f"{value:.3g} is out of range (at most {MAX_NUMBER:.0e} in size)")
-    if isinstance(value, (str, list)) and len(value) > MAX_LENGTH:
-        raise ValueError(f"a text or list longer than {MAX_LENGTH} items")
-    return value
-
-
-def _eval_node(node: ast.AST, names: dict[str, Any], where: str) -> Any:
-    """Evaluate a literal, a list/tuple of literals, bounded arithmetic, or a name assigned earlier in the file."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_eval_node(e, names, where) for e in node.elts]
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _eval_node(node.operand, names, where)
-        if not _number(v):
-            raise UserError(f"{where}: a sign only goes before a number, got `{ast.unparse(node)}`")
-        return -v if isinstance(node.op, ast.USub) else +v
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        a, b = _eval_node(node.left, names, where), _eval_node(node.right, names, where)
-        try:
-            return _binop(node.op, a, b)
-        except (ArithmeticError, TypeError, ValueError) as e:  # 1/0, "abc" - 1, 10.0 ** 400, ...
-            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            raise UserError(f"{where}: `{ast.unparse(node)}` cannot be evaluated: {reason}") from None
-    if isinstance(node, ast.Name) and node.id in names:
-        return names[node.id]
-    raise UserError(f"{where}: only literals, arithmetic and earlier names are allowed, got `{ast.unparse(node)}`")
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """Read `key = value` lines from a .py config file as data (parsed with ast, not exec'd)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), filename=path)
-    except OSError as e:
-        raise UserError(f"config file {path}: cannot be read ({e.strerror})") from None
-    except SyntaxError as e:
-        raise UserError(f"config file {path}, line {e.lineno}: not valid Python syntax ({e.msg})") from None
-    except (UnicodeDecodeError, ValueError):
-        raise UserError(f"config file {path}: not a text file of `key = value` lines; only a config file may come "
-                        "first, every other option is --key=value (e.g. --ckpt=<file>)") from None
-    values: dict[str, Any] = {}
-    for stmt in tree.body:
-        where = f"config file {path}, line {stmt.lineno}"
-        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
-            continue  # a docstring
-        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
-            raise UserError(f"{where}: expected `key = value`, got `{ast.unparse(stmt)[:60]}`")
-        key = stmt.targets[0].id
-        values[key] = _eval_node(stmt.value, values, f"{where}, key {key}")
-    return values
-
-
-def _convert(key: str, value: Any, typ: type, where: str) -> Any:
-    """Convert a config value (a string from the command line, or a literal from a file) to the field's type."""
-    if isinstance(value, str) and typ is not str:
-        s = value.strip().lower()
-        if typ is bool:
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-        else:
-            try:
-                number = float(s)
-                # ints may be written as 1e4, but 2.5 is not an int
-                value = number if typ is float else int(number) if number.is_integer() else value
-            except ValueError:
-                pass
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if typ is int and isinstance(value, float) and value.is_integer():
-        value = int(value)  # max_iters = 5e3
-    if typ is str and isinstance(value, str) and value.startswith("~"):
-        value = os.path.expanduser(value)  # the shell does not expand ~ after --key=
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise UserError(f"{where}: {key}={value!r} is not a valid {typ.__name__}")
-    if typ is float and not math.isfinite(value):
-        raise UserError(f"{where}: {key}={value!r} must be a finite number")
-    return value
-
-
-def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
-    """Build a `cls` dataclass from its defaults, an optional config file (first argument), then --key=value.
-
-    `--help` prints `doc` and every key with its type and default, then exits.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    types = {name: type(f.default) for name, f in fields.items()}
-    if any(a in ("-h", "--help") for a in argv):
-        print(doc.strip() + "\n\noptions (--key=value, default shown):")
-        # the comment beside each field in the dataclass source is its help text
-        comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.MULTILINE))
-        for name, f in fields.items():
-            print(f"  --{name}={f.default!r}".ljust(36) + f" {comments.get(name, types[name].__name__)}")
-        raise SystemExit(0)
-    values: dict[str, Any] = {}
-    args = list(argv)
-    if args and not args[0].startswith("--") and not ("=" in args[0] and not os.path.exists(args[0])):
-        path = args.pop(0)
-        for key, value in read_config_file(path).items():
-            if key not in fields:
-                raise UserError(f"config file {path}: unknown key '{key}' (known keys: {', '.join(fields)})")
-            values[key] = _convert(key, value, types[key], f"config file {path}")
-    for arg in args:
-        if arg.startswith("--") and "=" not in arg and types.get(arg[2:]) is bool:
-            arg += "=true"  # a bare --flag turns a boolean on
-        if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"argument '{arg}': expected --key=value (a config file may only come first)")
-        key, value = arg[2:].split("=", 1)
-        if key not in fields:
-            raise UserError(f"argument '{arg}': unknown key '{key}' (run with --help to list the keys)")
-        values[key] = _convert(key, value, types[key], "command line")
-    return cls(**values)
 
 
 # -----------------------------------------------------------------------------
@@ -238,13 +97,14 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str, what: str = "file") -> dict:
+    """A JSON file; a missing or unreadable one is a ValueError naming it as `what`."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{what} {path}: not found") from None
+        raise ValueError(f"{what} {path}: not found") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} {path}: not readable JSON ({e})") from None
+        raise ValueError(f"{what} {path}: not readable JSON ({e})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -274,6 +134,7 @@ class Dist:
         Returns the device this process uses."""
         if not self.ddp:
             return device
+        import torch
         if device.startswith("cuda"):
             device = f"cuda:{self.local_rank}"
             torch.cuda.set_device(device)
@@ -282,10 +143,12 @@ class Dist:
 
     def barrier(self) -> None:
         if self.ddp:
+            import torch
             cuda = torch.distributed.get_backend() == "nccl"
             torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if cuda else None)
 
     def close(self) -> None:
+        import torch
         if self.ddp and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -295,6 +158,7 @@ class Dist:
 
 def pick_device(device: str) -> str:
     """'auto' -> cuda, then mps, then cpu. An explicit device that is not available is a UserError."""
+    import torch
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -318,6 +182,7 @@ def pick_dtype(dtype: str, device: str) -> str:
     """'auto' -> bfloat16 on CUDA cards that support it, float16 on older ones (a T4), float32 elsewhere."""
     if dtype == "auto":
         if device.startswith("cuda"):
+            import torch
             # bf16 runs natively from compute capability 8 (Ampere) on; torch.cuda.is_bf16_supported() also says
             # yes to the slow emulation on a T4 or V100, which want float16 + loss scaling instead
             return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
@@ -333,98 +198,8 @@ def autocast(device: str, dtype: str):
     """The autocast context for the forward pass (a no-op in float32)."""
     if dtype == "float32":
         return nullcontext()
+    import torch
     return torch.autocast(device_type="cuda", dtype=getattr(torch, dtype))
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: plain dicts of tensors, numbers, strings, lists and dicts; exported models: safetensors + JSON.
-# Neither is ever unpickled.
-
-EXPORTED_FILES = ("model.safetensors", "config.json", "meta.json")  # what export.py writes and load_exported reads
-
-
-def save_checkpoint(path: str, ckpt: dict) -> None:
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
-    """torch.load with weights_only=True; a missing or corrupt file is a UserError naming it."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path}: not found (train one with train.py, or pass --ckpt=<path to ckpt.pt>)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a refused object: garbage bytes
-            raise UserError(f"checkpoint {path}: cannot be loaded: the file is damaged, truncated or not a PyTorch "
-                            "checkpoint; use another checkpoint, e.g. best.pt") from None
-        # torch's own message suggests weights_only=False: never do that with a file you did not write yourself
-        raise UserError(f"checkpoint {path}: holds Python objects that a safe load refuses, so it was not written "
-                        "by gpt2o's train.py (gpt2o only loads checkpoints with weights_only=True)") from None
-    except Exception as e:  # torch raises many types for a damaged file; its messages are long and unhelpful here
-        raise UserError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}): the file is damaged, truncated "
-                        "or not a PyTorch checkpoint; use another checkpoint, e.g. best.pt") from None
-    for key in ("model", "model_args"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise UserError(f"checkpoint {path}: has no '{key}' entry; it was not written by gpt2o's train.py")
-    return ckpt
-
-
-def untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory (the tied wte/lm_head weight): keep one name per storage, the
-    last in state_dict order (lm_head.weight), and return the dropped names as {dropped: kept}."""
-    kept: dict[tuple, str] = {}
-    for name, t in state.items():
-        kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = name
-    tied = {name: kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))]
-            for name, t in state.items()}
-    tied = {a: b for a, b in tied.items() if a != b}
-    return {k: v.contiguous() for k, v in state.items() if k not in tied}, tied
-
-
-def load_exported(folder: str) -> dict:
-    """A folder written by export.py -> a checkpoint-like dict {"model", "model_args", "meta"} (tied weights
-    re-tied: both names point at one tensor again, as in the model's own state_dict)."""
-    from safetensors import SafetensorError, safe_open
-    missing = [name for name in EXPORTED_FILES if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        pt = [name for name in ("best.pt", "ckpt.pt") if os.path.isfile(os.path.join(folder, name))]
-        hint = f"; it holds {pt[0]}: pass {os.path.join(folder, pt[0])}" if pt else ""
-        raise UserError(f"model folder {folder}: has no {', '.join(missing)}, so it is not a folder written by "
-                        f"export.py{hint}")
-    model_args = read_json(os.path.join(folder, "config.json"), "model config")
-    meta = read_json(os.path.join(folder, "meta.json"), "model meta")
-    path = os.path.join(folder, "model.safetensors")
-    try:
-        with safe_open(path, framework="pt") as f:
-            state = {name: f.get_tensor(name) for name in f.keys()}
-            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"model weights {path}: cannot be loaded, the file is damaged ({str(e)[:200]})") from None
-    for name, same in tied.items():
-        state[name] = state[same]
-    return {"model": state, "model_args": model_args, "meta": meta}
-
-
-def load_model_source(source: str) -> dict:
-    """The weights to sample from or fine-tune, as a checkpoint-like dict {"model", "model_args", "meta", ...}:
-    a train.py checkpoint (a .pt file), a folder written by export.py, or a Hugging Face Hub model id (downloaded
-    once into the Hub cache; with HF_HUB_OFFLINE=1 only the cache is used)."""
-    if source.endswith(".pt") or os.path.isfile(source):
-        return load_checkpoint(source)
-    if os.path.isdir(source):
-        return load_exported(source)
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise UserError(f"model {source}: not found; pass a train.py checkpoint (.pt), a folder written by "
-                        "export.py, or a Hub model id like user/name")
-    from huggingface_hub import snapshot_download
-    try:
-        folder = snapshot_download(repo_id=source, allow_patterns=list(EXPORTED_FILES))
-    except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
-        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        raise UserError(f"model {source}: not a file or folder here, and it cannot be downloaded from the Hugging "
-                        f"Face Hub ({type(e).__name__}: {first}); check the id and your connection, or pass a "
-                        "local .pt checkpoint or exported folder") from None
-    return load_exported(folder)
 
 
 # -----------------------------------------------------------------------------
@@ -439,8 +214,11 @@ GPU_PEAK_FLOPS = [
 ]
 
 
-def measure_matmul_flops(device: str, dtype: torch.dtype = torch.float32, n: int = 1024, repeat: int = 3) -> float:
-    """Achieved FLOP/s of an n x n matmul on `device`: the practical peak on CPUs and unknown GPUs."""
+def measure_matmul_flops(device: str, dtype: torch.dtype | None = None, n: int = 1024, repeat: int = 3) -> float:
+    """Achieved FLOP/s of an n x n matmul on `device` (float32 by default): the practical peak on CPUs and unknown
+    GPUs."""
+    import torch
+    dtype = dtype or torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else torch.mps.synchronize if device == "mps" else None
     best = float("inf")
@@ -457,6 +235,7 @@ def peak_flops(device: str, dtype: str, override: float = 0.0) -> float:
     """The data-sheet peak of a known GPU, else a measured float32/dtype matmul; `override` wins when > 0."""
     if override > 0:
         return override
+    import torch
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS:

@@ -21,8 +21,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from common import UserError, atomic_write, load_checkpoint, parse_config, run_main, untie, write_json
+from checkpoints import check_compatible, load_checkpoint, tokenizer_meta, untie
+from common import UserError, atomic_write, run_main, user_errors, write_json
+from config import parse_config
 from report import list_samples, read_log
+from tokenizer import Layout
 
 
 @dataclass
@@ -164,18 +167,20 @@ def push(folder: str, repo_id: str, private: bool, message: str) -> str:
 
 
 def main() -> None:
-    cfg = parse_config(ExportConfig, sys.argv[1:], __doc__)
+    with user_errors():
+        cfg = parse_config(ExportConfig, sys.argv[1:], __doc__)
     if cfg.push and not cfg.repo_id:
         raise UserError("push=True needs --repo_id=<user>/<name> (the Hub repo to upload to)")
     if cfg.repo_id and (cfg.repo_id.count("/") != 1 or not all(cfg.repo_id.split("/"))):
         raise UserError(f"repo_id={cfg.repo_id}: expected <user or organisation>/<name>")
     if not cfg.out or not cfg.license:
         raise UserError("out and license must not be empty: pass --out=<folder> and --license=<id, e.g. mit>")
-    ckpt = load_checkpoint(cfg.ckpt)
-    meta = ckpt.get("meta")
-    if not isinstance(meta, dict) or "layout" not in meta:
-        raise UserError(f"checkpoint {cfg.ckpt}: has no tokenizer meta ('meta' with the codec and token layout); "
-                        "it was not written by gpt2o's train.py from a prepare_audio.py dataset")
+    with user_errors():
+        ckpt = load_checkpoint(cfg.ckpt)
+        meta = tokenizer_meta(ckpt, cfg.ckpt)
+        layout = Layout.from_meta(meta)
+        # meta.json tells every user of the folder what the ids mean: it must be the layout it names
+        check_compatible(meta, layout.meta(), f"checkpoint {cfg.ckpt}: its meta", f"the {layout.name} layout")
     import safetensors.torch
     weights, tied = untie(ckpt["model"])
     n_params = sum(t.numel() for t in weights.values())

@@ -32,12 +32,14 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import torch
 
-from common import UserError, load_model_source, parse_config, pick_device, pick_dtype, run_main, user_errors
+from checkpoints import check_compatible, load_model_source, tokenizer_meta
+from codec import ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, load_codec, read_audio, read_audio_tail
+from common import UserError, pick_device, pick_dtype, run_main, user_errors
+from config import parse_config
 from model import GPT
 from sampling import (CODEC_CONTEXT_FRAMES, DECODE_FRAMES, DECODE_MODES, StreamDecoder, keep_frames, sample_frames,
                       transcribe)
-from tokenizer import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, Layout, load_codec, load_text_encoding,
-                       read_audio, read_audio_tail)
+from tokenizer import Layout, load_text_encoding
 
 
 @dataclass
@@ -149,12 +151,9 @@ def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float, kind: str
 
 
 def load_model(cfg: GenerateConfig, device: str, dtype: str):
-    ckpt = load_model_source(cfg.ckpt)
-    meta = ckpt.get("meta")
-    if not isinstance(meta, dict) or "layout" not in meta:
-        raise UserError(f"checkpoint {cfg.ckpt}: has no tokenizer meta ('meta' with the codec and token layout); "
-                        "it was not written by gpt2o's train.py from a prepare_audio.py dataset")
     with user_errors():
+        ckpt = load_model_source(cfg.ckpt)
+        meta = tokenizer_meta(ckpt, cfg.ckpt)
         layout = Layout.from_meta(meta)
     codec = cfg.codec or meta.get("codec")
     if not codec:
@@ -166,12 +165,10 @@ def load_model(cfg: GenerateConfig, device: str, dtype: str):
                                  "config.json + pytorch_model.bin> to use a copy of it)")
     with user_errors(hint):
         tok = load_codec(codec, device=device, text_encoding=layout.text_encoding)
-    if tok.layout != layout:
-        raise UserError(f"codec {codec} + text encoding '{layout.text_encoding}': their layout (vq_strides "
-                        f"{list(tok.layout.vq_strides)}, codebook_size {tok.layout.codebook_size}, text_vocab "
-                        f"{tok.layout.text_vocab}) is not the one the checkpoint was trained on "
-                        f"({meta.get('vq_strides')}, {meta.get('codebook_size')}, {meta.get('text_vocab', 0)}); "
-                        "pass the checkpoint's codec with --codec")
+    # the prompt's and the samples' ids are the codec's: they must be the ones the model was trained on
+    with user_errors("; pass the checkpoint's codec with --codec"):
+        ours = f"codec {codec}" + (f" + text encoding '{layout.text_encoding}'" if layout.text_encoding else "")
+        check_compatible(meta, tok.meta(), f"checkpoint {cfg.ckpt}", ours)
     model = GPT.from_checkpoint(ckpt).to(device).eval()
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))  # inference only: half-precision weights, no per-step autocast casts
@@ -303,7 +300,8 @@ def check_config(cfg: GenerateConfig) -> None:
 
 
 def main() -> None:
-    cfg = parse_config(GenerateConfig, sys.argv[1:], __doc__)
+    with user_errors():
+        cfg = parse_config(GenerateConfig, sys.argv[1:], __doc__)
     check_config(cfg)
     log = sys.stderr if cfg.stream_to else sys.stdout  # stdout carries the WAV stream then
     print(f"config: {cfg}", file=log, flush=True)

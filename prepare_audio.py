@@ -37,11 +37,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from common import Dist, UserError, atomic_write, parse_config, pick_device, run_main, user_errors, write_json
+from codec import DEFAULT_CODEC, BadAudio, load_codec, read_audio, resampled_length, to_mono
+from common import Dist, UserError, atomic_write, pick_device, run_main, user_errors, write_json
+from config import parse_config
 from sources import (Columns, Dataset, Item, Source, audio_extensions, codes_to_tokens, fetch, open_dataset,
                      pick_columns, read_schema, rows_to_items)
-from tokenizer import (DEFAULT_CODEC, DEFAULT_TEXT_ENCODING, BadAudio, Layout, load_codec, load_text_encoding,
-                       read_audio, resampled_length, to_mono)
+from tokenizer import DEFAULT_TEXT_ENCODING, Layout, load_text_encoding
 
 # -----------------------------------------------------------------------------
 # config
@@ -209,7 +210,8 @@ def read_groups(ds: Dataset, sources: list[Source], folder: str, columns: Column
         elif ds.kind == "audio":
             yield Group(source, 0, 1, entry_path(folder, source, 0, ds.kind), [Item(-1, source.path)])
         else:
-            path = fetch(ds, source, cfg.out_dir)
+            with user_errors():
+                path = fetch(ds, source, cfg.out_dir)
             try:
                 yield from parquet_groups(path, source, folder, columns)
             finally:
@@ -633,7 +635,8 @@ def start_workers(cfg: PrepareConfig, dist: Dist) -> tuple[object, int]:
 
 
 def main() -> None:
-    cfg = parse_config(PrepareConfig, sys.argv[1:], __doc__)
+    with user_errors():
+        cfg = parse_config(PrepareConfig, sys.argv[1:], __doc__)
     for key, ok, expected in (("shard_tokens", cfg.shard_tokens >= 1, "at least 1"),
                               ("val_files", cfg.val_files >= 0, "0 (no val split) or more"),
                               ("chunk_seconds", cfg.chunk_seconds > 0, "more than 0"),
@@ -663,7 +666,8 @@ def main() -> None:
         # find them cached
         if not master:
             dist.barrier()
-        ds = open_dataset(cfg.dataset, exclude=cfg.out_dir)
+        with user_errors():
+            ds = open_dataset(cfg.dataset, exclude=cfg.out_dir)
         if not ds.sources:
             raise UserError(f"dataset {cfg.dataset}: no audio files or .parquet files found (searched {ds.root} "
                             f"recursively for .parquet, .{', .'.join(audio_extensions())}); point --dataset at a "
@@ -674,8 +678,8 @@ def main() -> None:
         if ds.kind == "parquet":
             with user_errors():
                 tok = load_codec(cfg.codec, "cpu", weights=False)  # the layout, for finding codes columns
-            columns = pick_columns(read_schema(ds), cfg.dataset, cfg.text_column, cfg.codes_column,
-                                   tok.layout.n_levels)
+                columns = pick_columns(read_schema(ds), cfg.dataset, cfg.text_column, cfg.codes_column,
+                                       tok.layout.n_levels)
         runs_codec = not columns.codes
         if runs_codec:
             with user_errors():

@@ -1,10 +1,10 @@
-"""See a run: audio samples at every eval, and out_dir/report.html, one self-contained page of plots and players.
+"""Render a run's out_dir as report.html: one self-contained page of curves, eval samples, config and dataset.
 
     python report.py out/sherlock          # rebuild out/sherlock/report.html from log.jsonl and samples/
 
-train.py calls EvalSamples at every eval (rank 0 only) and refresh right after, so the page is always
-current while a run trains. The page holds its plots as inline PNG and the latest samples as inline WAV, so it can
-be copied or mailed as one file; earlier samples are linked relative to it (out_dir/samples/).
+train.py calls refresh after every eval that wrote samples (samples.py), so the page is always current while a run
+trains. The page holds its plots as inline PNG and the latest samples as inline WAV, so it can be copied or mailed as
+one file; earlier samples are linked relative to it (out_dir/samples/).
 """
 from __future__ import annotations
 
@@ -14,28 +14,20 @@ import glob
 import html
 import io
 import json
-import math
 import os
 import re
 import sys
 import time
 
 import numpy as np
-import torch
 
-from common import UserError, atomic_write, format_duration, read_json, run_main
-
-SAMPLE_SHARE = 0.1  # eval samples may take at most this share of the run's training time (first and last: always)
-SAMPLE_NAME = re.compile(r"^iter(\d+)_(\w+)\.wav$")  # samples/iter000500_uncond0.wav
+from common import UserError, atomic_write, format_duration, read_json, run_main, user_errors
 
 
 # -----------------------------------------------------------------------------
-# samples at every eval
+# where the eval samples are: out_dir/samples/iter<iteration>_<name>.wav (samples.py writes them)
 
-def sample_specs(meta: dict, n: int) -> list[tuple[str, torch.Tensor | None]]:
-    """What to sample at each eval: (name, prompt tokens, or None for unconditional). Samples with the same prompt
-    are generated in one batch. This is the list to extend: once the layout has text, add a fixed sentence here."""
-    return [(f"uncond{i}", None) for i in range(n)]
+SAMPLE_NAME = re.compile(r"^iter(\d+)_(\w+)\.wav$")  # samples/iter000500_uncond0.wav
 
 
 def sample_path(out_dir: str, it: int, name: str) -> str:
@@ -50,120 +42,6 @@ def list_samples(out_dir: str) -> dict[int, list[str]]:
         if m:
             found.setdefault(int(m.group(1)), []).append(path)
     return dict(sorted(found.items()))
-
-
-class EvalSamples:
-    """Rank 0's audio at every eval: a few short samples of the model, decoded with the dataset's codec.
-
-    Sampling draws from its own torch.Generator, and the codec's decoder noise from a forked global RNG, so the
-    training randomness (dropout masks, exact resume, 1 process = N processes) is untouched. On a fast GPU a few
-    seconds of sampling can be a large share of a short eval interval: an eval skips its samples (and the rebuild of
-    report.html) when those so far plus these would take more than SAMPLE_SHARE of the run's other time (the first
-    and last evals never skip).
-    """
-
-    def __init__(self, out_dir: str, meta: dict, n: int, seconds: float, device: str, seed: int, codec: str = ""):
-        self.out_dir, self.meta, self.seconds, self.device, self.seed = out_dir, meta, seconds, device, seed
-        self.codec = codec or meta.get("codec") or ""  # a Hub id or local folder; by default the dataset's
-        self.specs = sample_specs(meta, n)
-        self.tok = None  # the codec, loaded at the first eval
-        self.on = bool(self.specs)
-        self.t_start, self.spent, self.cost, self.calls = time.perf_counter(), 0.0, 0.0, 0
-        self.now = False  # whether this eval writes samples and the report
-
-    def due(self, last: bool) -> bool:
-        """Within the budget: the first and the last eval always; others while samples stay under SAMPLE_SHARE."""
-        other = time.perf_counter() - self.t_start - self.spent
-        return self.calls == 0 or last or self.spent + self.cost <= SAMPLE_SHARE * other
-
-    def __call__(self, model: torch.nn.Module, it: int, last: bool = False) -> dict:
-        """Write this eval's samples; returns the log entries ({"sample_s": seconds} when samples were written)."""
-        self.now = self.due(last)  # report() follows this eval's decision
-        if not self.now:
-            return {}
-        self.calls += 1
-        self.cost = 0.0
-        if not self.on:
-            return {}
-        t0 = time.perf_counter()
-        cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
-        # the codec's initialisation and its decoder's noise draw from the global RNG: fork it, so training's is
-        # untouched, and seed it, so the noise is the same at every eval (like the samples' own generator)
-        with torch.random.fork_rng(devices=cuda):
-            if self.tok is None and not self.load_codec():
-                return {}
-            torch.manual_seed(self.seed)
-            try:
-                paths = self.write(model, it)
-            except ValueError as e:  # a model that cannot sample (a context shorter than 2 frames)
-                return self.off(str(e))
-        self.cost = time.perf_counter() - t0
-        self.spent += self.cost
-        print(f"iter {it} | samples {len(paths)} x {self.seconds:g} s in {self.cost:.1f} s -> "
-              f"{os.path.join(self.out_dir, 'samples')}", flush=True)
-        return {"sample_s": self.cost}
-
-    def report(self) -> None:
-        """Rebuild report.html after an eval whose samples were due: its time counts in the same budget (on a fast
-        GPU the page's plots take about as long as the samples)."""
-        if self.now:
-            t0 = time.perf_counter()
-            refresh(self.out_dir, self.meta)
-            self.cost += time.perf_counter() - t0
-            self.spent += time.perf_counter() - t0
-
-    def off(self, why: str) -> dict:
-        """Training goes on without samples: one warning line, once."""
-        print(f"warning: eval samples are off: {why}; or pass --eval_samples=0", file=sys.stderr, flush=True)
-        self.on = False
-        return {}
-
-    def load_codec(self) -> bool:
-        from tokenizer import load_codec
-        try:
-            tok = load_codec(self.codec, device=self.device)
-        except ValueError as e:
-            return bool(self.off(str(e)))
-        theirs = (list(tok.layout.vq_strides), tok.layout.codebook_size)
-        if theirs != (self.meta.get("vq_strides"), self.meta.get("codebook_size")):
-            return bool(self.off(f"codec {self.codec} has vq_strides {theirs[0]} and codebook_size {theirs[1]}, the "
-                                 f"dataset {self.meta.get('vq_strides')} and {self.meta.get('codebook_size')}; pass "
-                                 "the dataset's codec with --codec"))
-        # the dataset's own layout: with text, audio ids come after the text ids (only the ids matter for audio
-        # samples, so the text encoding itself is not needed)
-        from tokenizer import Layout
-        try:
-            tok.layout = Layout.from_meta(self.meta)
-        except ValueError as e:
-            return bool(self.off(str(e)))
-        self.tok = tok
-        return True
-
-    @torch.no_grad()
-    def write(self, model: torch.nn.Module, it: int) -> list[str]:
-        import soundfile as sf
-        from sampling import decode_in_chunks, generate_tokens
-        tok = self.tok
-        n_frames = math.ceil(self.seconds * tok.sample_rate / tok.frame_hop)
-        batches: dict[int, tuple[torch.Tensor | None, list[str]]] = {}  # one batch per distinct prompt
-        for name, prompt in self.specs:
-            batches.setdefault(id(prompt), (prompt, []))[1].append(name)
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        was_training, paths = model.training, []
-        model.eval()  # no dropout while sampling
-        try:
-            for prompt, names in batches.values():
-                tokens = generate_tokens(model, tok.layout, prompt, n_frames, num_samples=len(names),
-                                         generator=generator)  # (B, len(prompt) + n_frames * frame_size)
-                start = 0 if prompt is None else len(prompt)
-                audio = decode_in_chunks(tok, tokens[:, start:]).cpu().numpy()  # (B, n_frames * frame_hop)
-                for name, a in zip(names, audio):
-                    path = sample_path(self.out_dir, it, name)
-                    atomic_write(path, lambda f: sf.write(f, a, tok.sample_rate, format="WAV", subtype="PCM_16"))
-                    paths.append(path)
-        finally:
-            model.train(was_training)
-        return paths
 
 
 # -----------------------------------------------------------------------------
@@ -377,7 +255,9 @@ def main() -> None:
                         "python report.py out/sherlock")
     if not os.path.isfile(os.path.join(args[0], "config.json")):
         raise UserError(f"out_dir {args[0]}: has no config.json; pass the out_dir of a train.py run")
-    print(build_report(args[0]))
+    with user_errors():  # an unreadable config.json or meta.json
+        path = build_report(args[0])
+    print(path)
 
 
 if __name__ == "__main__":

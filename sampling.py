@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tokenizer import AudioTokenizer, Layout
+from codec import AudioTokenizer
+from tokenizer import Layout
 
 # The SNAC decoder is convolutional: a frame's audio depends on its neighbours. Measured with the 24 kHz model,
 # decoding a chunk with 3 frames of real codes on each side matches one pass over the whole stream to 6e-7,

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import UserError
 from tokenizer import Layout
 
 # extensions we look for; soundfile (libsndfile) decodes all of them, mp3 since libsndfile 1.1
@@ -92,10 +91,10 @@ def open_dataset(dataset: str, exclude: str) -> Dataset:
     if os.path.isdir(dataset):
         return local_dataset(dataset, exclude)
     if os.path.exists(dataset):
-        raise UserError(f"dataset {dataset}: is a file; pass a folder of audio or .parquet files, or a Hub dataset id")
+        raise ValueError(f"dataset {dataset}: is a file; pass a folder of audio or .parquet files, or a Hub dataset id")
     if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
-        raise UserError(f"dataset '{dataset}': no such folder, and not a Hub dataset id like "
-                        "'eastwind/tiny-sherlock-audio'")
+        raise ValueError(f"dataset '{dataset}': no such folder, and not a Hub dataset id like "
+                         "'eastwind/tiny-sherlock-audio'")
     from huggingface_hub import HfApi, snapshot_download
     try:
         info = HfApi().dataset_info(dataset, files_metadata=True)
@@ -109,9 +108,9 @@ def open_dataset(dataset: str, exclude: str) -> Dataset:
     try:
         root = snapshot_download(repo_id=dataset, repo_type="dataset")
     except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
-        raise UserError(f"dataset '{dataset}': cannot download it from the Hugging Face Hub ({type(e).__name__}). "
-                        "Without internet, copy its audio or .parquet files into a folder and pass "
-                        "--dataset=<that folder>") from None
+        raise ValueError(f"dataset '{dataset}': cannot download it from the Hugging Face Hub ({type(e).__name__}). "
+                         "Without internet, copy its audio or .parquet files into a folder and pass "
+                         "--dataset=<that folder>") from None
     return local_dataset(root, exclude)
 
 
@@ -124,9 +123,9 @@ def fetch(ds: Dataset, source: Source, out_dir: str) -> str:
         return hf_hub_download(ds.repo, source.path, repo_type="dataset", revision=ds.revision,
                                local_dir=os.path.join(out_dir, ".downloads"))
     except Exception as e:  # network, disk, auth: huggingface_hub raises many types
-        raise UserError(f"dataset '{ds.repo}': cannot download {source.path} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); run again to resume, "
-                        "or download the .parquet files yourself and pass --dataset=<that folder>") from None
+        raise ValueError(f"dataset '{ds.repo}': cannot download {source.path} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); run again to resume, "
+                         "or download the .parquet files yourself and pass --dataset=<that folder>") from None
 
 
 # -----------------------------------------------------------------------------
@@ -152,7 +151,7 @@ def read_schema(ds: Dataset):
                 return pq.read_schema(f)
         except (OSError, ValueError):  # pyarrow's errors derive from these; an unreadable file is reported later
             continue
-    raise UserError(f"dataset {ds.root}: none of its {len(ds.sources)} .parquet files can be read")
+    raise ValueError(f"dataset {ds.root}: none of its {len(ds.sources)} .parquet files can be read")
 
 
 def pick_columns(schema, dataset: str, text_column: str, codes_column: str, n_levels: int) -> Columns:
@@ -163,7 +162,7 @@ def pick_columns(schema, dataset: str, text_column: str, codes_column: str, n_le
 
     def check(column: str, flag: str) -> str:
         if column not in names:
-            raise UserError(f"{flag}={column}: no such column ({where})")
+            raise ValueError(f"{flag}={column}: no such column ({where})")
         return column
 
     text = check(text_column, "--text_column") if text_column else next(
@@ -172,8 +171,8 @@ def pick_columns(schema, dataset: str, text_column: str, codes_column: str, n_le
     if codes_column:
         codes = tuple(check(c.strip(), "--codes_column") for c in codes_column.split(","))
         if len(codes) not in (1, n_levels):
-            raise UserError(f"--codes_column={codes_column}: give one column of flattened codes or one column "
-                            f"per level ({n_levels} for this codec, coarse first), comma-separated")
+            raise ValueError(f"--codes_column={codes_column}: give one column of flattened codes or one column "
+                             f"per level ({n_levels} for this codec, coarse first), comma-separated")
         return Columns(codes=codes, text=text)
     flat = next((c for c in CODES_COLUMNS if c in names), "")
     if flat:
@@ -188,9 +187,9 @@ def pick_columns(schema, dataset: str, text_column: str, codes_column: str, n_le
             pa.types.is_large_binary(t)
     audio = next((c for c in ["audio"] + names if c in names and is_audio(c)), "")
     if not audio:
-        raise UserError(f"{where}: found no audio column (a struct with 'bytes', as the datasets library writes "
-                        f"audio) and no SNAC codes column; name it with --codes_column=snac24khz (flattened) or "
-                        f"--codes_column=snac_0,snac_1,snac_2 (one per level)")
+        raise ValueError(f"{where}: found no audio column (a struct with 'bytes', as the datasets library writes "
+                         f"audio) and no SNAC codes column; name it with --codes_column=snac24khz (flattened) or "
+                         f"--codes_column=snac_0,snac_1,snac_2 (one per level)")
     return Columns(audio=audio, text=text)
 
 

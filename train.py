@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (Dist, UserError, atomic_write, autocast, format_duration, load_checkpoint, load_model_source,
-                    parse_config, peak_flops, pick_device, pick_dtype, remove_stale_temp_files, run_main,
-                    save_checkpoint, user_errors, write_json)
+from checkpoints import check_compatible, load_checkpoint, load_model_source, save_checkpoint
+from common import (Dist, UserError, atomic_write, autocast, format_duration, peak_flops, pick_device, pick_dtype,
+                    remove_stale_temp_files, run_main, user_errors, write_json)
+from config import parse_config
 from model import GPT, GPTConfig
 from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
-from report import EvalSamples
+from samples import EvalSamples
 
 
 @dataclass
@@ -149,10 +150,8 @@ def check_resume(ckpt: dict, path: str, meta: dict, model_config: GPTConfig, dat
     missing = [k for k in ("optimizer", "iter_num", "best_val_loss", "meta", "rng", "scaler") if k not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path}: has no {', '.join(missing)}; only train.py's ckpt.pt can be resumed")
-    for key in ("layout", "text_encoding", "vq_strides", "codebook_size", "vocab_size"):
-        if ckpt["meta"].get(key) != meta.get(key):
-            raise UserError(f"checkpoint {path}: was trained on {key}={ckpt['meta'].get(key)} but {data_dir} "
-                            f"has {key}={meta.get(key)}; use the dataset it was trained on or a new out_dir")
+    with user_errors("; use the dataset it was trained on or a new out_dir"):
+        check_compatible(ckpt["meta"], meta, f"checkpoint {path}", data_dir)
     for key, value in dataclasses.asdict(model_config).items():
         if key != "dropout" and ckpt["model_args"].get(key) != value:
             raise UserError(f"checkpoint {path}: has {key}={ckpt['model_args'].get(key)} but the config says "
@@ -164,13 +163,12 @@ def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
     config's). Only the weights: the optimizer, iteration count and schedule start fresh."""
     try:
         ckpt = load_model_source(cfg.init_from)
-    except UserError as e:
+    except ValueError as e:
         raise UserError(f"init_from={cfg.init_from}: {e} (or scratch, or resume)") from None
-    theirs = ckpt.get("meta") or {}
-    for key in ("layout", "vq_strides", "codebook_size", "vocab_size"):
-        if theirs.get(key) != meta.get(key):
-            raise UserError(f"init_from={cfg.init_from}: the model was trained on {key}={theirs.get(key)} but "
-                            f"{cfg.data_dir} has {key}={meta.get(key)}; prepare the data with the model's codec")
+    try:
+        check_compatible(ckpt.get("meta") or {}, meta, "the model", cfg.data_dir)
+    except ValueError as e:
+        raise UserError(f"init_from={cfg.init_from}: {e}; prepare the data with the model's codec") from None
     arch = {k: ckpt["model_args"][k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias")}
     return dataclasses.replace(cfg, **arch), ckpt["model"]
 
@@ -188,7 +186,8 @@ def trim_log(path: str, iter_num: int) -> None:
 # -----------------------------------------------------------------------------
 
 def main() -> None:
-    cfg = parse_config(TrainConfig, sys.argv[1:], __doc__)
+    with user_errors():
+        cfg = parse_config(TrainConfig, sys.argv[1:], __doc__)
     dist = Dist.from_env()
     master = dist.master
     check_config(cfg, dist.world_size)
@@ -225,7 +224,8 @@ def main() -> None:
     if cfg.init_from == "resume":
         if not os.path.isfile(ckpt_path):
             raise UserError(f"init_from=resume: no checkpoint {ckpt_path}; train from scratch first or fix --out_dir")
-        ckpt = load_checkpoint(ckpt_path)
+        with user_errors():
+            ckpt = load_checkpoint(ckpt_path)
         check_resume(ckpt, ckpt_path, meta, model_config, cfg.data_dir)
     elif not cfg.overwrite and any(os.path.exists(p) for p in (ckpt_path, best_path)):
         raise UserError(f"out_dir {cfg.out_dir}: already holds a checkpoint; continue it with --init_from=resume, "

@@ -43,14 +43,14 @@ def codec_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tok(codec_dir):
     """The codec with the audio-only layout."""
-    from tokenizer import load_codec
+    from codec import load_codec
     return load_codec(codec_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def text_tok(codec_dir):
     """The codec with the text+audio layout of the test encoding."""
-    from tokenizer import load_codec
+    from codec import load_codec
     return load_codec(codec_dir, device="cpu", text_encoding=TEXT_ENCODING)
 
 

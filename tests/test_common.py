@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from common import UserError, atomic_write, parse_config, read_config_file
+from common import atomic_write
+from config import parse_config, read_config_file
 
 
 @dataclass
@@ -42,7 +43,7 @@ def test_config_file_then_command_line(tmp_path):
     ("n = 2.5\n", "n=2.5 is not a valid int"),
 ])
 def test_config_file_is_data_not_code(tmp_path, text, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         parse_config(Cfg, [write(tmp_path, text)])
 
 
@@ -51,7 +52,7 @@ def test_config_file_is_data_not_code(tmp_path, text, message):
     ("--flag=maybe", "not a valid bool"), ("--lr=nan", "finite"), ("n=3", "expected --key=value"),
 ])
 def test_bad_command_line_names_the_key(arg, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         parse_config(Cfg, [arg])
 
 
@@ -77,7 +78,7 @@ def _umask() -> int:
 def test_a_binary_first_argument_is_one_line(tmp_path):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(b"\x80\x02\x00binary")
-    with pytest.raises(UserError, match="not a text file.*--key=value"):
+    with pytest.raises(ValueError, match="not a text file.*--key=value"):
         parse_config(Cfg, [str(path)])
 
 
@@ -94,7 +95,7 @@ def test_a_binary_first_argument_is_one_line(tmp_path):
 def test_config_values_are_bounded_and_errors_name_line_and_key(tmp_path, text, message):
     path = write(tmp_path, "flag = True\n" + text)
     key = text.split(" =")[0]
-    with pytest.raises(UserError, match=message) as e:
+    with pytest.raises(ValueError, match=message) as e:
         parse_config(Cfg, [path])
     assert f"config file {path}, line 2, key {key}:" in str(e.value)
 
@@ -104,7 +105,7 @@ def test_checkpoint_errors_are_whole_sentences_and_never_advise_an_unsafe_load(t
 
     import torch
 
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     good = str(tmp_path / "good.pt")
     torch.save({"model": {"w": torch.zeros(4096)}, "model_args": {}}, good)
     data = open(good, "rb").read()
@@ -113,7 +114,7 @@ def test_checkpoint_errors_are_whole_sentences_and_never_advise_an_unsafe_load(t
         (tmp_path / name).write_bytes(content)
     torch.save({"model": collections.OrderedDict(), "obj": Cfg()}, tmp_path / "pickled.pt")  # a pickled object
     for name, expect in (("garbage.pt", "damaged"), ("truncated.pt", "damaged"), ("pickled.pt", "safe load refuses")):
-        with pytest.raises(UserError) as e:
+        with pytest.raises(ValueError) as e:
             load_checkpoint(str(tmp_path / name))
         message = str(e.value)
         assert name in message and expect in message, message

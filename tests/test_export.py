@@ -14,7 +14,7 @@ from safetensors import safe_open
 from conftest import ROOT, SNAC_24KHZ_CONFIG, save_random_snac
 from test_train import TINY, read_log, run_train, write_dataset
 
-from common import load_model_source
+from checkpoints import load_model_source
 from model import GPT
 from sampling import generate_tokens
 from tokenizer import Layout

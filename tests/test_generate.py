@@ -15,7 +15,7 @@ from conftest import ROOT, SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
 
 import generate
 import sampling
-from common import save_checkpoint
+from checkpoints import save_checkpoint
 from model import GPT, GPTConfig
 
 BLOCK_SIZE = 64  # 9 frames of 7 tokens: every test that generates more than that slides the window
@@ -42,7 +42,7 @@ def quiet_codec_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def quiet_tok(quiet_codec_dir):
-    from tokenizer import load_codec
+    from codec import load_codec
     return load_codec(quiet_codec_dir)
 
 
@@ -482,7 +482,7 @@ def test_decode_in_chunks_matches_one_pass(quiet_tok):
 def test_prompt_reads_only_the_tail_it_needs(tok, tmp_path):
     import tracemalloc
 
-    from tokenizer import read_audio, read_audio_tail
+    from codec import read_audio, read_audio_tail
     audio = synth_audio(8.0, 44100, channels=2, seed=4)
     formats = {"long.wav": "WAV", "long.flac": "FLAC"}
     if "MP3" in sf.available_formats():

@@ -20,7 +20,7 @@ from conftest import ROOT
 from test_train import read_log, write_dataset
 
 import sampling
-from common import save_checkpoint
+from checkpoints import save_checkpoint
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,11 +31,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_eval_samples_on_cuda_leave_the_cuda_rng_alone(codec_dir, tmp_path):
     import report
-    from tokenizer import load_codec
+    from codec import load_codec
+    from samples import EvalSamples
     meta = load_codec(codec_dir).meta()
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=256, n_layer=2, n_head=2, n_embd=64,
                           dropout=0.1)).cuda()
-    samples = report.EvalSamples(str(tmp_path), meta, 2, 1.0, "cuda", seed=1)
+    samples = EvalSamples(str(tmp_path), meta, 2, 1.0, "cuda", seed=1)
     cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
     row = samples(model, 0)
     assert row["sample_s"] > 0 and model.training
@@ -224,7 +225,7 @@ def test_codes_come_back_while_the_next_files_encode(codec_dir):
     calls and read after the next group's calls are queued; they are the codes a plain .cpu() gives, and reading
     them waits for those copies but not for the work queued after them."""
     from conftest import synth_audio
-    from tokenizer import load_codec
+    from codec import load_codec
     tok = load_codec(codec_dir, "cuda")
     clips = [tok.to_mono(synth_audio(seconds, 24000, seed=seed), 24000) for seed, seconds in ((1, 30.0), (2, 20.0))]
     big = [tok.to_mono(synth_audio(180.0, 24000, seed=3), 24000)]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from common import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 
 

@@ -18,7 +18,8 @@ import soundfile as sf
 from conftest import synth_audio
 from prepare_audio import load_entry
 from test_prepare import ENV, assert_same_output, kill_after_cache_entries, run_prepare
-from tokenizer import Layout, read_audio
+from codec import read_audio
+from tokenizer import Layout
 
 LAYOUT = Layout((4, 2, 1), 4096)
 AUDIO_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

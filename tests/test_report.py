@@ -17,6 +17,7 @@ from test_train import TINY, read_log, run_train, write_dataset
 
 import report
 from model import GPT, GPTConfig
+from samples import EvalSamples
 
 SECONDS = 0.2  # eval samples of 3 frames: the test is about where they go, not how they sound
 SAMPLES = ["--eval_samples=2", f"--eval_sample_seconds={SECONDS}"]
@@ -76,11 +77,11 @@ def test_exact_resume_with_samples_on(runs):
 
 def test_samples_leave_rng_and_mode_alone(codec_dir, tmp_path):
     """Sampling (and loading the codec, whose random init draws from the global RNG) must not move training's RNG."""
-    from tokenizer import load_codec
+    from codec import load_codec
     meta = load_codec(codec_dir).meta()
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=64, n_layer=1, n_head=1, n_embd=16, dropout=0.1))
-    samples = report.EvalSamples(str(tmp_path), meta, 2, SECONDS, "cpu", seed=1)
+    samples = EvalSamples(str(tmp_path), meta, 2, SECONDS, "cpu", seed=1)
     state = torch.get_rng_state()
     assert samples(model, 10) and model.training
     assert torch.equal(state, torch.get_rng_state())
@@ -93,7 +94,7 @@ def test_samples_leave_rng_and_mode_alone(codec_dir, tmp_path):
 
 
 def test_sample_budget(codec_dir, tmp_path):
-    samples = report.EvalSamples(str(tmp_path), {"codec": codec_dir}, 2, SECONDS, "cpu", seed=1)
+    samples = EvalSamples(str(tmp_path), {"codec": codec_dir}, 2, SECONDS, "cpu", seed=1)
     assert samples.due(last=False)  # the first eval always samples
     samples.calls, samples.spent, samples.cost = 1, 1.0, 1.0  # one sampling of 1 s so far
     samples.t_start = time.perf_counter() - 10  # 9 s of other work: 1 + 1 s would be 22% of it
@@ -101,17 +102,17 @@ def test_sample_budget(codec_dir, tmp_path):
     assert samples.due(last=True)  # the last eval always samples
     samples.t_start = time.perf_counter() - 30  # 29 s of other work: 2 s is 6.9%
     assert samples.due(last=False)
-    assert report.EvalSamples(str(tmp_path), {}, 0, SECONDS, "cpu", seed=1)(None, 0) == {}  # --eval_samples=0
+    assert EvalSamples(str(tmp_path), {}, 0, SECONDS, "cpu", seed=1)(None, 0) == {}  # --eval_samples=0
 
 
 def test_unloadable_or_wrong_codec_turns_samples_off_with_one_warning(codec_dir, tmp_path, capsys):
-    samples = report.EvalSamples(str(tmp_path), {"codec": str(tmp_path / "no_codec")}, 2, SECONDS, "cpu", seed=1)
+    samples = EvalSamples(str(tmp_path), {"codec": str(tmp_path / "no_codec")}, 2, SECONDS, "cpu", seed=1)
     assert samples(None, 0) == {} and samples(None, 2, last=True) == {}
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: eval samples are off") and "--eval_samples=0" in err[0]
     # --codec names a codec that is not the dataset's (another codebook size): off, not garbage audio
     meta = {"codec": "elsewhere", "vq_strides": [4, 2, 1], "codebook_size": 2048}
-    samples = report.EvalSamples(str(tmp_path), meta, 2, SECONDS, "cpu", seed=1, codec=codec_dir)
+    samples = EvalSamples(str(tmp_path), meta, 2, SECONDS, "cpu", seed=1, codec=codec_dir)
     assert samples(None, 0) == {} and not os.path.exists(tmp_path / "samples")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "codebook_size 4096" in err[0] and "--codec" in err[0]

@@ -378,7 +378,7 @@ def run_generate(*args: str, threads: int = 0):
 
 def save_model(path: str, model: GPT, meta: dict) -> str:
     from dataclasses import asdict
-    from common import save_checkpoint
+    from checkpoints import save_checkpoint
     save_checkpoint(path, {"model": model.state_dict(), "model_args": asdict(model.config), "meta": meta,
                            "iter_num": 0})
     return path
@@ -440,7 +440,7 @@ def speech_of(ids: list[int], layout: Layout) -> np.ndarray:
 def small_tok(tmp_path_factory):
     """A small random SNAC (24 kHz strides, 32 codes per level) without decoder noise, with the test encoding."""
     from conftest import SNAC_24KHZ_CONFIG, save_random_snac
-    from tokenizer import load_codec
+    from codec import load_codec
     codec = save_random_snac(str(tmp_path_factory.mktemp("snac_small")), {
         **SNAC_24KHZ_CONFIG, "encoder_dim": 8, "decoder_dim": 16, "codebook_size": SMALL_CB, "noise": False})
     return load_codec(codec, text_encoding=TEXT_ENCODING)

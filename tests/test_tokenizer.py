@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
-from tokenizer import LAYOUT_NAME, Layout, load_codec
+from codec import load_codec
+from tokenizer import LAYOUT_NAME, Layout
 
 CB = 4096
 

@@ -193,7 +193,7 @@ def test_resume_with_other_vocab_is_one_line(data, tmp_path):
 
 
 def test_configs_parse():
-    from common import parse_config
+    from config import parse_config
     from train import TrainConfig, check_config
     for name in ("tiny", "sherlock"):
         cfg = parse_config(TrainConfig, [os.path.join(ROOT, "configs", f"{name}.py")])

@@ -1,0 +1,129 @@
+"""Model weights on disk: train.py's .pt checkpoints, export.py's folders, Hub ids, and THE one compatibility check.
+
+    ckpt = load_model_source("out/sherlock/best.pt")       # or an export.py folder, or a Hub model id like user/name
+    check_compatible(ckpt["meta"], meta, "the model", "data/mine")   # ValueError unless their ids mean the same
+    save_checkpoint("out/run/ckpt.pt", {"model": ..., "model_args": ..., "meta": ...})   # atomically
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, loaded with weights_only=True; an
+exported folder is safetensors + JSON. Neither is ever unpickled. Errors are ValueError naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import torch
+
+from common import atomic_write, read_json
+
+# what two token streams must share for their ids to mean the same: the codec's codes, then the ids the layout
+# gives them (text_encoding and vocab_size cover the text ids)
+CODEC_KEYS = ("vq_strides", "codebook_size")
+LAYOUT_KEYS = (*CODEC_KEYS, "layout", "text_encoding", "vocab_size")
+
+
+def check_compatible(model_meta: dict, data_meta: dict, model: str = "the model", data: str = "the data",
+                     keys: tuple[str, ...] = LAYOUT_KEYS) -> None:
+    """The one check that a model's tokens and others (a dataset, a codec, a checkpoint to resume) are the same
+    ids: both are meta dicts (meta.json, a checkpoint's "meta", AudioTokenizer.meta()). Raises ValueError naming
+    the first key that differs and both values; callers add what to do about it."""
+    for key in keys:
+        if model_meta.get(key) != data_meta.get(key):
+            raise ValueError(f"{model} has {key} {model_meta.get(key)} but {data} has {key} {data_meta.get(key)}")
+
+
+def tokenizer_meta(ckpt: dict, source: str) -> dict:
+    """A checkpoint's record of what its ids mean (its "meta": codec, token layout); ValueError when it has none."""
+    meta = ckpt.get("meta")
+    if not isinstance(meta, dict) or "layout" not in meta:
+        raise ValueError(f"checkpoint {source}: has no tokenizer meta ('meta' with the codec and token layout); "
+                         "it was not written by gpt2o's train.py from a prepare_audio.py dataset")
+    return meta
+
+
+EXPORTED_FILES = ("model.safetensors", "config.json", "meta.json")  # what export.py writes and load_exported reads
+
+
+def save_checkpoint(path: str, ckpt: dict) -> None:
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
+    """torch.load with weights_only=True; a missing or corrupt file is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path}: not found (train one with train.py, or pass --ckpt=<path to ckpt.pt>)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a refused object: garbage bytes
+            raise ValueError(f"checkpoint {path}: cannot be loaded: the file is damaged, truncated or not a PyTorch "
+                             "checkpoint; use another checkpoint, e.g. best.pt") from None
+        # torch's own message suggests weights_only=False: never do that with a file you did not write yourself
+        raise ValueError(f"checkpoint {path}: holds Python objects that a safe load refuses, so it was not written "
+                         "by gpt2o's train.py (gpt2o only loads checkpoints with weights_only=True)") from None
+    except Exception as e:  # torch raises many types for a damaged file; its messages are long and unhelpful here
+        raise ValueError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}): the file is damaged, truncated "
+                         "or not a PyTorch checkpoint; use another checkpoint, e.g. best.pt") from None
+    for key in ("model", "model_args"):
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise ValueError(f"checkpoint {path}: has no '{key}' entry; it was not written by gpt2o's train.py")
+    return ckpt
+
+
+def untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory (the tied wte/lm_head weight): keep one name per storage, the
+    last in state_dict order (lm_head.weight), and return the dropped names as {dropped: kept}."""
+    kept: dict[tuple, str] = {}
+    for name, t in state.items():
+        kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = name
+    tied = {name: kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))]
+            for name, t in state.items()}
+    tied = {a: b for a, b in tied.items() if a != b}
+    return {k: v.contiguous() for k, v in state.items() if k not in tied}, tied
+
+
+def load_exported(folder: str) -> dict:
+    """A folder written by export.py -> a checkpoint-like dict {"model", "model_args", "meta"} (tied weights
+    re-tied: both names point at one tensor again, as in the model's own state_dict)."""
+    from safetensors import SafetensorError, safe_open
+    missing = [name for name in EXPORTED_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        pt = [name for name in ("best.pt", "ckpt.pt") if os.path.isfile(os.path.join(folder, name))]
+        hint = f"; it holds {pt[0]}: pass {os.path.join(folder, pt[0])}" if pt else ""
+        raise ValueError(f"model folder {folder}: has no {', '.join(missing)}, so it is not a folder written by "
+                         f"export.py{hint}")
+    model_args = read_json(os.path.join(folder, "config.json"), "model config")
+    meta = read_json(os.path.join(folder, "meta.json"), "model meta")
+    path = os.path.join(folder, "model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            state = {name: f.get_tensor(name) for name in f.keys()}
+            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"model weights {path}: cannot be loaded, the file is damaged ({str(e)[:200]})") from None
+    for name, same in tied.items():
+        state[name] = state[same]
+    return {"model": state, "model_args": model_args, "meta": meta}
+
+
+def load_model_source(source: str) -> dict:
+    """The weights to sample from or fine-tune, as a checkpoint-like dict {"model", "model_args", "meta", ...}:
+    a train.py checkpoint (a .pt file), a folder written by export.py, or a Hugging Face Hub model id (downloaded
+    once into the Hub cache; with HF_HUB_OFFLINE=1 only the cache is used)."""
+    if source.endswith(".pt") or os.path.isfile(source):
+        return load_checkpoint(source)
+    if os.path.isdir(source):
+        return load_exported(source)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ValueError(f"model {source}: not found; pass a train.py checkpoint (.pt), a folder written by "
+                         "export.py, or a Hub model id like user/name")
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(repo_id=source, allow_patterns=list(EXPORTED_FILES))
+    except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise ValueError(f"model {source}: not a file or folder here, and it cannot be downloaded from the Hugging "
+                         f"Face Hub ({type(e).__name__}: {first}); check the id and your connection, or pass a "
+                        "local .pt checkpoint or exported folder") from None
+    return load_exported(folder)

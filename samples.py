@@ -1,0 +1,142 @@
+"""The audio samples train.py writes at every eval: a few seconds of the model, decoded with the dataset's codec.
+
+    samples = EvalSamples(out_dir, meta, n=2, seconds=5.0, device="cuda", seed=1337)   # rank 0 only
+    row.update(samples(raw_model, iter_num, last=iter_num == max_iters))   # out_dir/samples/iter000500_uncond0.wav
+    samples.report()                                       # then out_dir/report.html, in the same time budget
+
+The files are named and found by report.py (sample_path, list_samples), which renders them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+from checkpoints import CODEC_KEYS, check_compatible
+from common import atomic_write
+from report import refresh, sample_path
+
+SAMPLE_SHARE = 0.1  # eval samples may take at most this share of the run's training time (first and last: always)
+
+
+def sample_specs(meta: dict, n: int) -> list[tuple[str, torch.Tensor | None]]:
+    """What to sample at each eval: (name, prompt tokens, or None for unconditional). Samples with the same prompt
+    are generated in one batch. This is the list to extend."""
+    return [(f"uncond{i}", None) for i in range(n)]
+
+
+class EvalSamples:
+    """Rank 0's audio at every eval: a few short samples of the model, decoded with the dataset's codec.
+
+    Sampling draws from its own torch.Generator, and the codec's decoder noise from a forked global RNG, so the
+    training randomness (dropout masks, exact resume, 1 process = N processes) is untouched. On a fast GPU a few
+    seconds of sampling can be a large share of a short eval interval: an eval skips its samples (and the rebuild of
+    report.html) when those so far plus these would take more than SAMPLE_SHARE of the run's other time (the first
+    and last evals never skip).
+    """
+
+    def __init__(self, out_dir: str, meta: dict, n: int, seconds: float, device: str, seed: int, codec: str = ""):
+        self.out_dir, self.meta, self.seconds, self.device, self.seed = out_dir, meta, seconds, device, seed
+        self.codec = codec or meta.get("codec") or ""  # a Hub id or local folder; by default the dataset's
+        self.specs = sample_specs(meta, n)
+        self.tok = None  # the codec, loaded at the first eval
+        self.on = bool(self.specs)
+        self.t_start, self.spent, self.cost, self.calls = time.perf_counter(), 0.0, 0.0, 0
+        self.now = False  # whether this eval writes samples and the report
+
+    def due(self, last: bool) -> bool:
+        """Within the budget: the first and the last eval always; others while samples stay under SAMPLE_SHARE."""
+        other = time.perf_counter() - self.t_start - self.spent
+        return self.calls == 0 or last or self.spent + self.cost <= SAMPLE_SHARE * other
+
+    def __call__(self, model: torch.nn.Module, it: int, last: bool = False) -> dict:
+        """Write this eval's samples; returns the log entries ({"sample_s": seconds} when samples were written)."""
+        self.now = self.due(last)  # report() follows this eval's decision
+        if not self.now:
+            return {}
+        self.calls += 1
+        self.cost = 0.0
+        if not self.on:
+            return {}
+        t0 = time.perf_counter()
+        cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        # the codec's initialisation and its decoder's noise draw from the global RNG: fork it, so training's is
+        # untouched, and seed it, so the noise is the same at every eval (like the samples' own generator)
+        with torch.random.fork_rng(devices=cuda):
+            if self.tok is None and not self.load_codec():
+                return {}
+            torch.manual_seed(self.seed)
+            try:
+                paths = self.write(model, it)
+            except ValueError as e:  # a model that cannot sample (a context shorter than 2 frames)
+                return self.off(str(e))
+        self.cost = time.perf_counter() - t0
+        self.spent += self.cost
+        print(f"iter {it} | samples {len(paths)} x {self.seconds:g} s in {self.cost:.1f} s -> "
+              f"{os.path.join(self.out_dir, 'samples')}", flush=True)
+        return {"sample_s": self.cost}
+
+    def report(self) -> None:
+        """Rebuild report.html after an eval whose samples were due: its time counts in the same budget (drawing
+        the page's plots can cost as much as the samples)."""
+        if self.now:
+            t0 = time.perf_counter()
+            refresh(self.out_dir, self.meta)
+            self.cost += time.perf_counter() - t0
+            self.spent += time.perf_counter() - t0
+
+    def off(self, why: str) -> dict:
+        """Training goes on without samples: one warning line, once."""
+        print(f"warning: eval samples are off: {why}; or pass --eval_samples=0", file=sys.stderr, flush=True)
+        self.on = False
+        return {}
+
+    def load_codec(self) -> bool:
+        """The codec, with the dataset's own layout; False (samples off, one warning) when it cannot decode them."""
+        from codec import load_codec
+        from tokenizer import Layout
+        try:
+            tok = load_codec(self.codec, device=self.device)
+        except ValueError as e:
+            return bool(self.off(str(e)))
+        # the samples are audio: the codec must make the dataset's codes (CODEC_KEYS), and their ids are the
+        # dataset's own layout (with text, audio ids come after the text ids), so no text encoding is loaded
+        try:
+            check_compatible(tok.meta(), self.meta, f"codec {self.codec}", "the dataset", keys=CODEC_KEYS)
+        except ValueError as e:
+            return bool(self.off(f"{e}; pass the dataset's codec with --codec"))
+        try:
+            tok.layout = Layout.from_meta(self.meta)
+        except ValueError as e:
+            return bool(self.off(str(e)))
+        self.tok = tok
+        return True
+
+    @torch.no_grad()
+    def write(self, model: torch.nn.Module, it: int) -> list[str]:
+        import soundfile as sf
+        from sampling import decode_in_chunks, generate_tokens
+        tok = self.tok
+        n_frames = math.ceil(self.seconds * tok.sample_rate / tok.frame_hop)
+        batches: dict[int, tuple[torch.Tensor | None, list[str]]] = {}  # one batch per distinct prompt
+        for name, prompt in self.specs:
+            batches.setdefault(id(prompt), (prompt, []))[1].append(name)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        was_training, paths = model.training, []
+        model.eval()  # no dropout while sampling
+        try:
+            for prompt, names in batches.values():
+                tokens = generate_tokens(model, tok.layout, prompt, n_frames, num_samples=len(names),
+                                         generator=generator)  # (B, len(prompt) + n_frames * frame_size)
+                start = 0 if prompt is None else len(prompt)
+                audio = decode_in_chunks(tok, tokens[:, start:]).cpu().numpy()  # (B, n_frames * frame_hop)
+                for name, a in zip(names, audio):
+                    path = sample_path(self.out_dir, it, name)
+                    atomic_write(path, lambda f: sf.write(f, a, tok.sample_rate, format="WAV", subtype="PCM_16"))
+                    paths.append(path)
+        finally:
+            model.train(was_training)
+        return paths
