@@ -1,801 +1,401 @@
-"""Throughput benchmarks. Every figure is printed beside its baseline measured in the same run, as a ratio,
-because shared machines are noisy.
+"""Speed of gpt2o's parts, each row beside a baseline measured in the same run on the same machine.
 
-    python bench.py                 # everything
-    python bench.py tokenizer       # one part: tokenizer, prepare, train, generate, watch
+    python bench.py                          # list the parts
+    python bench.py tokenizer generate       # run those parts; `python bench.py all` runs every one
+    python bench.py all --quick              # every part at its smallest size (a few minutes on 2 CPU cores)
+
+A row reads: what is measured, our figure, the baseline's, and the ratio, turned so that above 1x we do better
+(ours / baseline for a rate, baseline / ours for a time or a size). The baselines mean something outside this code:
+the seed's per-token loops, nanoGPT's training loop and its cache-free generate, the bare SNAC encode, the
+weight-streaming bound (bytes of weights / the memory bandwidth measured here), real time, PyTorch's default
+attention dispatch. Shared machines are noisy: compare the ratios of one run, not figures across runs. Weights are
+random (speed does not depend on them). Figures quoted in docs/benchmarks.md carry the header's machine, torch and
+commit. Parts that need CUDA (graphs, the codes hand-off) print one line instead on a machine without it.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-def timeit(fn, repeat: int = 3, warm_up=None) -> float:
-    """Best wall time of `repeat` calls, after one warm-up call (of `warm_up` if given, else of fn)."""
-    (warm_up or fn)()
-    best = float("inf")
-    for _ in range(repeat):
+import fixtures
+import sampling
+from codec import load_codec
+from common import measure_matmul_flops
+from config import read_config_file
+from tokenizer import Layout
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+LAYOUT = Layout((4, 2, 1), 4096)  # SNAC 24 kHz, audio only
+FS = LAYOUT.frame_size
+REAL_TIME = 24000 / 2048 * FS  # tokens per second of audio: 82.03
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA and torch.cuda.is_bf16_supported() else torch.float32  # what generate.py picks
+sync = torch.cuda.synchronize if CUDA else (lambda: None)  # wait for queued GPU work
+
+
+def timeit(fn, repeat: int = 3) -> float:
+    """Best wall time of `repeat` calls after one warm-up call, queued GPU work included."""
+    times = []
+    for _ in range(repeat + 1):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
 
 
-def row(name: str, ours: float, base: float, unit: str, higher_is_better: bool = True) -> None:
+def row(what: str, ours: float, base: float, unit: str, higher_is_better: bool = True) -> None:
     ratio = ours / base if higher_is_better else base / ours
-    print(f"{name:<52} {ours:>12.4g} {unit:<10} baseline {base:>12.4g}   ratio {ratio:>8.2f}x", flush=True)
+    print(f"{what:<66} {ours:>10.4g} {unit:<8} baseline {base:>10.4g}  {ratio:>7.2f}x", flush=True)
+
+
+def header() -> str:
+    """The commit and the machine: GPU name, or CPU model and cores; torch's version."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    if CUDA:
+        where = f"{torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda})"
+    else:
+        cpu = platform.processor() or platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        where = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"gpt2o bench | commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}{dirty} | {where}"
+
+
+def model_args(name: str) -> dict:
+    """A config file's model size: n_layer, n_head, n_embd, block_size."""
+    cfg = read_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+    return {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
 
 
 # --- tokenizer ---------------------------------------------------------------
-def _blog_flatten(codes: list, separator: int = 4097) -> list[list[int]]:
-    """The original blog's flattening, as the baseline: per-token .item() loops and a separator before every frame."""
+def blog_flatten(codes: list, separator: int = 4097) -> list[list[int]]:
+    """The seed's flattening (the blog's): per-token .item() loops and a separator before every frame."""
     flattened = []
     for b in range(codes[0].size(0)):
-        row = []
+        out = []
         for i in range(codes[0].size(1)):
-            row.append(separator)
-            row.append(codes[0][b][i].item())
+            out += [separator, codes[0][b][i].item()]
             for j in range(2):
-                row.append(codes[1][b][j + i * 2].item())
+                out.append(codes[1][b][j + i * 2].item())
                 for k in range(2):
-                    row.append(codes[2][b][k + j * 2 + i * 4].item())
-        flattened.append(row)
+                    out.append(codes[2][b][k + j * 2 + i * 4].item())
+        flattened.append(out)
     return flattened
 
 
-def _blog_unflatten(row: list[int], separator: int = 4097) -> list:
-    """The original blog's unflattening: a per-token scan that rebuilds the code tensors after every frame."""
-    import torch
-    row = row[row.index(separator):]
+def blog_unflatten(tokens: list[int], separator: int = 4097) -> list:
+    """The seed's unflattening: a per-token scan that rebuilds the code tensors after every frame."""
+    tokens = tokens[tokens.index(separator):]
     l0, l1, l2, codes = [], [], [], []
-    for i in range(0, len(row), 8):
-        l0.append(row[i + 1])
-        l1.append(row[i + 2])
-        l2.append(row[i + 3])
-        l2.append(row[i + 4])
-        l1.append(row[i + 5])
-        l2.append(row[i + 6])
-        l2.append(row[i + 7])
+    for i in range(0, len(tokens), 8):
+        l0.append(tokens[i + 1])
+        l1 += [tokens[i + 2], tokens[i + 5]]
+        l2 += [tokens[i + 3], tokens[i + 4], tokens[i + 6], tokens[i + 7]]
         codes = [torch.tensor(l0).unsqueeze(0), torch.tensor(l1).unsqueeze(0), torch.tensor(l2).unsqueeze(0)]
     return codes
 
 
-def bench_tokenizer() -> None:
-    import torch
-    from tokenizer import Layout
-    layout = Layout((4, 2, 1), 4096)  # snac_24khz
-    n_frames = -(-60 * 24000 // 2048)  # 60 s of audio = 704 frames
-    n_codes = n_frames * layout.frame_size
+def bench_tokenizer(quick: bool) -> None:
+    """The seed's per-token loops vs Layout's vectorised codes -> tokens -> codes, on torch tensors and numpy."""
+    seconds = 10 if quick else 60
+    n_frames = -(-seconds * 24000 // 2048)
+    n_codes = n_frames * FS
     gen = torch.Generator().manual_seed(0)
-    codes = [torch.randint(0, 4096, (1, n_frames * k), generator=gen) for k in layout.codes_per_frame]
-    back = _blog_unflatten(_blog_flatten(codes)[0])
-    assert all(torch.equal(a, b) for a, b in zip(back, codes)), "baseline round trip is wrong"
-    base = timeit(lambda: _blog_unflatten(_blog_flatten(codes)[0]), repeat=2)
-    ours = timeit(lambda: layout.tokens_to_codes(layout.codes_to_tokens(codes)), repeat=20)
-    back = layout.tokens_to_codes(layout.codes_to_tokens(codes))
-    assert all(torch.equal(a, b) for a, b in zip(back, codes)), "round trip is wrong"
-    row(f"codes<->tokens round trip, 60 s ({n_codes} codes), torch", n_codes / ours, n_codes / base, "codes/s")
-    np_codes = [c.numpy() for c in codes]
-    ours_np = timeit(lambda: layout.tokens_to_codes(layout.codes_to_tokens(np_codes)), repeat=20)
-    row(f"codes<->tokens round trip, 60 s ({n_codes} codes), numpy", n_codes / ours_np, n_codes / base, "codes/s")
+    codes = [torch.randint(0, 4096, (1, n_frames * k), generator=gen) for k in LAYOUT.codes_per_frame]
+    for back in (blog_unflatten(blog_flatten(codes)[0]), LAYOUT.tokens_to_codes(LAYOUT.codes_to_tokens(codes))):
+        assert all(torch.equal(a, b) for a, b in zip(back, codes)), "round trip is wrong"
+    base = n_codes / timeit(lambda: blog_unflatten(blog_flatten(codes)[0]), repeat=2)
+    for kind, c in (("torch", codes), ("numpy", [c.numpy() for c in codes])):
+        ours = n_codes / timeit(lambda: LAYOUT.tokens_to_codes(LAYOUT.codes_to_tokens(c)), repeat=20)
+        row(f"codes <-> tokens, {seconds} s ({n_codes} codes), {kind}, vs the seed's loops", ours, base, "codes/s")
 
 
 # --- prepare ------------------------------------------------------------------
-def bench_prepare() -> None:
-    """(a) prepare_audio.py's wall time, process start included, vs the bare batched SNAC encode of the same audio
-    (already at 24 kHz mono on the device: no reading, resampling or writing); (b) the codes of a chunked, batched
-    encode vs one pass over two minutes of audio."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
+def bench_prepare(quick: bool) -> None:
+    """prepare_audio.py end to end (its own process: start-up, reading, resampling, workers, shards) vs the bare
+    batched SNAC encode of the same audio, already 24 kHz mono on the device. Two kinds of file, neither at the
+    codec rate, each longer than a chunk (overlaps are paid); on CUDA 8 hours, so that start-up weighs little."""
     import soundfile as sf
-    import torch
-    root = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.join(root, "tests"))
-    from conftest import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
-    from codec import load_codec
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    # two kinds of file, neither at the codec rate, each longer than one 60 s chunk (so chunk overlap is paid). On a
-    # CPU 3 minutes; on a GPU 10-minute files copied 24 times (8 hours), so start-up is a small part of the run
-    files = {"a_16k_mono.flac": (80.0, 16000, 1), "b_44k_stereo.wav": (100.0, 44100, 2)}
-    copies = 1
-    if cuda:
-        files, copies = {"a_16k_mono.flac": (600.0, 16000, 1), "b_44k_stereo.wav": (600.0, 44100, 2)}, 24
-    hours = copies * sum(seconds for seconds, _, _ in files.values()) / 3600
-    chunk, batch = 60.0, 4 if cuda else 1  # prepare_audio.py's defaults: 60 s chunks, 4 per codec call on CUDA
+    files = {"a_16k_mono.flac": (16000, 1), "b_44k_stereo.wav": (44100, 2)}
+    lengths, copies = ((600.0, 600.0), 24) if CUDA else ((12.0, 15.0), 1) if quick else ((80.0, 100.0), 1)
+    chunk, batch = 5.0 if quick and not CUDA else 60.0, 4 if CUDA else 1  # prepare_audio.py's chunks per call
     with tempfile.TemporaryDirectory() as tmp:
-        codec_dir = save_random_snac(os.path.join(tmp, "codec"), SNAC_24KHZ_CONFIG)
-        audio_dir = os.path.join(tmp, "audio")
-        os.makedirs(audio_dir)
-        for i, (name, (seconds, rate, channels)) in enumerate(files.items()):
-            sf.write(os.path.join(audio_dir, f"000_{name}"), synth_audio(seconds, rate, channels, seed=i), rate)
+        codec_dir = fixtures.save_random_snac(f"{tmp}/codec", fixtures.SNAC_24KHZ_CONFIG)
+        tok = load_codec(codec_dir, DEVICE)
+        step, by_length = round(chunk * tok.sample_rate), {}  # the bare codec's input: chunks of equal length
+        os.makedirs(f"{tmp}/audio")
+        for i, ((name, (rate, channels)), seconds) in enumerate(zip(files.items(), lengths)):
+            audio = fixtures.synth_audio(seconds, rate, channels, seed=i)
+            sf.write(f"{tmp}/audio/000_{name}", audio, rate)
             for c in range(1, copies):
-                shutil.copy(os.path.join(audio_dir, f"000_{name}"), os.path.join(audio_dir, f"{c:03d}_{name}"))
-        tok = load_codec(codec_dir, device)
-        step = round(chunk * tok.sample_rate)
-        by_length: dict[int, list] = {}  # the bare codec's input: 60 s chunks, grouped by length for batching
-        for name in files:
-            mono = tok.to_mono(*sf.read(os.path.join(audio_dir, f"000_{name}"), dtype="float32")).to(device)
-            for _ in range(copies):
-                for i in range(0, len(mono), step):
-                    by_length.setdefault(len(mono[i:i + step]), []).append(mono[i:i + step])
+                shutil.copy(f"{tmp}/audio/000_{name}", f"{tmp}/audio/{c:03d}_{name}")
+            mono = tok.to_mono(audio, rate).to(DEVICE)
+            for j in [j for _ in range(copies) for j in range(0, len(mono), step)]:
+                by_length.setdefault(len(mono[j:j + step]), []).append(mono[j:j + step])
+        calls = [same[j:j + batch] for same in by_length.values() for j in range(0, len(same), batch)]
 
         @torch.inference_mode()
         def bare(limit: int | None = None) -> None:
-            calls = [same[j:j + batch] for same in by_length.values() for j in range(0, len(same), batch)]
             for chunks in calls[:limit]:
                 tok.codec.encode(torch.stack(chunks)[:, None])  # (B, 1, samples)
-            if cuda:
-                torch.cuda.synchronize()
-        if cuda:
-            bare(limit=2)  # warm-up: CUDA context, cuDNN
+            sync()
+        if CUDA:
+            bare(limit=2)  # CUDA context, cuDNN's plans
         t0 = time.perf_counter()
         bare()
         base = time.perf_counter() - t0
-        by_length.clear()  # free the device for prepare_audio.py
-        if cuda:
-            torch.cuda.empty_cache()
+        calls.clear()  # the device's memory is prepare_audio.py's now
+        by_length.clear()
+        torch.cuda.empty_cache()
         t0 = time.perf_counter()
-        # the default text+audio layout, with the tests' tiktoken encoding standing in for GPT-2's (no download)
-        plugins = os.path.join(root, "tests", "plugins")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join([plugins, os.environ.get("PYTHONPATH", "")])}
-        r = subprocess.run([sys.executable, os.path.join(root, "prepare_audio.py"), f"--codec={codec_dir}",
-                            f"--dataset={audio_dir}", f"--out_dir={os.path.join(tmp, 'out')}", f"--device={device}",
-                            f"--chunk_seconds={chunk}", f"--batch_seconds={batch * chunk}",
-                            "--text_encoding=gpt2o_test"], capture_output=True, text=True, env=env)
+        r = subprocess.run([sys.executable, f"{ROOT}/prepare_audio.py", f"--codec={codec_dir}", f"--device={DEVICE}",
+                            f"--dataset={tmp}/audio", f"--out_dir={tmp}/out", f"--chunk_seconds={chunk}",
+                            f"--batch_seconds={batch * chunk}", "--text_encoding=none"],
+                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         ours = time.perf_counter() - t0
-        if r.returncode:
-            raise SystemExit(f"error: prepare_audio.py failed: {r.stderr[-2000:]}")
-    row(f"prepare_audio.py, {hours * 60:.0f} min of audio, {where} (wall)", ours, base, "s", higher_is_better=False)
-    print(f"prepare_audio.py takes {ours / base:.2f}x the time of the bare batched encode ({batch} x {chunk:.0f} s per "
-          f"call) on {where} (target <= {2 if cuda else 1.15}x)", flush=True)
-    account = next((ln for ln in r.stdout.splitlines() if ln.startswith("time: ")), "")
-    print(f"  prepare_audio.py's own account, {where}: {account or '(none)'}", flush=True)
-    if account:  # the rest is the interpreter: importing torch before main() and tearing it down after
-        print(f"  outside its own timer (Python start, imports, exit), {where}: "
-              f"{ours - float(account.split()[1]):.1f} s", flush=True)
-    bench_handoff()
-
-    # (b) the long version of tests/test_tokenizer.py's chunking test: 20 s chunks, 3 per call, two clips at once
-    clips = [tok.to_mono(synth_audio(seconds, 24000, seed=7 + i), 24000) for i, seconds in enumerate((120.0, 50.0))]
-    many = tok.encode_many(clips, chunk_seconds=20, batch_seconds=60)
-    for clip, codes in zip(clips, many):
-        one = torch.cat(tok.encode_codes(clip, chunk_seconds=1000))  # a single codec call
-        same = (torch.cat(codes) == one).float().mean().item()
-        print(f"chunked + batched codes equal to one pass, {len(clip) / 24000:.0f} s clip, {where}: {same:.2%} "
-              "(target >= 99%)", flush=True)
+    if r.returncode:
+        raise SystemExit(f"error: prepare_audio.py failed: {r.stderr[-2000:]}")
+    row(f"prepare_audio.py, {copies * sum(lengths) / 60:.3g} min of audio, wall vs the bare batched encode", ours,
+        base, "s", False)
+    account = next((line for line in r.stdout.splitlines() if line.startswith("time: ")), "(none)")
+    print(f"  prepare_audio.py's own account: {account}", flush=True)
 
 
-def bench_handoff() -> None:
-    """The CPU time prepare_audio.py's main process spends receiving 10 minutes of decoded audio (24 kHz float32,
-    57.6 MB) from a worker process: in a file (decode_to_file, what it does) vs through the pool's pipe, pickled."""
-    import multiprocessing
-    import os
-    import tempfile
-    import soundfile as sf
-    import prepare_audio
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
-    from conftest import synth_audio
-    with tempfile.TemporaryDirectory() as tmp, multiprocessing.get_context("fork").Pool(1) as pool:
-        wav = os.path.join(tmp, "a.wav")
-        sf.write(wav, synth_audio(600.0, 44100, 2), 44100)
-        cpu = {}
-        for how in ("file", "pipe"):
-            best = float("inf")
-            for i in range(3):
-                t0 = time.process_time()  # every thread of this process: the pool's result handler too
-                if how == "file":
-                    got = prepare_audio.take_audio_file(pool.apply(prepare_audio.decode_to_file,
-                                                                   (wav, 24000, 2048, os.path.join(tmp, f"{i}.f32"))))
-                else:
-                    got = pool.apply(prepare_audio.decode_audio, (wav, 24000, 2048))
-                best = min(best, time.process_time() - t0)
-                assert len(got["audio"]) == 600 * 24000
-            cpu[how] = best
-    row("main-process CPU to receive 10 min of decoded audio: file vs pipe", cpu["file"], cpu["pipe"], "s",
-        higher_is_better=False)
+def bench_handoff(quick: bool) -> None:
+    """CUDA: a group's codes on the host while the next group encodes: codes_to_host (copies queued behind their own
+    codec calls, waited for with an event) vs a plain .cpu(), which also waits for the next group's calls."""
+    if not CUDA:
+        print("handoff: needs CUDA, skipped", flush=True)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        tok = load_codec(fixtures.save_random_snac(d, fixtures.SNAC_24KHZ_CONFIG), DEVICE)
+    group = [tok.to_mono(fixtures.synth_audio(s, 24000, seed=s), 24000) for s in (30, 20)]
+    after = [tok.to_mono(fixtures.synth_audio(60.0 if quick else 180.0, 24000, seed=3), 24000)]
+
+    def codes_back(ours: bool) -> float:
+        """Seconds from queueing a group's encode until its codes are on the host, the next group queued between."""
+        sync()
+        t0 = time.perf_counter()
+        encoded = tok.encode_many(group, chunk_seconds=10, batch_seconds=20)
+        wait = tok.codes_to_host(encoded) if ours else None
+        tok.encode_many(after, chunk_seconds=60)
+        _ = wait() if ours else [[c.cpu().numpy() for c in codes] for codes in encoded]
+        t = time.perf_counter() - t0
+        sync()
+        return t
+    codes_back(True), codes_back(False)  # warm-up
+    row("a group's codes on the host, the next one queued: codes_to_host vs .cpu()",
+        min(codes_back(True) for _ in range(3)), min(codes_back(False) for _ in range(3)), "s", False)
 
 
 # --- train --------------------------------------------------------------------
-def bench_train() -> None:
-    """(a) train.py's tokens/s vs a plain nanoGPT-style loop on the same model, (b) its MFU against the float32
-    matmul FLOP/s measured here, (c) resident memory on 200M vs 2M tokens of shards; on a GPU, GPT-2 124M MFU."""
-    import json
-    import os
-    import subprocess
-    import tempfile
-    import numpy as np
-    import torch
-    from model import GPT, GPTConfig
-    from tokenizer import Layout
-    from common import measure_matmul_flops
+def plain_step(model, optimizer, data: np.ndarray, block: int, batch: int) -> float:
+    """One iteration of nanoGPT's train.py loop, reduced to its essentials: a random batch of the memmap, forward
+    (bf16 autocast on CUDA), backward, clip, AdamW; its wall time in seconds."""
+    sync()
+    t0 = time.perf_counter()
+    ix = torch.randint(len(data) - block, (batch,))
+    x = torch.stack([torch.from_numpy(data[i:i + block].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block].astype(np.int64)) for i in ix])
+    if CUDA:
+        x, y = x.pin_memory().to(DEVICE, non_blocking=True), y.pin_memory().to(DEVICE, non_blocking=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
+        _, loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss.item()
+    return time.perf_counter() - t0
 
-    root = os.path.dirname(os.path.abspath(__file__))
-    layout = Layout((4, 2, 1), 4096)
 
-    # the text+audio layout with GPT-2's BPE: only its size matters here (no text is encoded, so no BPE file)
-    text_layout = Layout((4, 2, 1), 4096, "gpt2", 50257)
-
-    def write_data(folder: str, train_sizes: list[int], val_sizes: list[int], sparse: bool = False,
-                   layout: Layout = layout) -> str:
-        """A dataset in prepare_audio.py's format: random valid ids, or sparse all-zero files (id 0 is a valid
-        level-0 code, or text id) so 200M tokens cost no disk time."""
-        os.makedirs(folder, exist_ok=True)
-        shards, rng = [], np.random.default_rng(0)
-        for split, sizes in (("train", train_sizes), ("val", val_sizes)):
-            for i, n in enumerate(sizes):
-                name = f"{split}_{i:03d}.bin"
-                with open(os.path.join(folder, name), "wb") as f:
-                    if sparse:
-                        f.truncate(2 * n)
-                    else:
-                        rng.integers(0, layout.vocab_size, n, dtype=np.uint16).tofile(f)
-                shards.append({"file": name, "split": split, "tokens": n, "sources": []})
-        meta = {"codec": "bench", "sample_rate": 24000, "frame_hop": 2048, "tokens_per_second": 24000 / 2048 * 7,
-                **layout.meta(), "dtype": "uint16", "dataset": "bench", "shards": shards, "skipped": [], "splits": {}}
-        with open(os.path.join(folder, "meta.json"), "w") as f:
-            json.dump(meta, f)
-        return folder
-
-    def sherlock_steps(device: str, batch: int, rounds: int) -> dict[str, tuple[int, float, int]]:
-        """configs/sherlock.py's model (8 x 512, block 2048) on each vocab: parameters, training tokens/s (AdamW
-        steps of the two models in turns, the best of `rounds` after a warm-up) and, on CUDA, the peak memory of
-        each model trained alone (bf16 autocast there, float32 on CPU)."""
-        vocabs = {"audio": layout.vocab_size, "text": text_layout.vocab_size}
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-        def build(vocab_size: int) -> tuple:
-            torch.manual_seed(0)
-            model = GPT(GPTConfig(vocab_size=vocab_size, block_size=2048, n_layer=8, n_head=8, n_embd=512)).to(device)
-            return (model, model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), device),
-                    torch.randint(0, vocab_size, (batch, 2049), device=device))
-
-        def step(model, opt, x) -> float:
-            sync()
-            t0 = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
-            return time.perf_counter() - t0
-
-        memory = dict.fromkeys(vocabs, 0)
-        if device == "cuda":
-            for name, vocab_size in vocabs.items():
-                built = build(vocab_size)
-                torch.cuda.reset_peak_memory_stats()
-                step(*built)
-                step(*built)
-                memory[name] = torch.cuda.max_memory_allocated()
-                del built
-                torch.cuda.empty_cache()
-        models = {name: build(vocab_size) for name, vocab_size in vocabs.items()}
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(rounds + 1):  # the first round warms up
-            for name, built in models.items():
-                times[name].append(step(*built))
-        return {name: (models[name][0].get_num_params(), batch * 2048 / min(times[name][1:]), memory[name])
-                for name in models}
-
-    def run_train(args: list[str], threads: int = 0) -> tuple[list[dict], int]:
-        """train.py in a subprocess -> its log.jsonl rows and its peak resident memory in bytes.
-
-        The peak is the child's own VmHWM, polled: wait4's ru_maxrss would carry this (large) process's peak
-        across the fork + exec."""
-        out = args[-1].split("=", 1)[1]
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        p = subprocess.Popen([sys.executable, os.path.join(root, "train.py")] + args, cwd=root, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        peak = 0
-        while p.poll() is None:
-            try:
-                with open(f"/proc/{p.pid}/status") as f:
-                    peak = max([peak] + [int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")])
-            except OSError:  # not Linux, or it just exited
-                pass
-            time.sleep(0.05)
-        if p.returncode:
-            raise SystemExit(f"error: train.py failed: {p.stderr.read()}")
-        with open(os.path.join(out, "log.jsonl")) as f:
-            return [json.loads(line) for line in f], peak
-
+def bench_train(quick: bool) -> None:
+    """train.py's tokens/s and MFU vs a plain nanoGPT-style loop's, same model and data (compile + bf16 on CUDA)."""
+    n_layer, n_head, n_embd, block, batch, iters, warm = (
+        (12, 12, 768, 1024, 16, 30, 10) if CUDA else (2, 2, 128, 256, 4, 8, 2) if quick else (6, 6, 384, 512, 8, 6, 1))
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_data(os.path.join(tmp, "data"), [3_000_000], [50_000])
-        if torch.cuda.is_available():
-            name = torch.cuda.get_device_name()
-            for block, batch in ((1024, 16), (2048, 8)):
-                rows, _ = run_train([f"--data_dir={data}", "--n_layer=12", "--n_head=12", "--n_embd=768",
-                                     f"--block_size={block}", f"--batch_size={batch}",
-                                     "--gradient_accumulation_steps=4",
-                                     "--max_iters=60", "--log_interval=10", "--eval_interval=1000", "--eval_iters=1",
-                                     "--compile=True", f"--out_dir={tmp}/gpu{block}"])
-                last = [r for r in rows if "mfu" in r][-1]  # after compile and warm-up
-                print(f"GPT-2 124M, block {block}, bf16 + compile on {name}: {last['tok_s']:,.0f} tok/s, "
-                      f"MFU {last['mfu'] * 100:.1f}% of the data-sheet peak", flush=True)
-            # what the text+audio vocab costs on this GPU: configs/sherlock.py's model and micro-batch, bf16
-            speed = sherlock_steps("cuda", batch=8, rounds=4)
-            (pa, ta, ma), (pt, tt, mt) = speed["audio"], speed["text"]
-            print(f"sherlock config on {name}, batch 8 x 2048, bf16: parameters {pt / 1e6:.1f}M vs {pa / 1e6:.1f}M, "
-                  f"peak memory {mt / 2**30:.2f} GiB (vocab {text_layout.vocab_size:,}) vs {ma / 2**30:.2f} GiB "
-                  f"(vocab {layout.vocab_size:,})", flush=True)
-            row("sherlock config training, text+audio vocab (GPU)", tt, ta, "tok/s")
-            return
-
-        # (a) + (b): nanoGPT's CPU reference size, 6 layers x 6 heads x 384, block 512, batch 8, float32
-        n_layer, n_head, n_embd, block, batch, iters = 6, 6, 384, 512, 8, 6
-        args = [f"--data_dir={data}", "--device=cpu", "--compile=False", f"--n_layer={n_layer}", f"--n_head={n_head}",
-                f"--n_embd={n_embd}", f"--block_size={block}", f"--batch_size={batch}",
-                "--gradient_accumulation_steps=1",
-                f"--max_iters={iters}", "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--peak_flops=1"]
-        rows, _ = run_train(args + [f"--out_dir={tmp}/ours"])
-        ours = batch * block / (np.median([r["ms"] for r in rows if "ms" in r and r["iter"] > 0]) / 1000)
-
-        # the baseline: nanoGPT's train.py loop reduced to its essentials, on the same model and data
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=block, vocab_size=layout.vocab_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd, dropout=0.0, bias=False))
-        optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            m = np.memmap(os.path.join(data, "train_000.bin"), dtype=np.uint16, mode="r")
-            ix = torch.randint(len(m) - block, (batch,))
-            x = torch.stack([torch.from_numpy(m[i:i + block].astype(np.int64)) for i in ix])
-            y = torch.stack([torch.from_numpy(m[i + 1:i + 1 + block].astype(np.int64)) for i in ix])
-            _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.item()
-            times.append(time.perf_counter() - t0)
-        base = batch * block / np.median(times[1:])
-        row(f"train.py CPU fp32 {n_layer}x{n_embd} block {block} batch {batch}", ours, base, "tok/s")
-        matmul = measure_matmul_flops("cpu", n=2048)
-        mfu = model.flops_per_token(block) * ours / matmul
-        mfu_base = model.flops_per_token(block) * base / matmul
-        print(f"MFU vs this machine's float32 matmul ({matmul / 1e9:.0f} GFLOP/s, 2048x2048): train.py "
-              f"{mfu * 100:.0f}%, plain loop {mfu_base * 100:.0f}%", flush=True)
-
-        # (c) memory does not grow with the dataset: np.memmap, never whole shards in memory
-        rss = {}
-        for n_tokens in (2_000_000, 200_000_000):
-            folder = write_data(os.path.join(tmp, f"rss{n_tokens}"), [n_tokens // 4] * 4, [20_000], sparse=True)
-            _, rss[n_tokens] = run_train([f"--data_dir={folder}", "--device=cpu", "--compile=False", "--n_layer=2",
-                                          "--n_head=2", "--n_embd=64", "--block_size=256", "--batch_size=8",
-                                          "--gradient_accumulation_steps=1",
-                                          "--max_iters=20", "--eval_interval=10", "--eval_iters=4", "--peak_flops=1",
-                                          f"--out_dir={tmp}/rss{n_tokens}"], threads=1)
-        growth = (rss[200_000_000] - rss[2_000_000]) / 2**20
-        print(f"peak RSS training on 200M tokens {rss[200_000_000] / 2**20:.0f} MB vs 2M tokens "
-              f"{rss[2_000_000] / 2**20:.0f} MB: {growth:+.1f} MB (target: within 50 MB)", flush=True)
-
-        # (d) what the text+audio vocab costs: configs/sherlock.py's model (8 x 512, block 2048) at batch 1. Peak
-        #     memory of train.py on each vocab; speed from steps of the two models taken in turns in this process,
-        #     so both see the same machine load
-        figures = {}
-        for name, lay in (("audio", layout), ("text", text_layout)):
-            folder = write_data(os.path.join(tmp, f"vocab_{name}"), [300_000], [5_000], layout=lay)
-            _, peak = run_train([f"--data_dir={folder}", "--device=cpu", "--compile=False", "--n_layer=8",
-                                 "--n_head=8", "--n_embd=512", "--block_size=2048", "--batch_size=1",
-                                 "--gradient_accumulation_steps=1", "--max_iters=2", "--log_interval=1",
-                                 "--eval_interval=1000", "--eval_iters=1", "--peak_flops=1",
-                                 f"--out_dir={tmp}/vocab_{name}"])
-            figures[name] = (lay.vocab_size, peak)
-        speed = sherlock_steps("cpu", batch=1, rounds=3)
-        (va, ma), (vt, mt) = figures["audio"], figures["text"]
-        print(f"sherlock config, vocab {vt:,} (text+audio, GPT-2 BPE) vs {va:,} (audio only): parameters "
-              f"{speed['text'][0] / 1e6:.1f}M vs {speed['audio'][0] / 1e6:.1f}M, train.py peak RSS at batch 1 "
-              f"{mt / 2**20:.0f} MB vs {ma / 2**20:.0f} MB ({(mt - ma) / 2**20:+.0f} MB)", flush=True)
-        row("sherlock config CPU training step, batch 1: text+audio vocab", speed["text"][1], speed["audio"][1],
-            "tok/s")
+        fixtures.random_dataset(f"{tmp}/data", LAYOUT, [3_000_000], [50_000])
+        peak = 0.0 if CUDA else measure_matmul_flops("cpu", n=2048)  # 0: train.py looks up the GPU's data sheet
+        r = subprocess.run([sys.executable, f"{ROOT}/train.py", f"--data_dir={tmp}/data", f"--out_dir={tmp}/out",
+                            f"--device={DEVICE}", f"--compile={CUDA}", f"--n_layer={n_layer}", f"--n_head={n_head}",
+                            f"--n_embd={n_embd}", f"--block_size={block}", f"--batch_size={batch}",
+                            f"--max_iters={iters}", f"--peak_flops={peak}", "--gradient_accumulation_steps=1",
+                            "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--eval_samples=0"],
+                           cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"error: train.py failed: {r.stderr[-2000:]}")
+        with open(f"{tmp}/out/log.jsonl") as f:
+            rows = [x for x in map(json.loads, f) if "ms" in x and x["iter"] >= warm]
+        ours = batch * block / (np.median([x["ms"] for x in rows]) / 1000)
+        model = fixtures.tiny_gpt(LAYOUT, n_layer, n_head, n_embd, block).to(DEVICE).train()
+        optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), DEVICE)
+        step = torch.compile(model) if CUDA else model
+        data = np.memmap(f"{tmp}/data/train_000.bin", dtype=np.uint16, mode="r")
+        base = batch * block / np.median([plain_step(step, optimizer, data, block, batch) for _ in range(iters)][warm:])
+        row(f"train.py {n_layer}x{n_embd} block {block} batch {batch} vs a plain nanoGPT loop", ours, base, "tok/s")
+        mfu = np.median([x["mfu"] for x in rows])
+        against = "the data-sheet peak" if CUDA else f"a float32 2048x2048 matmul here, {peak / 1e9:.0f} GFLOP/s"
+        print(f"  MFU against {against}: train.py {mfu:.1%}, the plain loop {mfu * base / ours:.1%}", flush=True)
 
 
 # --- generate -----------------------------------------------------------------
-def _sample_before(model, layout, n_frames: int, num_samples: int, generator) -> None:
-    """The sampling loop as it was before issue 12, as the baseline: a cache attended over its filled positions,
-    logits of the whole vocabulary masked per frame position, torch.multinomial, PyTorch's default attention
-    dispatch (cuDNN on Hopper). No prompt, no slides."""
-    import torch
-    fs, device = layout.frame_size, model.lm_head.weight.device
-    ids = torch.arange(model.config.vocab_size)
-    lo = torch.as_tensor(layout.frame_levels * layout.codebook_size)[:, None]
-    masks = torch.zeros(fs, len(ids)).masked_fill(~((ids >= lo) & (ids < lo + layout.codebook_size)), float("-inf"))
-    masks = masks.to(device)
-    buf = torch.full((num_samples, 1 + n_frames * fs), layout.boundary_id, dtype=torch.long, device=device)
-    cache = model.new_kv_cache(num_samples)
-    with torch.no_grad():
-        for n in range(1, 1 + n_frames * fs):
-            logits, _ = model(buf[:, n - 1:n], kv_cache=cache)
-            probs = torch.softmax(logits[:, -1, :].float() + masks[(n - 1) % fs], dim=-1)
-            buf[:, n:n + 1] = torch.multinomial(probs, num_samples=1, generator=generator)
+def random_tokens(n_frames: int, seed: int = 0) -> torch.Tensor:
+    """n_frames of valid audio ids, (n_frames * frame_size,)."""
+    frames = torch.randint(0, LAYOUT.codebook_size, (n_frames, FS), generator=torch.Generator().manual_seed(seed))
+    return (frames + torch.from_numpy(LAYOUT.frame_levels * LAYOUT.codebook_size)).reshape(-1)
 
 
-def bench_generate() -> None:
-    """Sampling speed per decode mode against its baselines: full recompute (nanoGPT's generate), the loop before
-    issue 12, real time, and on a CPU the weight-streaming bound; on CUDA also the attention backends, time to first
-    audio through generate.py, and a 10-minute stream. Random weights: speed does not depend on them."""
-    import os
-    import subprocess
-    import tempfile
-    import torch
-    import torch.nn.functional as F
-    import sampling
-    from checkpoints import save_checkpoint
-    from codec import load_codec
-    from config import read_config_file
-    from model import GPT, GPTConfig
-    from tokenizer import Layout
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.join(here, "tests"))
-    from conftest import SNAC_24KHZ_CONFIG, save_random_snac
+def tokens_per_s(model, n_frames: int, b: int = 1, prompt=None, repeat: int = 1, frames=sampling.sample_frames,
+                 **kw) -> float:
+    """New tokens of all rows per second (the prefill included), the best of `repeat` runs after a warm-up run
+    (which captures or compiles); temperature 1, no top-k/top-p."""
+    def run() -> None:
+        g = torch.Generator(device=model.lm_head.weight.device).manual_seed(0)
+        for _ in frames(model, LAYOUT, prompt, n_frames, num_samples=b, generator=g, **kw):
+            pass
+    return b * n_frames * FS / timeit(run, repeat)
 
-    layout = Layout((4, 2, 1), 4096)  # SNAC 24 kHz
-    fs, real_time = layout.frame_size, 24000 / 2048 * layout.frame_size  # 82.03 tokens per second of audio
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32  # what generate.py picks
-    card = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device {card}, {str(dtype)[6:]} weights; real time for SNAC 24 kHz = {real_time:.2f} tokens/s")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def config(name: str) -> dict:
-        cfg = read_config_file(os.path.join(here, "configs", f"{name}.py"))
-        return {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+def streaming_bound(model) -> float:
+    """Batch 1 reads every weight once per token: tokens/s at the bandwidth of a large matrix-vector product in the
+    model's dtype, measured now (a VM's bandwidth drifts between runs and within one)."""
+    p = model.lm_head.weight
+    w = torch.randn((2**30 if CUDA else 2**27) // (512 * p.element_size()), 512, device=p.device, dtype=p.dtype)
+    x = torch.randn(1, 512, device=p.device, dtype=p.dtype)
+    n_bytes = sum(q.numel() for q in model.parameters()) - model.transformer.wpe.weight.numel()  # wpe: one row
+    return w.numel() / timeit(lambda: F.linear(x, w), repeat=10) / n_bytes
 
-    def gpt(n_layer: int, n_head: int, n_embd: int, block_size: int, on: str = device) -> GPT:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=layout.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd)).eval()
-        return model.to(on, dtype if on == "cuda" else torch.float32)
 
-    def random_tokens(n_frames: int, seed: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        frames = torch.randint(0, layout.codebook_size, (n_frames, fs), generator=g)
-        return (frames + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(-1)
+def decode_rows(model, label: str, modes: tuple[str, ...], n_frames: int, repeat: int) -> None:
+    """Batch 1 per decode mode vs the weight-streaming bound measured just before it, and vs real time."""
+    for decode in modes:
+        t0 = time.perf_counter()
+        sampling.generate_tokens(model, LAYOUT, None, 2, decode=decode)
+        print(f"  {label} decode={decode}: 2 frames, capture or compile included, {time.perf_counter() - t0:.2f} s")
+        bound = streaming_bound(model)
+        tps = tokens_per_s(model, n_frames, repeat=repeat, decode=decode)
+        row(f"{label} B=1 {decode} vs weight-streaming bound", tps, bound, "tokens/s")
+        row(f"{label} B=1 {decode} vs real time", tps, REAL_TIME, "tokens/s")
 
-    def tokens_per_s(model, n_frames: int, b: int = 1, prompt=None, repeat: int = 1, **kw) -> float:
-        """Sampling speed (new tokens of all rows per second, the prefill included), the best of `repeat` runs
-        after a warm-up run that also captures or compiles; temperature 1, no top-k/top-p."""
-        def run() -> None:
-            g = torch.Generator(device=model.lm_head.weight.device).manual_seed(0)
-            sampling.generate_tokens(model, layout, prompt, n_frames, num_samples=b, generator=g, **kw)
-            sync()
-        return b * n_frames * fs / timeit(run, repeat)
 
-    def before_per_s(model, n_frames: int, b: int = 1, repeat: int = 1) -> float:
-        def run(frames: int = n_frames) -> None:
-            _sample_before(model, layout, frames, b, torch.Generator(device=model.lm_head.weight.device))
-            sync()
-        # warm up on one frame: the old loop runs ~15 tokens/s on a GPU
-        return b * n_frames * fs / timeit(run, repeat, warm_up=lambda: run(1))
+def bench_generate(quick: bool) -> None:
+    """Sampling: the KV cache vs recomputing the window per token (nanoGPT's generate); configs/sherlock.py's model
+    per decode mode vs the weight-streaming bound and real time; SNAC's decode, one pass and streamed, vs real time."""
+    model = fixtures.tiny_gpt(LAYOUT, 6, 6, 384, 2048).to(DEVICE, DTYPE)
+    prompt = random_tokens(257)  # with the context, 1800 tokens: the cached run fills the window to 2045
+    ours = tokens_per_s(model, 10 if quick else 35, prompt=prompt)
+    base = tokens_per_s(model, 1, prompt=prompt, frames=fixtures.nocache_frames)
+    row("6L/384 ctx ~2048: KV cache vs recomputing the window per token", ours, base, "tokens/s")
 
-    # 1. the KV cache against recomputing the whole context per token, a 6-layer n_embd 384 model at a 2048-token
-    #    context: the prompt fills it to ~1800 tokens, the cached run generates the rest (its one prefill of the
-    #    prompt included), the baseline one frame
-    model = gpt(6, 6, 384, 2048, on="cpu")
-    prompt = random_tokens(257)  # 1 + 1799 tokens in context
-    ours = tokens_per_s(model, 35, prompt=prompt)  # context 1800 -> 2045
-    base = tokens_per_s(model, 1, prompt=prompt, use_cache=False)
-    row("CPU 6L/384 ctx ~2048: KV cache vs full recompute", ours, base, "tokens/s")
-
-    sherlock, tiny = gpt(**config("sherlock")), gpt(**config("tiny"))
+    sherlock = fixtures.tiny_gpt(LAYOUT, **model_args("sherlock")).to(DEVICE, DTYPE)
     label = "sherlock 8L/512/ctx2048"
-    if not cuda:
-        # 2. batch 1 streams every weight once per token: its floor is (bytes of weights) / (bandwidth of a
-        #    matrix-vector product), here measured on a 128 MiB float32 matrix
-        w, x = torch.randn(65536, 512), torch.randn(1, 512)
-        n_bytes = sum(p.numel() * p.element_size() for p in sherlock.parameters())
-        n_bytes -= sherlock.transformer.wpe.weight.numel() * 4  # one row of the position table is read per token
+    n_frames = round((1 if quick else 3) * REAL_TIME / FS)
+    decode_rows(sherlock, label, ("eager",) if CUDA else ("eager", "compile"), n_frames, 1 if quick else 3)
+    row(f"{label} B=4 eager vs real time", tokens_per_s(sherlock, n_frames, 4, decode="eager"), REAL_TIME, "tokens/s")
 
-        def streaming_bound() -> float:
-            """tokens/s; measured again beside each figure compared to it: this VM's bandwidth drifts by 25%"""
-            return w.numel() * 4 / timeit(lambda: F.linear(x, w), repeat=10) / n_bytes
-        bound = streaming_bound()
-        bandwidth = bound * n_bytes
-        print(f"weight-streaming bound: {n_bytes / 1e6:.0f} MB of weights / {bandwidth / 1e9:.1f} GB/s (128 MiB "
-              f"float32 matvec) = {bound:.0f} tokens/s; a step reads {(n_bytes - 8192 * 512 * 4) / 1e6:.0f} MB "
-              "(lm_head rows of the sampled level only)", flush=True)
-        # the ceiling of any eager step: the step's own matrix-vector products (every block's four, lm_head's rows
-        # of one level) back to back, nothing between them. Measured on a 2-core VM: they stream at ~25 GB/s, not
-        # the 128 MiB matvec's ~35 (each call pays a ramp-up), and every op between them runs on caches the weights
-        # just flushed (a 3 us layer_norm then takes ~40 us)
-        lins = [m.weight for m in sherlock.modules() if isinstance(m, torch.nn.Linear) and m is not sherlock.lm_head]
-        lins.append(sherlock.lm_head.weight[:layout.codebook_size])
-        xs = [torch.randn(1, w.shape[1]) for w in lins]
-        matvecs = timeit(lambda: [F.linear(x, w) for x, w in zip(xs, lins)], repeat=10)
-        row(f"CPU {label} B=1: the step's matvecs alone vs weight-streaming bound", 1 / matvecs, bound, "steps/s")
-        n_frames = round(3 * real_time / fs)  # 3 s of audio
-        # decode="compile": the one-token step compiled to C++ (sampling.compiled_token_step); its first run compiles
-        t0 = time.perf_counter()
-        sampling.generate_tokens(sherlock, layout, None, 2, decode="compile")
-        print(f"CPU {label} decode=compile: first run (compile included) {time.perf_counter() - t0:.1f} s",
-              flush=True)
-        for _ in range(2):  # interleaved with eager, each beside the bound measured just before it
-            bound = streaming_bound()
-            compiled = tokens_per_s(sherlock, n_frames, repeat=3, decode="compile")
-            row(f"CPU {label} B=1 compile LM 3s vs weight-streaming bound", compiled, bound, "tokens/s")
-            bound = streaming_bound()
-            eager = tokens_per_s(sherlock, n_frames, repeat=3)
-            row(f"CPU {label} B=1 eager LM 3s vs weight-streaming bound", eager, bound, "tokens/s")
-            row(f"CPU {label} B=1 compile vs eager LM 3s", compiled, eager, "tokens/s")
-        row(f"CPU {label} B=1 compile LM 3s vs real time", compiled, real_time, "tokens/s")
-        for b in (1, 4):
-            tps = tokens_per_s(sherlock, n_frames, b, repeat=3)
-            if b == 1:
-                row(f"CPU {label} B=1 LM 3s vs weight-streaming bound", tps, streaming_bound(), "tokens/s")
-            row(f"CPU {label} B={b} LM 3s vs real time", tps, real_time, "tokens/s")
-            row(f"CPU {label} B={b} LM 3s vs the loop before", tps, before_per_s(sherlock, n_frames, b, repeat=3),
-                "tokens/s")
-        for b in (1, 4):
-            n_frames = round(3 * real_time / fs)  # 245 tokens: the loop before cannot slide past block_size 256
-            row(f"CPU tiny 2L/64/ctx256 B={b} LM 3s vs the loop before", tokens_per_s(tiny, n_frames, b, repeat=3),
-                before_per_s(tiny, n_frames, b, repeat=3), "tokens/s")
-        # 3. a long run slides the window: each slide re-prefills the kept ~3/4 of block_size, then ~1/4 block_size
-        #    tokens follow, attending over 1.5k-2k cached keys (a 3 s run attends over < 250). Against decoding at
-        #    the same context without any slide: a kept window as the prompt, its one prefill timed apart and left out
-        n_long = round(60 * real_time / fs)
-        t0 = time.perf_counter()
-        sampling.generate_tokens(sherlock, layout, None, n_long, generator=torch.Generator().manual_seed(0))
-        long_s = time.perf_counter() - t0
-        block = sherlock.config.block_size
-        keep = sampling.keep_frames(layout, block) * fs
-        n, slides = 1, 0  # sample_frames' rule: slide at a frame start when the next frame would not fit
-        for _ in range(n_long):
-            if n + fs - 1 > block:
-                n, slides = keep, slides + 1
-            n += fs
-        prompt = random_tokens(keep // fs)
-        n_window = (block - 1 - keep) // fs  # frames after it, up to the next slide
-        t_window = timeit(lambda: sampling.generate_tokens(sherlock, layout, prompt, n_window,
-                                                           generator=torch.Generator().manual_seed(0)), repeat=1)
+    with tempfile.TemporaryDirectory() as d:
+        tok = load_codec(fixtures.save_random_snac(d, fixtures.SNAC_24KHZ_CONFIG), DEVICE)
+    seconds = 2 if quick else 5
+    tokens = random_tokens(round(seconds * REAL_TIME / FS), seed=1)[None].to(DEVICE)  # (1, n_frames * frame_size)
 
-        def prefill() -> None:
-            with torch.no_grad(), sampling.decode_context("cpu"):
-                sherlock(torch.cat([torch.as_tensor(layout.audio_context()), prompt])[None],
-                         kv_cache=sherlock.new_kv_cache(1))
-        t_prefill = timeit(prefill, repeat=2)
-        row(f"CPU {label} B=1 LM 60s ({slides} slides) vs same context, no slide", n_long * fs / long_s,
-            n_window * fs / (t_window - t_prefill), "tokens/s")
-        print(f"  each slide re-prefills {keep} tokens in {t_prefill:.2f} s: {slides} slides = "
-              f"{slides * t_prefill / long_s:.1%} of the 60 s run", flush=True)
-    else:
-        # 2. per decode mode at batch 1, beside the loop before this issue (2 s: it is slow) and real time
-        n_frames = round(10 * real_time / fs)
-        before = before_per_s(sherlock, round(2 * real_time / fs))
-        print(f"[{card}] {label} B=1, the loop before (default attention dispatch): {before:.1f} tokens/s",
-              flush=True)
-        per_mode = {}
-        for decode in ("eager", "static", "graph", "compile"):
-            try:
-                t0 = time.perf_counter()
-                tps = per_mode[decode] = tokens_per_s(sherlock, n_frames, decode=decode)
-                warm = time.perf_counter() - t0 - n_frames * fs / tps  # the warm-up run: capture or compile
-            except Exception as e:  # a compile that fails on this machine must not hide the other figures
-                print(f"[{card}] decode={decode} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                continue
-            row(f"[{card}] {label} B=1 {decode} vs the loop before", tps, before, "tokens/s")
-            row(f"[{card}] {label} B=1 {decode} vs real time", tps, real_time, "tokens/s")
-            print(f"[{card}]   decode={decode}: first run (warm-up, capture/compile included) {warm:.2f} s",
-                  flush=True)
-        # inductor's kernels in the frame graph against the eager kernels in it
-        if "compile" in per_mode and "graph" in per_mode:
-            row(f"[{card}] {label} B=1 compile vs graph", per_mode["compile"], per_mode["graph"], "tokens/s")
-        for decode in [d for d in ("eager", "graph", "compile") if d in per_mode]:
-            row(f"[{card}] {label} B=64 {decode} LM 10s vs real time", tokens_per_s(sherlock, n_frames, 64,
-                                                                                     decode=decode),
-                real_time, "tokens/s")
-        bench_attention_backends(sherlock, card)
-    tiny_frames = round(10 * real_time / fs)
-    for b in (1, 4):
-        row(f"[{card}] tiny 2L/64/ctx256 B={b} LM 10s vs real time", tokens_per_s(tiny, tiny_frames, b), real_time,
+    def streamed() -> None:
+        dec = sampling.StreamDecoder(tok, 12)
+        for f in tokens.split(FS, dim=1):
+            dec.push(f)
+        dec.flush()
+    one_pass = timeit(lambda: tok.decode_codes(LAYOUT.tokens_to_codes(tokens)), repeat=1)
+    row(f"SNAC decode {seconds} s, one pass: audio s per s vs real time", seconds / one_pass, 1.0, "x")
+    row(f"SNAC decode {seconds} s, streamed in 12-frame chunks vs real time", seconds / timeit(streamed, 1), 1.0, "x")
+
+
+def bench_graphs(quick: bool) -> None:
+    """CUDA: configs/sherlock.py's model per captured decode mode (static steps, the frame as a CUDA graph, compiled
+    steps in it) vs the bound and real time, and batch 64; SDPA's default dispatch vs the backends decoding allows;
+    a long stream, its last minute vs its first."""
+    if not CUDA:
+        print("graphs: needs CUDA, skipped", flush=True)
+        return
+    sherlock = fixtures.tiny_gpt(LAYOUT, **model_args("sherlock")).to(DEVICE, DTYPE)
+    label, n_frames = "sherlock 8L/512/ctx2048", round(10 * REAL_TIME / FS)
+    decode_rows(sherlock, label, ("static", "graph", "compile"), n_frames, 1)
+    for decode in ("eager", "graph"):
+        row(f"{label} B=64 {decode} vs real time", tokens_per_s(sherlock, n_frames, 64, decode=decode), REAL_TIME,
             "tokens/s")
 
-    # 4. the codec: a random-weight SNAC with the real 24 kHz config, one pass vs streamed in 1 s chunks
-    with tempfile.TemporaryDirectory() as d:
-        codec_dir = save_random_snac(os.path.join(d, "codec"), SNAC_24KHZ_CONFIG)
-        tok = load_codec(codec_dir, device=device)
-        seconds, n = 5.0, round(5.0 * real_time / fs)
-        tokens = random_tokens(n, seed=1)[None].to(device)  # (1, n * fs)
-        codes = layout.tokens_to_codes(tokens)
-
-        def one_pass() -> None:
-            tok.decode_codes(codes)
-            sync()
-        t_one = timeit(one_pass, repeat=1)
-        row(f"[{card}] codec one-pass decode {seconds:.0f}s (audio s per s)", n * 2048 / 24000 / t_one, 1.0, "x")
-
-        def streamed() -> None:
-            dec = sampling.StreamDecoder(tok, 12)
-            for f in tokens.split(fs, dim=1):
-                dec.push(f)
-            dec.flush()
-            sync()
-        t_stream = timeit(streamed, repeat=1)
-        row(f"[{card}] codec streamed decode {seconds:.0f}s, 12-frame chunks", n * 2048 / 24000 / t_stream, 1.0,
-            "x")
-        if not cuda:
-            return
-
-        # 5. generate.py --stream on the sherlock config: time to first audio after loading, and the real-time
-        #    factor, in a fresh process (first kernel loads and graph captures are paid there)
-        ckpt = os.path.join(d, "ckpt.pt")
-        save_checkpoint(ckpt, {"model": gpt(**config("sherlock"), on="cpu").state_dict(),
-                               "model_args": vars(sherlock.config), "meta": {**tok.meta(), "codec": codec_dir}})
-        r = subprocess.run([sys.executable, os.path.join(here, "generate.py"), f"--ckpt={ckpt}", "--stream",
-                            "--num_samples=1", "--seconds=10", f"--out_dir={os.path.join(d, 'out')}"],
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        lines = [ln for ln in r.stdout.splitlines() if "time to first audio" in ln] or [r.stderr.strip()[-500:]]
-        print(f"[{card}] generate.py --stream, {label} B=1 10 s: {lines[0]}", flush=True)
-
-        # 6. ten minutes streamed at batch 1 (many slides): speed per minute and memory stay flat
-        bench_long_stream(sherlock, tok, card)
-
-
-def bench_attention_backends(model, card: str) -> None:
-    """CUDA: SDPA's default dispatch against the backends sampling.decode_context() allows, for one decode step at
-    a full 2048-token cache (the dynamic-shape eager step) and for a training step of the same model (bf16
-    autocast, batch 8 x block_size, forward + backward)."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import sampling
-    c = model.config
-
     def ms(fn, n: int = 20) -> float:
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / n * 1000
+        return timeit(lambda: [fn() for _ in range(n)], repeat=1) / n * 1000
+    cache, lengths = sherlock.new_kv_cache(1), iter(range(1024, 2048))
 
-    cache = model.new_kv_cache(1)
-    idx = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-    lengths = iter(range(c.block_size // 2, c.block_size))
-
+    @torch.no_grad()
     def decode_step() -> None:  # one key longer at every step, as in sampling
         cache.pos = next(lengths)
-        with torch.no_grad():
-            model(idx, kv_cache=cache)
+        sherlock(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), kv_cache=cache)
     default = ms(decode_step)
     with sampling.decode_context("cuda"):
-        chosen = ms(decode_step)
-    row(f"[{card}] eager decode step, cache ~{c.block_size // 2}: chosen vs default attention", chosen, default,
-        "ms", higher_is_better=False)
+        row("eager decode step, cache ~1024: decoding's attention vs the default", ms(decode_step), default, "ms", 0)
 
-    raw = type(model)(c).cuda().train()  # float32 weights under bf16 autocast, as train.py trains
-    x = torch.randint(0, 4096, (8, c.block_size), device="cuda")
-
-    def train_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = raw(x, x)
-        loss.backward()
-    default = ms(train_step, 10)
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        try:
-            with sdpa_kernel(backend):
-                t = ms(train_step, 10)
-        except RuntimeError as e:  # a backend this card or build lacks
-            print(f"[{card}] training step with {name} attention: unavailable ({str(e)[:100]})", flush=True)
-            continue
-        row(f"[{card}] training step B=8x{c.block_size} bf16: {name} vs default", t, default, "ms",
-            higher_is_better=False)
-
-
-def bench_long_stream(model, tok, card: str) -> None:
-    """CUDA: 10 minutes of audio at batch 1, sampled and stream-decoded: tokens/s of each minute (the window
-    slides ~90 times) and allocated GPU memory after each minute."""
-    import torch
-    import sampling
-    layout = tok.layout
-    per_minute = round(60 * tok.sample_rate / tok.frame_hop)  # frames
-    dec = sampling.StreamDecoder(tok, 12)
-    speeds, mem = [], []
-    torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        tok = load_codec(fixtures.save_random_snac(d, fixtures.SNAC_24KHZ_CONFIG), DEVICE)
+    per_minute, minutes = round(60 * REAL_TIME / FS), 3 if quick else 10
+    dec, speeds, mem, g = sampling.StreamDecoder(tok, 12), [], [], torch.Generator(device=DEVICE).manual_seed(0)
+    sync()
     t0 = time.perf_counter()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for i, frame in enumerate(sampling.sample_frames(model, layout, None, 10 * per_minute, generator=g), 1):
+    for i, frame in enumerate(sampling.sample_frames(sherlock, LAYOUT, None, minutes * per_minute, generator=g), 1):
         dec.push(frame)
-        if i % per_minute == 0:
-            torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            speeds.append(per_minute * layout.frame_size / (t1 - t0))
+        if i % per_minute == 0:  # tokens/s and allocated MiB of each minute
+            sync()
+            speeds.append(per_minute * FS / (time.perf_counter() - t0))
             mem.append(torch.cuda.memory_allocated() / 2**20)
-            t0 = t1
+            t0 = time.perf_counter()
     dec.flush()
-    print(f"[{card}] 10 min streamed, B=1 graph + codec: tokens/s per minute "
-          f"{' '.join(f'{s:.0f}' for s in speeds)}; allocated MiB per minute {' '.join(f'{m:.0f}' for m in mem)}",
-          flush=True)
-    row(f"[{card}] 10 min stream: last minute vs first, tokens/s", speeds[-1], speeds[0], "tokens/s")
-    row(f"[{card}] 10 min stream: allocated after 10 min vs 1 min", mem[-1], mem[0], "MiB", higher_is_better=False)
+    row(f"{minutes} min streamed, graph + codec: tokens/s, last minute vs first", speeds[-1], speeds[0], "tokens/s")
+    row(f"{minutes} min streamed: allocated memory after the last minute vs the first", mem[-1], mem[0], "MiB", False)
 
 
-# --- watch --------------------------------------------------------------------
-def bench_watch() -> None:
-    """What watching a run costs: train.py's eval samples (2 x 5 s, as by default) and report.html rebuild, against
-    the training of configs/sherlock.py's default schedule (2500 iterations of 65k tokens, an eval every 100).
-    Runs train.py itself with the sherlock config on random tokens and a random-weight SNAC 24 kHz. On CUDA that is
-    the real loop (compile, bf16/fp16); on a CPU the iterations are 1 window of 2048 tokens, scaled up to 65k (an
-    estimate: the CPU is compute-bound in training and samples far faster relative to it than a GPU does)."""
-    import json
-    import os
-    import subprocess
-    import tempfile
-    import numpy as np
-    import torch
-    import report
-    from config import read_config_file
-    from samples import SAMPLE_SHARE
-    from tokenizer import Layout
-    root = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.join(root, "tests"))
-    from conftest import SNAC_24KHZ_CONFIG, save_random_snac
-
-    cuda = torch.cuda.is_available()
-    cfg = read_config_file(os.path.join(root, "configs", "sherlock.py"))
-    tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
-    layout = Layout((4, 2, 1), 4096)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, "data")
-        os.makedirs(data)
-        rng = np.random.default_rng(0)
-        shards = []
-        for split, n in (("train", 2_000_000), ("val", 400_000)):
-            rng.integers(0, layout.vocab_size, n, dtype=np.uint16).tofile(os.path.join(data, f"{split}_000.bin"))
-            shards.append({"file": f"{split}_000.bin", "split": split, "tokens": n, "sources": []})
-        meta = {"codec": save_random_snac(os.path.join(tmp, "snac"), SNAC_24KHZ_CONFIG), "sample_rate": 24000,
-                "frame_hop": 2048, "tokens_per_second": 24000 / 2048 * 7, **layout.meta(), "dtype": "uint16",
-                "dataset": "bench", "shards": shards, "skipped": [], "splits": {}}
-        with open(os.path.join(data, "meta.json"), "w") as f:
-            json.dump(meta, f)
-        out = os.path.join(tmp, "out")
-        # 3 evals: the first and the last always sample (the first also loads the codec), the middle one if the
-        # time budget allows
-        args = ["--max_iters=40", "--eval_interval=20", "--log_interval=5"] if cuda else \
-            ["--max_iters=4", "--eval_interval=2", "--log_interval=1", "--batch_size=1",
-             "--gradient_accumulation_steps=1", "--eval_iters=1", "--device=cpu", "--compile=False"]
-        r = subprocess.run([sys.executable, os.path.join(root, "train.py"), os.path.join(root, "configs/sherlock.py"),
-                            f"--data_dir={data}", f"--out_dir={out}"] + args, cwd=root, capture_output=True,
-                           text=True)
-        if r.returncode:
-            raise SystemExit(f"error: train.py failed: {r.stderr}")
-        rows = report.read_log(os.path.join(out, "log.jsonl"))
-        t0 = time.perf_counter()
-        report.build_report(out, meta)
-        t_report = time.perf_counter() - t0
-    train = [x for x in rows if "ms" in x][2:]  # past compile and warm-up
-    ms = float(np.median([x["ms"] for x in train])) * (1 if cuda else tokens_per_iter / (cfg["block_size"]))
-    samples = [x["sample_s"] for x in rows if "sample_s" in x]
-    device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {device}; sherlock iteration {ms / 1e3:.3g} s" + ("" if cuda else " (1 window x 32, estimated)")
-          + f"; samples {', '.join(f'{s:.2f}' for s in samples)} s (the first loads the codec); report "
-          f"{t_report:.2f} s", flush=True)
-    interval = cfg["eval_interval"] * ms / 1e3  # training time between two evals
-    row("eval samples (2 x 5 s) per eval vs 100 iterations", samples[-1], interval, "s", higher_is_better=False)
-    row("report.html rebuild per eval vs 100 iterations", t_report, interval, "s", higher_is_better=False)
-    n_evals = cfg["max_iters"] // cfg["eval_interval"] + 1
-    run_s = cfg["max_iters"] * ms / 1e3
-    every = samples[0] + (n_evals - 1) * samples[-1]
-    print(f"sherlock schedule: training {run_s / 60:.1f} min; samples at all {n_evals} evals {every:.0f} s = "
-          f"{100 * every / run_s:.1f}% (capped at {100 * SAMPLE_SHARE:.0f}% by skipping evals), report "
-          f"{n_evals * t_report:.0f} s = {100 * n_evals * t_report / run_s:.1f}%", flush=True)
+PARTS = {  # name: (function, what it compares)
+    "tokenizer": (bench_tokenizer, "codes <-> tokens: the layout vs the seed's per-token loops"),
+    "prepare": (bench_prepare, "prepare_audio.py end to end vs the bare batched SNAC encode"),
+    "handoff": (bench_handoff, "CUDA only: codes back to the host, codes_to_host vs .cpu()"),
+    "train": (bench_train, "train.py vs a plain nanoGPT loop on the same model and data, and MFU"),
+    "generate": (bench_generate, "KV cache vs recompute; decode vs weight-streaming bound and real time; codec"),
+    "graphs": (bench_graphs, "CUDA only: graph/static/compile decode, batch 64, attention backends, long stream"),
+    "all": (None, "every part"),
+}
 
 
-PARTS = {"tokenizer": bench_tokenizer, "prepare": bench_prepare, "train": bench_train, "generate": bench_generate,
-         "watch": bench_watch}
+def main() -> None:
+    parts = "\n".join(f"  {name:<10} {what}" for name, (_, what) in PARTS.items())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=f"parts:\n{parts}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", metavar="part", help="parts to run (below), or all of them")
+    parser.add_argument("--quick", action="store_true", help="every part at its smallest size")
+    args = parser.parse_args()
+    for p in args.parts:
+        if p not in PARTS:
+            parser.error(f"unknown part {p!r} (choose from {', '.join(PARTS)})")
+    if not args.parts:
+        return parser.print_help()
+    print(header(), flush=True)
+    for name in [p for p in PARTS if p != "all"] if "all" in args.parts else dict.fromkeys(args.parts):
+        print(f"== {name} ==", flush=True)
+        PARTS[name][0](args.quick)
+
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or list(PARTS)
-    for name in names:
-        if name not in PARTS:
-            raise SystemExit(f"error: unknown benchmark '{name}' (choose from {', '.join(PARTS)})")
-        print(f"== {name} ==", flush=True)
-        PARTS[name]()
+    main()

@@ -1,11 +1,8 @@
 """Shared offline fixtures: a random-weight SNAC with the real 24 kHz config, saved the way the Hub ships it."""
-import json
 import os
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -16,22 +13,8 @@ sys.path.insert(0, PLUGINS)
 os.environ["PYTHONPATH"] = os.pathsep.join([PLUGINS, *filter(None, [os.environ.get("PYTHONPATH")])])
 TEXT_ENCODING = "gpt2o_test"
 
-# the real hubertsiuzdak/snac_24khz config.json; only the weights differ (random, seeded)
-SNAC_24KHZ_CONFIG = dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
-                         decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
-                         vq_strides=[4, 2, 1], noise=True, depthwise=True)
-
-
-def save_random_snac(folder: str, config: dict, seed: int = 0) -> str:
-    """Write config.json + pytorch_model.bin of a randomly initialised SNAC into folder (as on the Hub)."""
-    from snac import SNAC
-    torch.manual_seed(seed)
-    model = SNAC(**config)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
-    return folder
+# now that ROOT is on sys.path: built in fixtures.py, which bench.py shares; tests import them from here
+from fixtures import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
@@ -52,19 +35,3 @@ def text_tok(codec_dir):
     """The codec with the text+audio layout of the test encoding."""
     from codec import load_codec
     return load_codec(codec_dir, device="cpu", text_encoding=TEXT_ENCODING)
-
-
-def synth_audio(seconds: float, sample_rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:
-    """Speech-like test audio: a gliding harmonic tone with a syllable-rate envelope, plus a little noise.
-    Returns float32 (samples,) or (samples, channels)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    f0 = 120 + 40 * np.sin(2 * np.pi * 0.3 * t + seed)
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
-    x = 0.2 * voice * envelope + 0.01 * rng.standard_normal(len(t))
-    x = x.astype(np.float32)
-    if channels > 1:
-        x = np.stack([x * (0.8 + 0.2 * c) for c in range(channels)], axis=1)
-    return x

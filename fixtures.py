@@ -1,0 +1,90 @@
+"""What tests and bench.py both build: a random SNAC of the real 24 kHz config, synthetic speech-like audio, tiny
+models, random datasets, and the no-cache sampling baseline. Offline and seeded; nothing here downloads.
+
+    from fixtures import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio, tiny_gpt
+    codec_dir = save_random_snac("/tmp/snac", SNAC_24KHZ_CONFIG)     # load_codec(codec_dir) accepts it
+    model = tiny_gpt(layout)                                          # 2 x 64, block 256, eval mode
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+from tokenizer import Layout
+
+# the real hubertsiuzdak/snac_24khz config.json; only the weights differ (random, seeded)
+SNAC_24KHZ_CONFIG = dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
+                         decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
+                         vq_strides=[4, 2, 1], noise=True, depthwise=True)
+
+
+def save_random_snac(folder: str, config: dict, seed: int = 0) -> str:
+    """Write config.json + pytorch_model.bin of a randomly initialised SNAC into folder (as on the Hub)."""
+    from snac import SNAC
+    torch.manual_seed(seed)
+    model = SNAC(**config)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
+def synth_audio(seconds: float, sample_rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """Speech-like test audio: a gliding harmonic tone with a syllable-rate envelope, plus a little noise.
+    Returns float32 (samples,) or (samples, channels)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.3 * t + seed)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+    x = 0.2 * voice * envelope + 0.01 * rng.standard_normal(len(t))
+    x = x.astype(np.float32)
+    if channels > 1:
+        x = np.stack([x * (0.8 + 0.2 * c) for c in range(channels)], axis=1)
+    return x
+
+
+def tiny_gpt(layout: Layout, n_layer: int = 2, n_head: int = 2, n_embd: int = 64, block_size: int = 256,
+             seed: int = 0) -> GPT:
+    """A randomly initialised GPT (seeded) with the layout's vocabulary, in eval mode, on the CPU in float32.
+    Defaults are configs/tiny.py's model; speed does not depend on the weights."""
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=layout.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_embd)
+    return GPT(config).eval()
+
+
+def random_dataset(folder: str, layout: Layout, train_sizes: list[int], val_sizes: list[int], codec: str = "bench",
+                   seed: int = 0) -> dict:
+    """A dataset folder in prepare_audio.py's format (shards + meta.json) of random ids of the layout's vocabulary.
+    Returns meta.json's contents; `codec` is what it names (a codec folder, for train.py's eval samples)."""
+    os.makedirs(folder, exist_ok=True)
+    rng, shards = np.random.default_rng(seed), []
+    for split, sizes in (("train", train_sizes), ("val", val_sizes)):
+        for i, n in enumerate(sizes):
+            name = f"{split}_{i:03d}.bin"
+            rng.integers(0, layout.vocab_size, n, dtype=np.uint16).tofile(os.path.join(folder, name))
+            shards.append({"file": name, "split": split, "tokens": n, "sources": []})
+    meta = {"codec": codec, "sample_rate": 24000, "frame_hop": 2048, "tokens_per_second": 24000 / 2048 * 7,
+            **layout.meta(), "dtype": "uint16", "dataset": "random", "shards": shards, "skipped": [], "splits": {}}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def nocache_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, num_samples: int = 1,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   generator: torch.Generator | None = None, context: torch.Tensor | None = None,
+                   grammar=None) -> Iterator[torch.Tensor]:
+    """sample_frames' frames, the whole window recomputed for every token without a KV cache (nanoGPT's generate):
+    the same tokens for the same seed, much slower. The baseline the cache is measured against."""
+    import sampling
+    yield from sampling.sample_frames(model, layout, prompt, n_frames, num_samples, temperature, top_k, top_p,
+                                      generator, use_cache=False, context=context, grammar=grammar)
