@@ -112,8 +112,8 @@ class CausalSelfAttention(nn.Module):
                     mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         if input_pos is not None:
             # the static step: plain matmuls, not SDPA. The one fused kernel that takes this mask, memory-efficient
-            # attention, runs one thread block per (batch, head) for a lone query, each walking all max_len keys:
-            # on an H200 at batch 1 that was 0.77 ms of a 1.29 ms token; cuBLAS spreads the keys over the chip.
+            # attention, runs one thread block per (batch, head) for a lone query, each walking all max_len keys;
+            # cuBLAS spreads the keys over the chip (docs/benchmarks.md).
             # The scale and the mask are applied in the matmul's epilogue, softmax accumulates in float32
             hs = C // self.n_head
             att = torch.baddbmm(mask[0], q.reshape(B * self.n_head, T, hs), k.flatten(0, 1).transpose(1, 2),
@@ -233,9 +233,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {pos0 + T} tokens is longer than block_size {self.config.block_size}")
             pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
-        # the residual stream is 2-D, (B * T, n_embd): every Linear then gets a plain matrix. Compiled for a CPU, a
-        # one-token step's (1, 1, C) activations viewed as (1, C) got stride 0 on the size-1 dim, and ATen's matmul
-        # copied each of them first (25 copies a step; without them the compiled step runs 1.12x faster)
+        # the residual stream is 2-D, (B * T, n_embd): every Linear gets a plain matrix. A compiled one-token step's
+        # (1, 1, C) activations viewed as (1, C) would get stride 0 on the size-1 dim, which ATen's matmul copies first
         x = x.view(B * T, -1)
         for i, block in enumerate(self.transformer.h):
             x = block(x, T, kv_cache, i, input_pos, mask)

@@ -271,9 +271,8 @@ def decode_audio(source: str | bytes, rate: int, frame_hop: int) -> dict:
 
 def decode_to_file(source: str | bytes, rate: int, frame_hop: int, path: str) -> dict:
     """decode_audio in a worker process, its audio handed back in a raw float32 file at `path` ("audio_file": (path,
-    samples)) instead of through the pool's pipe: received and unpickled, a 10-minute file's 57.6 MB cost the main
-    process ~230 ms of CPU (measured on a 2-core VM), about what a GPU takes to encode it, so the GPU waited on the
-    pipe; read back from the page cache they cost ~20 ms."""
+    samples)) instead of through the pool's pipe: unpickling a long file's audio costs the main process about what a
+    GPU takes to encode it, while reading it back from the page cache costs a tenth of that."""
     r = decode_audio(source, rate, frame_hop)
     if "audio" in r:
         audio = np.ascontiguousarray(r.pop("audio"), dtype=np.float32)
@@ -329,9 +328,8 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
     the seconds this process spent waiting for decoded audio ("decode"), launching the codec ("launch"), waiting
     for its codes and turning them into tokens ("codes back": on CUDA mostly the GPU's time) and writing cache
     entries ("write"). Workers hand decoded audio back in files in `scratch`. A group's codes come back through
-    tok.codes_to_host, queued before the next group's codec calls: a .cpu() in finish() waited for those too (a CUDA
-    stream runs in order), so the GPU stood idle while the host finished this group, waited for audio and launched
-    the next one (on an H200 the codec's share of prepare_audio.py took 12.8 s against 9.36 s for the bare encode)."""
+    tok.codes_to_host, queued before the next group's codec calls: a .cpu() in finish() would wait for those too (a
+    CUDA stream runs in order) and leave the GPU idle while the host finished this group."""
     rate, hop, layout = tok.sample_rate, tok.frame_hop, tok.layout
 
     def tasks():
