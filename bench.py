@@ -426,6 +426,7 @@ def bench_generate() -> None:
     import tempfile
     import torch
     import torch.nn.functional as F
+    import fixtures
     import sampling
     from common import read_config_file, save_checkpoint
     from model import GPT, GPTConfig
@@ -480,7 +481,7 @@ def bench_generate() -> None:
     model = gpt(6, 6, 384, 2048, on="cpu")
     prompt = random_tokens(257)  # 1 + 1799 tokens in context
     ours = tokens_per_s(model, 35, prompt=prompt)  # context 1800 -> 2045
-    base = tokens_per_s(model, 1, prompt=prompt, use_cache=False)
+    base = tokens_per_s(model, 1, prompt=prompt, sampler=fixtures.nocache_frames)
     row("CPU 6L/384 ctx ~2048: KV cache vs full recompute", ours, base, "tokens/s")
 
     sherlock, tiny = gpt(**config("sherlock")), gpt(**config("tiny"))
