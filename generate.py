@@ -15,9 +15,9 @@ of another level (and every text id and special token but AUDIO_END at a frame s
 logits, so any model's output decodes to whole frames: ceil(seconds * sample_rate / frame_hop) of them, or fewer
 where a model trained on text+audio data ends its audio. Past block_size the context slides by whole frames.
 On CUDA each frame of decode steps (7 tokens, sampler included) is one CUDA graph replay (sampling.py; --decode
-picks another path), so one sample runs many times faster than real time. On a CPU, --decode=compile compiles the
-one-token step to C++ first (~30 s, once per process) and then samples 1.5-1.7x faster than the default eager steps:
-worth it for minutes of audio, not for a 10 s sample.
+picks another path). On a CPU, --decode=compile compiles the one-token step to C++ first (once per process) and
+then samples faster than the default eager steps: worth it for minutes of audio, not for a 10 s sample
+(`python bench.py generate` measures both).
 """
 from __future__ import annotations
 

@@ -6,13 +6,15 @@
 
 Used by generate.py (and by train.py for eval samples). Errors are ValueError with a message for the user.
 
-Decode steps (`decode=`): "eager" runs the model on the filled cache positions only (dynamic shapes: the fewest
-bytes to read, the CPU default); "static" runs a whole frame of static-shape steps (a cache of block_size positions,
-attention over the first 1/8, 1/4, 1/2 or all of them with a mask, the sampler and the grammar between them);
-"graph" captures that frame once per attention length as a CUDA graph and replays it (the CUDA default); "compile"
-compiles the one-token step with inductor (compiled_token_step): on CUDA inside the captured frame, on a CPU as C++
-code with the attention length a dynamic size. All give the same tokens for the same seed, up to float rounding
-between the kernels.
+sample_frames is one loop over one decode-step interface (DecodeStep: prefill the cache from the window, then
+sample a frame); `decode=` picks the step: "eager" (EagerStep) runs the model on the filled cache positions only
+(dynamic shapes: the fewest bytes to read, the CPU default); "static" (StaticStep) runs a whole frame of
+static-shape steps (a cache of block_size positions, attention over the first 1/8, 1/4, 1/2 or all of them with a
+mask, the sampler and the grammar between them); "graph" (GraphStep) captures that frame once per attention length
+as a CUDA graph and replays it (the CUDA default); "compile" compiles the one-token step with inductor
+(compiled_token_step): on CUDA inside the captured frame (CompiledStep), on a CPU as C++ code with the attention
+length a dynamic size (CompiledCpuStep). All give the same tokens for the same seed, up to float rounding between
+the kernels.
 """
 from __future__ import annotations
 
@@ -26,12 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from codec import AudioTokenizer
 from tokenizer import Layout
 
-# The SNAC decoder is convolutional: a frame's audio depends on its neighbours. Measured with the 24 kHz model,
-# decoding a chunk with 3 frames of real codes on each side matches one pass over the whole stream to 6e-7,
-# 5 frames to 0. Streaming decodes this many frames on each side of a chunk and keeps only the middle.
+# the SNAC decoder is convolutional (a frame's audio depends on its neighbours): streaming decodes this many frames
+# on each side of a chunk and keeps only the middle, which matches one pass over the stream to float rounding
 CODEC_CONTEXT_FRAMES = 4
-# frames of audio one codec call decodes at most (all rows together): 240 frames = 20 s at 24 kHz, ~1.5 GB of
-# activations for SNAC 24 kHz
+# frames of audio one codec call decodes at most (all rows together; 240 frames = 20 s at 24 kHz): bounds the
+# codec's activations
 DECODE_FRAMES = 240
 # when the context is full, the window keeps about this fraction of block_size (whole frames): the larger, the
 # more history the model sees, the smaller, the fewer re-prefills (one forward of the window each)
@@ -63,7 +64,7 @@ class Grammar:
     text, only the encoding's ordinary ids and TEXT_END. Sampling continues one open segment: its end token
     finishes the row, which from then on may only repeat that token (callers cut each row at its first end token).
     States, one per row: 0 .. frame_size - 1 = audio at that frame position, then TEXT, AUDIO_DONE, TEXT_DONE.
-    The audio-only layout has no end token, so there a row is audio forever, as before.
+    The audio-only layout has no end token, so there a row is audio forever.
     """
 
     def __init__(self, layout: Layout, vocab_size: int, device: torch.device | str,
@@ -108,6 +109,14 @@ class Grammar:
         new = torch.where(token == self.audio_end, self.AUDIO_DONE, new)
         return torch.where(token == self.text_end, self.TEXT_DONE, new)
 
+    def follow(self, state: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New ids (B, 1) sampled in `state` -> (the same, where rows whose audio has ended repeat AUDIO_END, which
+        the level ranges do not hold; the state after them). Every decode step applies it after every token."""
+        if not self.can_end:
+            return new, state
+        new = torch.where(state[:, None] == self.AUDIO_DONE, self.audio_end, new)
+        return new, self.advance(state, new[:, 0])
+
     def ended(self, state: torch.Tensor) -> torch.Tensor:
         """(B,) bool: rows whose segment is over."""
         return state > self.TEXT
@@ -133,7 +142,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
     argmax(probs / E) with E = -log(uniform) ~ Exp(1) picks index i with probability probs[i] (the exponential
     race, torch.multinomial's own one-sample method); unlike multinomial it never reads a value back to the host,
-    so it runs inside a CUDA graph. uniform_ + log is 5x faster than exponential_ on a CPU.
+    so it runs inside a CUDA graph. uniform_ + log, not exponential_: the faster of the two on a CPU.
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -156,11 +165,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 def decode_context(device_type: str) -> contextlib.AbstractContextManager:
     """What every model call of sampling runs under: the attention kernels it may use, and no autocast.
 
-    Never cuDNN attention: on Hopper (H200, torch 2.11) SDPA's default dispatch picks it for the one-token step and
-    it builds a new execution plan for every new key length, 48 ms per decode forward against 2.2 (memory-efficient)
-    and 2.5 ms (flash). Flash serves the causal prefill, memory-efficient the masked one-token step (flash takes no
-    mask), math whatever neither supports. Training keeps the default dispatch: for its fixed shapes cuDNN was the
-    fastest (bench.py generate prints both on CUDA).
+    Never cuDNN attention: on Hopper SDPA's default dispatch picks it for one-token decode steps, and it builds a new
+    execution plan for every new key length (`python bench.py generate` times the backends). Flash serves the causal
+    prefill, memory-efficient the masked one-token step (flash takes no mask), math whatever neither supports.
+    Training keeps the default dispatch: for its fixed shapes cuDNN is fast.
 
     Autocast off: sampling runs in the weights' dtype (cast the model for half precision, as generate.py does).
     Under a caller's autocast a static step's new keys would come out in another dtype than its cache's, and a
@@ -170,6 +178,18 @@ def decode_context(device_type: str) -> contextlib.AbstractContextManager:
     if device_type in ("cpu", "cuda", "mps"):  # the device types autocast knows
         stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
+
+
+def frame_ranges(layout: Layout, vocab_size: int, grammar: Grammar) -> list[tuple[int, int, torch.Tensor | None]]:
+    """The ids each frame position may take, (lo, hi, the grammar's additive mask over them or None): a level's
+    codes, and at a frame start also AUDIO_END's range where the layout has one."""
+    ranges = []
+    for phase in range(layout.frame_size):
+        lo = int(layout.frame_lo[phase])
+        end = phase == 0 and grammar.audio_end >= 0
+        ranges.append((lo, vocab_size if end else lo + layout.codebook_size,
+                       grammar.masks[0, lo:vocab_size] if end else None))
+    return ranges
 
 
 def token_step(model, tok: torch.Tensor, cache, pos: torch.Tensor, noise: torch.Tensor,
@@ -189,20 +209,13 @@ _COMPILED_STEPS: dict[str, Callable] = {}
 def compiled_token_step(device_type: str) -> Callable:
     """token_step compiled by inductor, once per process and device type, for every model, position and id range:
     decode="compile". dynamic=True: the attention length and the id range are symbolic sizes, so one graph serves
-    every step (dynamo would recompile per new value at first; in the text+audio layout frame starts get a second
-    one, as their id range is longer than 4096).
+    every step (in the text+audio layout frame starts get a second one, as their id range is longer than 4096).
 
-    On a CPU it runs in the eager loop with attention over the filled positions only, rounded up to 8 (which also
-    keeps the length from ever being 1, a size dynamo specialises). At batch 1 a step streams every weight; eager,
-    the ~60 small ops between the matrix-vector products (each a dispatch, some an OpenMP region, all on caches the
-    weights just flushed) held it to ~50% of the weight-streaming bound on 2 cores. Compiled, they are fused into a
-    few C++ loops: 1.5-1.9x eager, 64-90% of the bound on one 2-core VM whose bandwidth drifts (bench.py generate).
-    cpp_wrapper: the graph's calls are made from C++, not Python (~1.1x). The compile takes ~20-40 s on 2 cores,
-    once per process (inductor's disk cache shortens the next), so eager stays the default there.
-
-    On CUDA StaticStep captures a frame of its steps as one CUDA graph per attention length: the graph removes the
-    launches, the compile the kernels (layer norms, residual adds, the sampler fused); the attention length is a
-    symbolic size, so one compile serves every captured length.
+    On a CPU (CompiledCpuStep) it fuses the many small ops between a batch-1 step's matrix-vector products, which
+    eager runs as separate dispatches over caches the weights just flushed, into a few C++ loops; cpp_wrapper makes
+    the graph's calls from C++, not Python. The compile takes tens of seconds once per process, so eager stays the
+    default there. On CUDA (CompiledStep) the frame graph removes the launches and the compile fuses the kernels
+    (layer norms, residual adds, the sampler); one compile serves every captured attention length.
     """
     if device_type not in _COMPILED_STEPS:
         # a graph per model shape, batch size and sampling knobs: past dynamo's default of 8 it would fall back to
@@ -230,31 +243,120 @@ def step_inputs(model, batch_size: int, width: int) -> tuple:
     return cache, tok, noise
 
 
-class StaticStep:
-    """A whole frame of decode steps with static shapes: its KV cache and its inputs and outputs are tensors
-    allocated once, so the frame can be replayed as one CUDA graph. Set `tok` (B, 1), the last token in context,
-    `pos` (1,), its position, and `state` (B,), the grammar's; fill `noise` (frame_size, B, width); then
-    step(model, pos + frame_size) -> (ids (B, frame_size), the state after them). Frame position p samples among
-    the ids ranges[p] = (lo, hi, additive mask over them or None); rows whose audio has ended repeat AUDIO_END.
+# -----------------------------------------------------------------------------
+# decode steps: one per decode mode, behind one interface
 
-    mode "static" runs it eagerly; "graph" captures the frame by hand (torch.cuda.CUDAGraph): no compiler, a few
-    frames to capture (milliseconds), then one launch per frame. A frame, not a token: between captured one-token
-    steps, the sampler's random draws, the grammar and the copies each paid a launch and Python. On an H200 at
-    batch 1 the frame graph runs at 0.52 ms per token, 0.475 of them the GPU's own time: the graph's ~15 kernels
-    per layer and the sampler's, a few microseconds each. "compile" captures the same frame with inductor's kernels
-    in it (compiled_token_step: layer norms, residual adds, the attention's mask and softmax, the sampler fused), one
-    graph for every frame position. It replaces torch.compile(mode="reduce-overhead") on the one-token step, which
-    an H200 measured at 1,640 tokens/s (graph: 1,938) after a 46 s warm-up: its CUDA graphs hold one token, and each
-    frame position was a compile of its own. `python bench.py generate` measures graph against compile on CUDA.
-    The model is passed to every call, never kept: a step is cached per model (static_step) and must not keep it
-    alive.
-    """
+class DecodeStep:
+    """What sample_frames' loop runs, one frame at a time (gpt-fast's decode_one_token, a frame wide):
 
-    def __init__(self, model, batch_size: int, knobs: tuple[float, int, float], mode: str,
+        step.prefill(model, ctx, n)      # the window ctx[:, :n] (n on a frame start) fills a fresh cache
+        step.noise.uniform_(generator)   # (frame_size, B, width): the frame's random draws, made by the loop
+        frame, state = step.frame(model, ctx, n, state)  # the next frame (B, frame_size) after ctx[:, :n]
+
+    state is the grammar's (B,), before and after the frame. `with step:` marks it busy while a generation uses it
+    (a cached step is never shared by two at the same time). The model is passed to every call, never kept: a
+    static step is cached per model (static_step) and must not keep it alive."""
+    busy = False
+    noise: torch.Tensor
+
+    def prefill(self, model, ctx: torch.Tensor, n: int) -> None:
+        raise NotImplementedError
+
+    def frame(self, model, ctx: torch.Tensor, n: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __enter__(self) -> "DecodeStep":
+        self.busy = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.busy = False
+
+
+class EagerStep(DecodeStep):
+    """decode="eager": the KV cache attended over its filled positions only (dynamic shapes: the fewest bytes to
+    read, the CPU default), one token at a time. Also the text path (ranges None): every id of the vocabulary,
+    under the grammar's mask for each row's state."""
+
+    def __init__(self, model, batch_size: int, knobs: tuple[float, int, float],
+                 ranges: list[tuple[int, int, torch.Tensor | None]] | None, grammar: Grammar, cache=None):
+        vocab, fs = model.config.vocab_size, grammar.fs
+        self.knobs, self.grammar, self.text = knobs, grammar, ranges is None
+        self.ranges = [(0, vocab, None)] * fs if ranges is None else ranges
+        self.width = max(hi - lo for lo, hi, _ in self.ranges)
+        self.noise = torch.empty(fs, batch_size, self.width, device=model.lm_head.weight.device)
+        self.cache = model.new_kv_cache(batch_size) if cache is None else cache
+        self.logits: torch.Tensor | None = None  # the prefill's, for the frame's first token
+
+    def prefill(self, model, ctx: torch.Tensor, n: int) -> None:
+        self.cache.reset()
+        with decode_context(ctx.device.type):
+            logits, _ = model(ctx[:, :n], kv_cache=self.cache, vocab_range=self.ranges[0][:2])
+        self.logits = logits[:, -1, :].float()
+
+    def token(self, model, tok: torch.Tensor, pos: int, phase: int, state: torch.Tensor) -> torch.Tensor:
+        """The ids (B, 1) after tok (B, 1) at position pos, frame position phase (the prefill's logits first)."""
+        lo, hi, mask = self.ranges[phase]
+        if self.logits is None:
+            logits, _ = model(tok, kv_cache=self.cache, vocab_range=(lo, hi))
+            logits = logits[:, -1, :].float()
+        else:
+            logits, self.logits = self.logits, None
+        if self.text:
+            logits = self.grammar.mask(logits, state)
+        elif mask is not None:
+            logits = logits + mask
+        return sample_next(logits, *self.knobs, self.noise[phase, :, :hi - lo]) + lo
+
+    def frame(self, model, ctx: torch.Tensor, n: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tok, new = ctx[:, n - 1:n], []
+        with decode_context(ctx.device.type):
+            for phase in range(self.grammar.fs):
+                tok, state = self.grammar.follow(state, self.token(model, tok, n - 1 + phase, phase, state))
+                new.append(tok)
+        return torch.cat(new, dim=1), state
+
+
+class CompiledCpuStep(EagerStep):
+    """decode="compile" on a CPU: EagerStep's prefill and first token, then compiled_token_step for the others, with
+    attention over the filled positions rounded up to 8 (a dynamic size that is never 1, which dynamo specialises),
+    every frame position with a mask (zeros where its range has none: one graph, not two)."""
+
+    def __init__(self, model, batch_size: int, knobs: tuple[float, int, float],
+                 ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar):
+        cache, self.tok, self.step_noise = step_inputs(model, batch_size, max(hi - lo for lo, hi, _ in ranges))
+        super().__init__(model, batch_size, knobs, ranges, grammar, cache)
+        device = self.noise.device
+        self.masks = [torch.zeros(hi - lo, device=device) if m is None else m.clone() for lo, hi, m in ranges]
+        self.fn = compiled_token_step("cpu")
+
+    def token(self, model, tok: torch.Tensor, pos: int, phase: int, state: torch.Tensor) -> torch.Tensor:
+        if self.logits is not None:
+            return super().token(model, tok, pos, phase, state)
+        self.tok.copy_(tok)
+        self.step_noise[:, :self.width].copy_(self.noise[phase])
+        lo, hi, _ = self.ranges[phase]
+        try:
+            return self.fn(model, self.tok, self.cache, torch.tensor([pos], device=tok.device), self.step_noise,
+                           self.knobs, lo, hi, self.masks[phase], -(-(pos + 1) // 8) * 8)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            raise ValueError(f"decode=compile: torch.compile could not build the decode step "
+                             f"({str(e).splitlines()[0]}); it needs a working C++ compiler (g++ or clang, or "
+                             "CXX=<path>); decode=eager needs none") from None
+
+
+class StaticStep(DecodeStep):
+    """decode="static": a whole frame of decode steps with static shapes, run eagerly. Its KV cache and its inputs
+    and outputs are tensors allocated once, so the frame can be replayed as one CUDA graph (GraphStep). Set `tok`
+    (B, 1), the last token in context, `pos` (1,), its position, and `state` (B,), the grammar's; fill `noise`
+    (frame_size, B, width); then step(model, pos + frame_size) -> (ids (B, frame_size), the state after them).
+    Frame position p samples among the ids ranges[p] = (lo, hi, additive mask over them or None); rows whose audio
+    has ended repeat AUDIO_END."""
+
+    def __init__(self, model, batch_size: int, knobs: tuple[float, int, float],
                  ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar):
         device, block_size = model.lm_head.weight.device, model.config.block_size
-        self.knobs, self.mode, self.ranges = knobs, mode, ranges
-        self.grammar = grammar
+        self.knobs, self.ranges, self.grammar = knobs, ranges, grammar
         fs = len(ranges)
         width = max(hi - lo for lo, hi, _ in ranges)
         # a compiled step gets its row of noise in step_noise (step_inputs), not as a view of self.noise
@@ -265,38 +367,57 @@ class StaticStep:
         self.out = torch.zeros(batch_size, fs, dtype=torch.long, device=device)
         self.out_state = torch.zeros(batch_size, dtype=torch.long, device=device)
         # a frame attends over the first L cache positions, L the smallest of these lengths that holds it (multiples
-        # of 8, as new_kv_cache's max_len), with a graph per length: early in a generation a frame reads 256 keys,
-        # not 2048. On an H200 the softmax over 2048-key rows was a quarter of a batch-1 token's GPU time
+        # of 8, as new_kv_cache's max_len): early in a generation the softmax reads 256 keys, not 2048
         self.lengths = sorted({-(-max(fs, block_size >> k) // 8) * 8 for k in range(4)})
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # mode "compile": inductor's kernels (compiled_token_step)
-        self.fn: Callable = compiled_token_step(device.type) if mode == "compile" else token_step
-        self.busy = False  # a generation is using it (another one at the same time gets its own)
-        if mode in ("graph", "compile") and device.type == "cuda":
-            # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
-            # current device, so make it the model's (cuda:1 works too)
-            with decode_context(device.type), torch.cuda.device(device):
-                self.graphs = {length: self._capture(model, length) for length in self.lengths}
 
     def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int,
                  length: int) -> torch.Tensor:
         """One token: tok (B, 1) at position pos -> the next ids (B, 1), sampled among ranges[phase], attending
         over cache positions 0 .. length-1."""
-        if self.mode == "compile":
-            self.step_noise[:, :noise.size(1)].copy_(noise)
-            noise = self.step_noise
-        return self.fn(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase], length)
+        return token_step(model, tok, self.cache, pos, noise, self.knobs, *self.ranges[phase], length)
 
     def _frame(self, model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g, tok, state, new = self.grammar, self.tok, self.state, []
+        tok, state, new = self.tok, self.state, []
         for phase in range(len(self.ranges)):
-            t = self._forward(model, tok, self.pos + phase, self.noise[phase], phase, length)  # (B, 1)
-            if g.can_end:  # a row whose audio has ended repeats AUDIO_END (the level ranges do not hold it)
-                t = torch.where(state[:, None] == g.AUDIO_DONE, g.audio_end, t)
-                state = g.advance(state, t[:, 0])
-            new.append(t)
-            tok = t
+            tok, state = self.grammar.follow(state, self._forward(model, tok, self.pos + phase, self.noise[phase],
+                                                                  phase, length))  # (B, 1)
+            new.append(tok)
         return torch.cat(new, dim=1), state
+
+    def __call__(self, model, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """end: the positions this frame's last step sees, pos + frame_size (pos = tok's position)."""
+        with decode_context(self.out.device.type):
+            return self._frame(model, next(n for n in self.lengths if n >= end))
+
+    def prefill(self, model, ctx: torch.Tensor, n: int) -> None:
+        self.cache.reset()  # the cache takes all but the last token in context: the frame step feeds that one
+        if n > 1:
+            with decode_context(ctx.device.type):
+                model(ctx[:, :n - 1], kv_cache=self.cache, vocab_range=(0, 1))  # logits not needed
+
+    def frame(self, model, ctx: torch.Tensor, n: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tok.copy_(ctx[:, n - 1:n])
+        self.pos.fill_(n - 1)
+        self.state.copy_(state)
+        return self(model, n - 1 + len(self.ranges))
+
+
+class GraphStep(StaticStep):
+    """decode="graph": StaticStep's frame captured by hand (torch.cuda.CUDAGraph) once per attention length, then
+    replayed: no compiler, milliseconds to capture, one launch per frame. A frame, not a token: between captured
+    one-token steps, the sampler's random draws, the grammar and the copies would each pay a launch and Python.
+    Off CUDA it runs as StaticStep."""
+
+    def __init__(self, model, batch_size: int, knobs: tuple[float, int, float],
+                 ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar):
+        super().__init__(model, batch_size, knobs, ranges, grammar)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        device = self.out.device
+        if device.type == "cuda":
+            # the kernels are chosen at capture and replayed as they are; streams and graphs belong to the
+            # current device, so make it the model's (cuda:1 works too)
+            with decode_context(device.type), torch.cuda.device(device):
+                self.graphs = {length: self._capture(model, length) for length in self.lengths}
 
     def _capture(self, model, length: int) -> torch.cuda.CUDAGraph:
         # warm up on a side stream first (cuBLAS handles and workspaces are created outside the capture); the
@@ -319,16 +440,26 @@ class StaticStep:
         return graph
 
     def __call__(self, model, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """end: the positions this frame's last step sees, pos + frame_size (pos = tok's position)."""
-        length = next(n for n in self.lengths if n >= end)
-        if self.graphs:
-            with torch.cuda.device(self.out.device):
-                self.graphs[length].replay()
-            return self.out, self.out_state
-        with decode_context(self.out.device.type):
-            return self._frame(model, length)
+        if not self.graphs:
+            return super().__call__(model, end)
+        with torch.cuda.device(self.out.device):
+            self.graphs[next(n for n in self.lengths if n >= end)].replay()
+        return self.out, self.out_state
 
 
+class CompiledStep(GraphStep):
+    """decode="compile" on CUDA: GraphStep's captured frame with inductor's kernels in it (compiled_token_step), one
+    compile for every frame position; torch.compile(mode="reduce-overhead") on the one-token step would capture a
+    token per graph and compile each frame position apart. `python bench.py generate` times it against graph."""
+
+    def _forward(self, model, tok: torch.Tensor, pos: torch.Tensor, noise: torch.Tensor, phase: int,
+                 length: int) -> torch.Tensor:
+        self.step_noise[:, :noise.size(1)].copy_(noise)  # a whole tensor, not a view (step_inputs)
+        fn = compiled_token_step(tok.device.type)
+        return fn(model, tok, self.cache, pos, self.step_noise, self.knobs, *self.ranges[phase], length)
+
+
+STATIC_STEPS = {"static": StaticStep, "graph": GraphStep, "compile": CompiledStep}
 # the static steps of each model, by batch size, sampling knobs and mode: captured (or compiled) once, replayed by
 # every later generation; they go when the model goes
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -336,8 +467,9 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def static_step(model, batch_size: int, knobs: tuple[float, int, float], mode: str,
                 ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar) -> StaticStep:
-    """The model's StaticStep for this batch size, knobs, mode, id ranges and grammar: made at the first request,
-    then reused (its cache and graph point at the model's weights: a model moved with .to() gets new ones)."""
+    """The model's static step (STATIC_STEPS[mode]) for this batch size, knobs, id ranges and grammar: made at the
+    first request, then reused (its cache and graph point at the model's weights: a model moved with .to() gets new
+    ones). A step in use by a running generation is not handed out again: the caller gets a new one."""
     w = model.lm_head.weight
     spans = tuple((lo, hi, mask is not None) for lo, hi, mask in ranges)  # the masks follow from the spans
     # every weight's address, as a graph has them all baked in (moved away and back, lm_head alone may land where
@@ -348,43 +480,17 @@ def static_step(model, batch_size: int, knobs: tuple[float, int, float], mode: s
     for stale in [k for k in steps if k[-1] != where]:  # the weights have moved since: their graphs and caches go
         del steps[stale]
     if key not in steps or steps[key].busy:
-        step = StaticStep(model, batch_size, knobs, mode, ranges, grammar)
+        step = STATIC_STEPS[mode](model, batch_size, knobs, ranges, grammar)
         if key not in steps:
             steps[key] = step
         return step
     return steps[key]
 
 
-@torch.no_grad()
-def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, num_samples: int = 1,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None, use_cache: bool = True,
-                  context: torch.Tensor | None = None, grammar: Grammar | None = None,
-                  decode: str = "auto") -> Iterator[torch.Tensor]:
-    """Yield up to n_frames new frames, each (num_samples, frame_size), continuing context + prompt (whole frames).
-
-    context: the tokens before the prompt, default layout.audio_context() ([BOUNDARY], then AUDIO_START in the
-    text+audio layout); layout.speech_context(text) makes it speak a text. grammar: which ids may come next
-    (default Grammar(layout, ...): audio, ending with AUDIO_END where the layout has one); a text grammar after
-    layout.transcript_context(audio) writes text, frame_size tokens per yield. Once every row's segment has ended
-    sampling stops early; a row that ended first repeats its end token. use_cache=False recomputes the whole
-    window for every token (nanoGPT's generate); same tokens, much slower. decode: how cached steps run (see the
-    module docstring); "auto" is "graph" on CUDA and "eager" elsewhere. Memory does not grow with n_frames: the
-    window, the cache and the graphs are allocated once.
-
-    Audio is sampled level by level: at each frame position only that level's rows of lm_head are computed (plus,
-    at a frame start, AUDIO_END's where the layout has one), which is what the captured steps replay. Text (a
-    transcription) is sampled over the whole vocabulary with the grammar's masks, eagerly.
-    """
-    fs, cs, block_size = layout.frame_size, layout.codebook_size, model.config.block_size
-    vocab = model.config.vocab_size
+def decode_step(model, decode: str, batch_size: int, knobs: tuple[float, int, float],
+                ranges: list[tuple[int, int, torch.Tensor | None]] | None, grammar: Grammar) -> DecodeStep:
+    """The step of decode mode `decode` ("auto": graph on CUDA, else eager); text (ranges None) is always eager."""
     device = model.lm_head.weight.device
-    prompt = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long)
-    prompt = prompt.reshape(-1)
-    assert len(prompt) % fs == 0, f"prompt of {len(prompt)} tokens is not whole {fs}-token frames"
-    if vocab < layout.vocab_size:
-        raise ValueError(f"the model knows {vocab} token ids, the tokenizer layout needs "
-                         f"{layout.vocab_size}: the checkpoint was trained on another codec")
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
     if decode == "auto":
@@ -393,116 +499,77 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
         raise ValueError(f"decode={decode!r} captures CUDA graphs: it needs the model on a CUDA device, not {device}")
     if decode == "compile" and device.type not in ("cuda", "cpu"):
         raise ValueError(f"decode={decode!r} compiles for CUDA or a CPU, not {device}: use eager or static")
+    if ranges is None or decode == "eager":
+        return EagerStep(model, batch_size, knobs, ranges, grammar)
+    if decode == "compile" and device.type == "cpu":
+        return CompiledCpuStep(model, batch_size, knobs, ranges, grammar)
+    return static_step(model, batch_size, knobs, decode, ranges, grammar)
+
+
+# -----------------------------------------------------------------------------
+# the sampling loop
+
+@torch.no_grad()
+def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, num_samples: int = 1,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None, context: torch.Tensor | None = None,
+                  grammar: Grammar | None = None, decode: str = "auto") -> Iterator[torch.Tensor]:
+    """Yield up to n_frames new frames, each (num_samples, frame_size), continuing context + prompt (whole frames).
+
+    context: the tokens before the prompt, default layout.audio_context() ([BOUNDARY], then AUDIO_START in the
+    text+audio layout); layout.speech_context(text) makes it speak a text. grammar: which ids may come next
+    (default Grammar(layout, ...): audio, ending with AUDIO_END where the layout has one); a text grammar after
+    layout.transcript_context(audio) writes text, frame_size tokens per yield. Once every row's segment has ended
+    sampling stops early; a row that ended first repeats its end token. decode: the decode step (see the module
+    docstring). Memory does not grow with n_frames: the window, the cache and the graphs are allocated once.
+    """
+    fs, block_size, vocab = layout.frame_size, model.config.block_size, model.config.vocab_size
+    device = model.lm_head.weight.device
+    prompt = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long)
+    prompt = prompt.reshape(-1)
+    assert len(prompt) % fs == 0, f"prompt of {len(prompt)} tokens is not whole {fs}-token frames"
+    if vocab < layout.vocab_size:
+        raise ValueError(f"the model knows {vocab} token ids, the tokenizer layout needs "
+                         f"{layout.vocab_size}: the checkpoint was trained on another codec")
     context = torch.as_tensor(layout.audio_context() if context is None else context, dtype=torch.long)
     head = torch.cat([context.reshape(-1), prompt.cpu()])  # every training document starts with BOUNDARY
     grammar = grammar or Grammar(layout, vocab, device)
     state = grammar.start(head, num_samples)  # (B,)
     audio = int(state[0]) < fs  # an audio segment, sampled level by level; else text, over the whole vocabulary
     assert not audio or int(state[0]) == 0, "audio sampling starts on a frame start (whole-frame prompts)"
-    # the ids each frame position may take, (lo, hi), and the grammar's mask over them (AUDIO_END at a frame start)
-    ranges = []
-    for phase in range(fs):
-        lo = int(layout.frame_lo[phase])
-        end = phase == 0 and grammar.audio_end >= 0
-        ranges.append((lo, vocab if end else lo + cs, grammar.masks[0, lo:vocab] if end else None))
-    # a CPU's compiled audio step runs in the eager loop below (its cache filled by the eager prefill), every frame
-    # position with a mask (zeros where the range has none: one graph, not two)
-    compiled = None
-    if decode == "compile" and device.type == "cpu" and use_cache and audio:
-        compiled = compiled_token_step("cpu")
-        masks = [torch.zeros(hi - lo, device=device) if m is None else m.clone() for lo, hi, m in ranges]
     keep = keep_frames(layout, block_size) * fs
     # the window the model sees, at most block_size tokens plus the one just sampled; it always starts on a frame
     # start, so its position n holds frame position (n - n0) % fs, n0 being where the prompt's frames start
     ctx = torch.empty(num_samples, block_size + 1, dtype=torch.long, device=device)
-    if len(head) > block_size:
-        head = head[-keep:]
+    head = head[-keep:] if len(head) + fs - 1 > block_size else head
     n = len(head)
     ctx[:, :n] = head.to(device)
-    width = max(hi - lo for lo, hi, _ in ranges) if audio else vocab  # of the sampler's random draws (below)
-    step, cache = None, None
-    if use_cache and decode != "eager" and compiled is None and audio:
-        step = static_step(model, num_samples, (temperature, top_k, top_p), decode, ranges, grammar)
-        cache = step.cache
-    elif compiled is not None:
-        cache, step_tok, step_noise = step_inputs(model, num_samples, width)
-    elif use_cache:
-        cache = model.new_kv_cache(num_samples)
-    # the sampler's random draws, a frame's at once (fs, B, width), made outside the model step in the same order
-    # whatever runs it: same seed, same tokens
-    noise = step.noise if step is not None else torch.empty(fs, num_samples, width, device=device)
-    if step is not None:
-        step.busy = True
-    try:
-        prefill = True
+    ranges = frame_ranges(layout, vocab, grammar) if audio else None
+    with decode_step(model, decode, num_samples, (temperature, top_k, top_p), ranges, grammar) as step:
+        step.prefill(model, ctx, n)
         for _ in range(n_frames):
             if n + fs - 1 > block_size:
                 # slide at a frame start: keep the last whole frames that fit, so positions restart at 0 on a frame
                 # start, and re-prefill the cache from the kept window (keep_frames leaves room for a whole frame)
                 ctx[:, :keep] = ctx[:, n - keep:n].clone()
-                n, prefill = keep, True
-            if temperature > 0:
-                noise.uniform_(generator=generator)
-            if step is not None:
-                if prefill:  # the cache takes all but the last token in context: the frame step feeds that one
-                    cache.reset()
-                    if n > 1:
-                        with decode_context(device.type):
-                            model(ctx[:, :n - 1], kv_cache=cache, vocab_range=(0, 1))  # logits not needed
-                    prefill = False
-                step.tok.copy_(ctx[:, n - 1:n])
-                step.pos.fill_(n - 1)
-                step.state.copy_(state)
-                frame, state = step(model, n - 1 + fs)
-                ctx[:, n:n + fs] = frame
-                n += fs
-            else:
-                with decode_context(device.type):
-                    for phase in range(fs):  # the prompt is whole frames: this is the position inside the frame
-                        lo, hi, mask = ranges[phase] if audio else (0, vocab, None)
-                        if compiled is not None and not prefill:  # position n - 1, attending to n rounded up to 8
-                            step_tok.copy_(ctx[:, n - 1:n])
-                            step_noise[:, :width].copy_(noise[phase])
-                            try:
-                                new = compiled(model, step_tok, cache, torch.tensor([n - 1], device=device),
-                                               step_noise, (temperature, top_k, top_p), lo, hi, masks[phase],
-                                               -(-n // 8) * 8)
-                            except torch._dynamo.exc.BackendCompilerFailed as e:
-                                raise ValueError(f"decode=compile: torch.compile could not build the decode step "
-                                                 f"({str(e).splitlines()[0]}); it needs a working C++ compiler (g++ "
-                                                 "or clang, or CXX=<path>); decode=eager needs none") from None
-                        else:
-                            if cache is None:
-                                logits, _ = model(ctx[:, :n], vocab_range=(lo, hi))
-                            elif prefill:
-                                cache.reset()
-                                logits, _ = model(ctx[:, :n], kv_cache=cache, vocab_range=(lo, hi))
-                                prefill = False
-                            else:
-                                logits, _ = model(ctx[:, n - 1:n], kv_cache=cache, vocab_range=(lo, hi))
-                            logits = logits[:, -1, :].float()
-                            logits = ((logits + mask if mask is not None else logits) if audio
-                                      else grammar.mask(logits, state))
-                            new = sample_next(logits, temperature, top_k, top_p, noise[phase, :, :hi - lo]) + lo
-                        if grammar.can_end:
-                            if audio:  # a row whose audio has ended repeats AUDIO_END (not in the level ranges)
-                                new = torch.where(state[:, None] == grammar.AUDIO_DONE, grammar.audio_end, new)
-                            state = grammar.advance(state, new[:, 0])
-                        ctx[:, n:n + 1] = new
-                        n += 1
+                n = keep
+                step.prefill(model, ctx, n)
+            if temperature > 0:  # drawn outside the step, in the same order whatever runs it: same seed, same tokens
+                step.noise.uniform_(generator=generator)
+            frame, state = step.frame(model, ctx, n, state)
+            ctx[:, n:n + fs] = frame
+            n += fs
             yield ctx[:, n - fs:n].clone()
             if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
                 return
-    finally:  # also when the caller stops early: the step is free for the next generation
-        if step is not None:
-            step.busy = False
 
 
-def generate_tokens(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, **kwargs) -> torch.Tensor:
+def generate_tokens(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int,
+                    sampler: Callable[..., Iterator[torch.Tensor]] = sample_frames, **kwargs) -> torch.Tensor:
     """Prompt + up to n_frames new frames as one token stream (num_samples, len(prompt) + k * frame_size).
-    kwargs are sample_frames' (num_samples, temperature, top_k, top_p, generator, use_cache, context, grammar,
-    decode)."""
-    frames = list(sample_frames(model, layout, prompt, n_frames, **kwargs))
+    sampler: what yields the frames, sample_frames or another of its arguments; kwargs are its (num_samples,
+    temperature, top_k, top_p, generator, context, grammar, and sample_frames' decode)."""
+    frames = list(sampler(model, layout, prompt, n_frames, **kwargs))
     assert frames, f"n_frames={n_frames}: nothing to generate"
     p = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
     return torch.cat([p.to(frames[0].device).expand(frames[0].shape[0], -1), *frames], dim=1)
@@ -523,7 +590,7 @@ def transcribe(model, layout: Layout, audio: torch.Tensor, max_tokens: int, text
                **kwargs) -> list[int]:
     """Audio ids (1-D, whole frames) -> the text ids the model writes after them (not TEXT_END): a transcription
     item [audio][text] continued from its TEXT_START, up to TEXT_END or max_tokens. text_ok as in Grammar; kwargs
-    are sample_frames' (temperature, top_k, top_p, generator, use_cache); temperature=0 is greedy."""
+    are sample_frames' (temperature, top_k, top_p, generator); temperature=0 is greedy."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: transcription needs room for at least one text token")
     device = model.lm_head.weight.device

@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
 
+import fixtures
 import generate
 import sampling
 from checkpoints import save_checkpoint
@@ -76,8 +77,9 @@ def test_kv_cache_matches_full_recompute_greedy(model, tok):
     prompt = torch.from_numpy(tok.encode(synth_audio(0.3, 24000), 24000))  # 4 frames
     for p in (None, prompt):
         # 25 frames = 175 tokens through a 64-token context: several slides of the window
-        a = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=True)
-        b = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, use_cache=False)
+        a = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0)
+        b = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0,
+                                     sampler=fixtures.nocache_frames)
         c = sampling.generate_tokens(model, layout, p, 25, num_samples=2, temperature=0.0, decode="static")
         assert torch.equal(a, b) and torch.equal(a, c)
         assert_frame_valid(a, layout, 25 + (0 if p is None else len(p) // layout.frame_size))
@@ -566,7 +568,8 @@ def test_text_audio_layout_static_and_eager_steps_agree():
                 g = torch.Generator().manual_seed(3)
                 return sampling.generate_tokens(model, layout, None, 12, num_samples=3, temperature=temperature,
                                                 generator=g, **kw)
-            eager, static, recompute = sample(decode="eager"), sample(decode="static"), sample(use_cache=False)
+            eager, static = sample(decode="eager"), sample(decode="static")
+            recompute = sample(sampler=fixtures.nocache_frames)
             assert torch.equal(eager, static) and torch.equal(eager, recompute), (boost, temperature)
             frames = eager.reshape(3, -1, layout.frame_size)
             ended = frames[:, :, 0] == end

@@ -19,6 +19,7 @@ import torch
 from conftest import ROOT
 from test_train import read_log, write_dataset
 
+import fixtures
 import sampling
 from checkpoints import save_checkpoint
 from model import GPT, GPTConfig
@@ -56,9 +57,11 @@ def cuda_gpt(layout, dtype=torch.float32, block_size: int = 64, seed: int = 0) -
 
 
 def tokens(model, layout, decode: str, prompt=None, temperature: float = 0.0, seed: int = 0, **kw) -> torch.Tensor:
+    """decode="nocache": nanoGPT's full recompute (fixtures.nocache_frames)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
+    kw = dict(sampler=fixtures.nocache_frames, **kw) if decode == "nocache" else dict(decode=decode, **kw)
     return sampling.generate_tokens(model, layout, prompt, 25, num_samples=3, temperature=temperature, generator=g,
-                                    decode=decode, **kw).cpu()
+                                    **kw).cpu()
 
 
 def test_graph_greedy_tokens_equal_eager(tok):
@@ -70,7 +73,7 @@ def test_graph_greedy_tokens_equal_eager(tok):
         graph = tokens(model, layout, "graph", p)
         assert torch.equal(graph, tokens(model, layout, "static", p))  # the same kernels, replayed
         assert torch.equal(graph, tokens(model, layout, "eager", p))  # other attention kernels, float32
-        assert torch.equal(graph, tokens(model, layout, "eager", p, use_cache=False))  # nanoGPT's recompute
+        assert torch.equal(graph, tokens(model, layout, "nocache", p))  # nanoGPT's recompute
         for dtype in (torch.bfloat16, torch.float16):  # float16: what generate.py picks on a T4 or a V100
             half = cuda_gpt(layout, dtype)
             assert torch.equal(tokens(half, layout, "graph", p), tokens(half, layout, "static", p)), dtype
