@@ -1,6 +1,7 @@
 """Shared offline fixtures: a random-weight SNAC with the real 24 kHz config, saved the way the Hub ships it."""
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -68,3 +69,40 @@ def synth_audio(seconds: float, sample_rate: int, channels: int = 1, seed: int =
     if channels > 1:
         x = np.stack([x * (0.8 + 0.2 * c) for c in range(channels)], axis=1)
     return x
+
+
+# -----------------------------------------------------------------------------
+# helpers the test files share
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None, torchrun: int = 0,
+               timeout: float | None = 300, check: bool = False, text: bool = True,
+               **kw) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user does: this Python (or its torchrun with that many processes), the repo
+    root as cwd, env on top of os.environ, output captured; check: exit 0 or fail showing the script's stderr."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+           f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    r = subprocess.run(cmd + [os.path.join(ROOT, script), *args], capture_output=True, text=text,
+                       env={**os.environ, **(env or {})}, cwd=ROOT, timeout=timeout, **kw)
+    if check:
+        assert r.returncode == 0, f"{script} failed:\n{r.stderr}"
+    return r
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
+    """A script's user error: exit 1 and one stderr line, "error: ...", naming each of words. Returns that line."""
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def tiny_gpt(vocab_size: int, block_size: int = 64, seed: int = 0, n_embd: int = 32) -> torch.nn.Module:
+    """A 2-layer GPT in eval mode, the same weights for the same seed."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=n_embd))
+    # GPT-2's init gives near-uniform logits; sharp ones make argmax ties (and so float-noise flips) unlikely
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    return model.eval()
