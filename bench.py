@@ -9,8 +9,7 @@ A row reads: what is measured, our figure, the baseline's, and the ratio, turned
 the seed's per-token loops, nanoGPT's training loop and its cache-free generate, the bare SNAC encode, the
 weight-streaming bound (bytes of weights / the memory bandwidth measured here), real time, PyTorch's default
 attention dispatch. Shared machines are noisy: compare the ratios of one run, not figures across runs. Weights are
-random (speed does not depend on them). Figures quoted in docs/benchmarks.md carry the header's machine, torch and
-commit. Parts that need CUDA (graphs, the codes hand-off) print one line instead on a machine without it.
+random (speed does not depend on them). Parts that need CUDA (graphs, the codes hand-off) say so in one line.
 """
 from __future__ import annotations
 
@@ -243,7 +242,7 @@ def bench_train(quick: bool) -> None:
         with open(f"{tmp}/out/log.jsonl") as f:
             rows = [x for x in map(json.loads, f) if "ms" in x and x["iter"] >= warm]
         ours = batch * block / (np.median([x["ms"] for x in rows]) / 1000)
-        model = fixtures.tiny_gpt(LAYOUT, n_layer, n_head, n_embd, block).to(DEVICE).train()
+        model = fixtures.tiny_gpt(LAYOUT.vocab_size, block, 0, n_embd, n_layer, n_head).to(DEVICE).train()
         optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), DEVICE)
         step = torch.compile(model) if CUDA else model
         data = np.memmap(f"{tmp}/data/train_000.bin", dtype=np.uint16, mode="r")
@@ -297,13 +296,13 @@ def decode_rows(model, label: str, modes: tuple[str, ...], n_frames: int, repeat
 def bench_generate(quick: bool) -> None:
     """Sampling: the KV cache vs recomputing the window per token (nanoGPT's generate); configs/sherlock.py's model
     per decode mode vs the weight-streaming bound and real time; SNAC's decode, one pass and streamed, vs real time."""
-    model = fixtures.tiny_gpt(LAYOUT, 6, 6, 384, 2048).to(DEVICE, DTYPE)
+    model = fixtures.tiny_gpt(LAYOUT.vocab_size, 2048, n_layer=6, n_head=6, n_embd=384).to(DEVICE, DTYPE)
     prompt = random_tokens(257)  # with the context, 1800 tokens: the cached run fills the window to 2045
     ours = tokens_per_s(model, 10 if quick else 35, prompt=prompt)
     base = tokens_per_s(model, 1, prompt=prompt, frames=fixtures.nocache_frames)
     row("6L/384 ctx ~2048: KV cache vs recomputing the window per token", ours, base, "tokens/s")
 
-    sherlock = fixtures.tiny_gpt(LAYOUT, **model_args("sherlock")).to(DEVICE, DTYPE)
+    sherlock = fixtures.tiny_gpt(LAYOUT.vocab_size, **model_args("sherlock")).to(DEVICE, DTYPE)
     label = "sherlock 8L/512/ctx2048"
     n_frames = round((1 if quick else 3) * REAL_TIME / FS)
     decode_rows(sherlock, label, ("eager",) if CUDA else ("eager", "compile"), n_frames, 1 if quick else 3)
@@ -331,7 +330,7 @@ def bench_graphs(quick: bool) -> None:
     if not CUDA:
         print("graphs: needs CUDA, skipped", flush=True)
         return
-    sherlock = fixtures.tiny_gpt(LAYOUT, **model_args("sherlock")).to(DEVICE, DTYPE)
+    sherlock = fixtures.tiny_gpt(LAYOUT.vocab_size, **model_args("sherlock")).to(DEVICE, DTYPE)
     label, n_frames = "sherlock 8L/512/ctx2048", round(10 * REAL_TIME / FS)
     decode_rows(sherlock, label, ("static", "graph", "compile"), n_frames, 1)
     for decode in ("eager", "graph"):
@@ -386,9 +385,8 @@ def main() -> None:
     parser.add_argument("parts", nargs="*", metavar="part", help="parts to run (below), or all of them")
     parser.add_argument("--quick", action="store_true", help="every part at its smallest size")
     args = parser.parse_args()
-    for p in args.parts:
-        if p not in PARTS:
-            parser.error(f"unknown part {p!r} (choose from {', '.join(PARTS)})")
+    for p in set(args.parts) - set(PARTS):
+        parser.error(f"unknown part {p!r} (choose from {', '.join(PARTS)})")
     if not args.parts:
         return parser.print_help()
     print(header(), flush=True)

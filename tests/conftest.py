@@ -1,5 +1,6 @@
 """Shared offline fixtures: a random-weight SNAC with the real 24 kHz config, saved the way the Hub ships it."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([PLUGINS, *filter(None, [os.environ.g
 TEXT_ENCODING = "gpt2o_test"
 
 # now that ROOT is on sys.path: built in fixtures.py, which bench.py shares; tests import them from here
-from fixtures import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio  # noqa: E402, F401
+from fixtures import SNAC_24KHZ_CONFIG, save_random_snac, synth_audio, tiny_gpt  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +36,30 @@ def text_tok(codec_dir):
     """The codec with the text+audio layout of the test encoding."""
     from codec import load_codec
     return load_codec(codec_dir, device="cpu", text_encoding=TEXT_ENCODING)
+
+
+# -----------------------------------------------------------------------------
+# helpers the test files share
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None, torchrun: int = 0,
+               timeout: float | None = 300, check: bool = False, text: bool = True,
+               **kw) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user does: this Python (or its torchrun with that many processes), the repo
+    root as cwd, env on top of os.environ, output captured; check: exit 0 or fail showing the script's stderr."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+           f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    r = subprocess.run(cmd + [os.path.join(ROOT, script), *args], capture_output=True, text=text,
+                       env={**os.environ, **(env or {})}, cwd=ROOT, timeout=timeout, **kw)
+    if check:
+        assert r.returncode == 0, f"{script} failed:\n{r.stderr}"
+    return r
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
+    """A script's user error: exit 1 and one stderr line, "error: ...", naming each of words. Returns that line."""
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]

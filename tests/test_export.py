@@ -5,13 +5,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, SNAC_24KHZ_CONFIG, save_random_snac
+from conftest import SNAC_24KHZ_CONFIG, assert_one_line_error, run_script, save_random_snac
 from test_train import TINY, read_log, run_train, write_dataset
 
 from checkpoints import load_model_source
@@ -21,17 +20,7 @@ from tokenizer import Layout
 
 
 def run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}, cwd=ROOT,
-                          timeout=300)
-
-
-def one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (r.returncode, r.stderr)
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
+    return run_script(script, *args, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +106,10 @@ def test_generate_from_pt_folder_and_hub_id_alike(trained, exported, tmp_path):
         assert r.returncode == 0, r.stderr
         wavs.append(open(f"{tmp_path}/{i}/sample_0.wav", "rb").read())
     assert wavs[0] == wavs[1]
-    one_line_error(run("generate.py", "--ckpt=alice/not-there", f"--out_dir={tmp_path}/x",
-                       HF_HUB_CACHE=str(tmp_path / "hub")), "alice/not-there", "Hugging Face Hub")
-    one_line_error(run("generate.py", f"--ckpt={trained['out']}", f"--out_dir={tmp_path}/x"),
-                   "not a folder written by export.py", "best.pt")
+    assert_one_line_error(run("generate.py", "--ckpt=alice/not-there", f"--out_dir={tmp_path}/x",
+                              HF_HUB_CACHE=str(tmp_path / "hub")), "alice/not-there", "Hugging Face Hub")
+    assert_one_line_error(run("generate.py", f"--ckpt={trained['out']}", f"--out_dir={tmp_path}/x"),
+                          "not a folder written by export.py", "best.pt")
 
 
 def test_push_fails_offline_in_one_line_and_the_folder_is_ready(trained, tmp_path):
@@ -129,24 +118,27 @@ def test_push_fails_offline_in_one_line_and_the_folder_is_ready(trained, tmp_pat
         out = str(tmp_path / f"push{len(env)}")
         r = run("export.py", f"--ckpt={trained['out']}/ckpt.pt", f"--out={out}", "--repo_id=alice/tiny", "--push",
                 **env)
-        one_line_error(r, "push to the Hugging Face Hub failed", f"the folder {out} is ready")
+        assert_one_line_error(r, "push to the Hugging Face Hub failed", f"the folder {out} is ready")
         assert sorted(os.listdir(out)) == ["README.md", "config.json", "meta.json", "model.safetensors", "samples"]
-    one_line_error(run("export.py", f"--ckpt={trained['out']}/ckpt.pt", "--push"), "repo_id")
+    assert_one_line_error(run("export.py", f"--ckpt={trained['out']}/ckpt.pt", "--push"), "repo_id")
 
 
+@pytest.mark.slow
 def test_export_writes_atomically_and_never_clobbers(trained, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "mine.txt").write_text("keep me")
-    one_line_error(run("export.py", f"--ckpt={trained['out']}/ckpt.pt", f"--out={other}"), "not an earlier export")
+    r = run("export.py", f"--ckpt={trained['out']}/ckpt.pt", f"--out={other}")
+    assert_one_line_error(r, "not an earlier export")
     assert os.listdir(other) == ["mine.txt"]
     out = tmp_path / "model"
     for _ in range(2):  # the second export replaces the first
         assert run("export.py", f"--ckpt={trained['out']}/ckpt.pt", f"--out={out}").returncode == 0
     assert sorted(os.listdir(tmp_path)) == ["model", "notes"]  # no temp folders left behind
-    one_line_error(run("export.py", f"--ckpt={tmp_path}/none.pt", f"--out={tmp_path}/x"), "none.pt", "not found")
+    assert_one_line_error(run("export.py", f"--ckpt={tmp_path}/none.pt", f"--out={tmp_path}/x"), "none.pt", "not found")
 
 
+@pytest.mark.slow
 def test_init_from_exported_folder_fine_tunes_from_its_weights(trained, exported, tmp_path):
     out = str(tmp_path / "tuned")
     # the command line asks for another architecture: the published weights decide it
@@ -168,6 +160,6 @@ def test_init_from_exported_folder_fine_tunes_from_its_weights(trained, exported
     with open(f"{other}/meta.json", "w") as f:
         json.dump({**meta, **Layout((4, 2, 1), 2048).meta()}, f)
     r = run_train(TINY + [f"--data_dir={other}", f"--out_dir={tmp_path}/x", f"--init_from={exported}"])
-    one_line_error(r, f"init_from={exported}", "codebook_size")
+    assert_one_line_error(r, f"init_from={exported}", "codebook_size")
     r = run_train(TINY + [f"--data_dir={other}", f"--out_dir={tmp_path}/x", "--init_from=resum"])
-    one_line_error(r, "init_from=resum", "resume")
+    assert_one_line_error(r, "init_from=resum", "resume")

@@ -3,7 +3,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -11,28 +10,19 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT, SNAC_24KHZ_CONFIG, save_random_snac, synth_audio
+from conftest import SNAC_24KHZ_CONFIG, assert_one_line_error, run_script, save_random_snac, synth_audio, tiny_gpt
 
 import fixtures
 import generate
 import sampling
 from checkpoints import save_checkpoint
-from model import GPT, GPTConfig
 
 BLOCK_SIZE = 64  # 9 frames of 7 tokens: every test that generates more than that slides the window
 
 
-def tiny_gpt(vocab_size: int, block_size: int = BLOCK_SIZE, seed: int = 0, n_embd: int = 32) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=n_embd))
-    # GPT-2's init gives near-uniform logits; wider embeddings make argmax ties (and so float-noise flips) unlikely
-    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny_gpt(tok.layout.vocab_size)
+    return tiny_gpt(tok.layout.vocab_size, BLOCK_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +46,8 @@ def ckpt(tmp_path_factory, tok, model, quiet_codec_dir) -> str:
     return path
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_script("generate.py", *args, env={"HF_HUB_OFFLINE": "1", **env})
 
 
 def assert_frame_valid(tokens: torch.Tensor, layout, n_frames: int) -> None:
@@ -179,6 +167,7 @@ def needs_a_cxx_compiler() -> None:
         pytest.skip("no C++ compiler (apt-get install g++): torch.compile cannot build the CPU decode step")
 
 
+@pytest.mark.slow
 def test_cpu_compiled_step_matches_eager(model, tok):
     """decode="compile" on a CPU: inductor's C++ one-token step (sampler included, attention over the filled cache
     positions as a dynamic size) gives the eager steps' tokens, through slides of the window, in both layouts
@@ -226,6 +215,7 @@ def test_cpu_compiled_step_matches_eager(model, tok):
     assert counters["stats"]["unique_graphs"] == graphs + 2
 
 
+@pytest.mark.slow
 def test_compiled_static_frame_matches_static(tok):
     """decode="compile" on CUDA: inductor's step inside the static frame that a CUDA graph captures (attention over
     the first L cache positions, a mask; text+audio: AUDIO_END's range at frame starts, rows that end). Run here
@@ -369,6 +359,7 @@ def test_stream_decoder_matches_one_pass(quiet_tok):
         torch.testing.assert_close(streamed, one_pass, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_stream_cli_matches_one_shot(ckpt, tmp_path):
     common = [f"--ckpt={ckpt}", "--num_samples=2", "--seconds=0.7", "--seed=7"]
     a = run(*common, f"--out_dir={tmp_path / 'a'}")
@@ -394,27 +385,23 @@ def test_stream_cli_matches_one_shot(ckpt, tmp_path):
         assert ("compiling the decode step" in c.stdout) == (decode == "compile")
 
 
+@pytest.mark.slow
 def test_compile_without_a_compiler_is_one_line(ckpt, tmp_path):
     """--decode=compile where no C++ compiler works (CXX points at one that fails; an empty compile cache, so
     nothing compiled earlier is reused): one line that says what is missing and that eager needs none."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", "--seconds=0.2",
-                        "--decode=compile", f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
+    r = run(f"--ckpt={ckpt}", "--seconds=0.2", "--decode=compile", f"--out_dir={tmp_path / 'out'}", CXX="/bin/false",
+            TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "c"))
     assert_one_line_error(r, "decode=compile", "C++ compiler", "eager")
 
 
+@pytest.mark.slow
 def test_stream_to_stdout_is_a_wav_stream(ckpt, tmp_path):
     """--stream_to=-: stdout carries nothing but a WAV of sample 0 (what `| ffplay -` or `| aplay` play), the
     messages go to stderr, and the files are still written."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", "--num_samples=2",
-                        "--seconds=0.7", "--stream_frames=3", f"--out_dir={tmp_path}"], capture_output=True,
-                       env=env, cwd=ROOT, timeout=300)
+    args = [f"--ckpt={ckpt}", "--num_samples=2", "--seconds=0.7", "--stream_frames=3", f"--out_dir={tmp_path}"]
+    r = run_script("generate.py", *args, env={"HF_HUB_OFFLINE": "1"}, text=False)
     assert r.returncode == 0 and r.stdout.startswith(b"config:"), r.stderr  # without it: messages on stdout
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", "--num_samples=2",
-                        "--seconds=0.7", "--stream_frames=3", f"--out_dir={tmp_path}", "--stream_to=-"],
-                       capture_output=True, env=env, cwd=ROOT, timeout=300)
+    r = run_script("generate.py", *args, "--stream_to=-", env={"HF_HUB_OFFLINE": "1"}, text=False)
     assert r.returncode == 0, r.stderr
     err = r.stderr.decode()
     assert "time to first audio" in err and "real-time factor" in err and "sample_1.wav" in err
@@ -430,14 +417,6 @@ def test_stream_to_stdout_is_a_wav_stream(ckpt, tmp_path):
 
 # -----------------------------------------------------------------------------
 # bad input: one line, exit 1
-
-def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
-    assert r.returncode == 1, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
 
 def test_bad_inputs(ckpt, tok, codec_dir, tmp_path):
     missing = str(tmp_path / "nope.pt")

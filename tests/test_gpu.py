@@ -1,4 +1,4 @@
-"""Checks that need a CUDA GPU; each skips itself without one. On any CUDA machine, in about two minutes:
+"""Checks that need a CUDA GPU; each skips itself without one. On any CUDA machine:
 
     python -m pytest -q tests/test_gpu.py
 
@@ -6,9 +6,7 @@ Sampling: the captured CUDA-graph step gives the eager step's tokens, bf16 gener
 step runs cuDNN attention. Training: bf16 + compile, fp16 + GradScaler, and resume, through train.py. Eval samples
 leave training's RNG alone. Timings are in bench.py (`python bench.py generate`, `python bench.py watch`).
 """
-import os
 import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT
+from conftest import run_script, tiny_gpt
 from test_train import read_log, write_dataset
 
 import fixtures
@@ -28,7 +26,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 # -----------------------------------------------------------------------------
-# issue 11: eval samples on the GPU leave training's CUDA RNG alone and decode on the device
+# eval samples on the GPU leave training's CUDA RNG alone and decode on the device
 
 def test_eval_samples_on_cuda_leave_the_cuda_rng_alone(codec_dir, tmp_path):
     import report
@@ -47,13 +45,10 @@ def test_eval_samples_on_cuda_leave_the_cuda_rng_alone(codec_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# issue 12: sampling on CUDA
+# sampling on CUDA
 
 def cuda_gpt(layout, dtype=torch.float32, block_size: int = 64, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=layout.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=64))
-    torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # sharp logits: no argmax ties, so float noise cannot flip
-    return model.eval().to("cuda", dtype)
+    return tiny_gpt(layout.vocab_size, block_size, seed, n_embd=64).to("cuda", dtype)
 
 
 def tokens(model, layout, decode: str, prompt=None, temperature: float = 0.0, seed: int = 0, **kw) -> torch.Tensor:
@@ -144,10 +139,8 @@ def test_bf16_generation_decodes(tok, codec_dir, tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     save_checkpoint(ckpt, {"model": model.cpu().state_dict(), "model_args": asdict(model.config),
                            "meta": {**tok.meta(), "codec": codec_dir}})
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", "--device=cuda",
-                        "--dtype=bfloat16", "--num_samples=2", "--seconds=3", "--stream", f"--out_dir={tmp_path}"],
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
-                       timeout=300)
+    r = run_script("generate.py", f"--ckpt={ckpt}", "--device=cuda", "--dtype=bfloat16", "--num_samples=2",
+                   "--seconds=3", "--stream", f"--out_dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     assert "time to first audio" in r.stdout, r.stdout
     for i in range(2):
@@ -165,8 +158,7 @@ CUDA_TINY = ["--device=cuda", "--n_layer=2", "--n_head=2", "--n_embd=64", "--blo
 
 
 def run_train(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + CUDA_TINY + args, capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
+    return run_script("train.py", *CUDA_TINY, *args, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +213,7 @@ def test_text_audio_layout_graph_equals_static():
 
 
 # -----------------------------------------------------------------------------
-# issue 10: data prep on the GPU
+# data prep on the GPU
 
 def test_codes_come_back_while_the_next_files_encode(codec_dir):
     """prepare_audio.py's hand-off (tok.codes_to_host): a group's codes are copied to the host behind its own codec

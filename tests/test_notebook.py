@@ -1,14 +1,17 @@
 """notebooks/colab.ipynb runs headless (nbclient + ipykernel) end to end with tiny settings and the offline codec,
 so it cannot rot: prepare, train, listen, generate, report, export, and a push that fails offline in one line."""
 import os
+import sys
 
 import nbformat
+import pytest
 import soundfile as sf
 from nbclient import NotebookClient
 
 from conftest import ROOT, TEXT_ENCODING, synth_audio
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab.ipynb")
+pytestmark = pytest.mark.slow
 
 
 def test_colab_notebook_runs_headless(codec_dir, tmp_path, monkeypatch):
@@ -29,6 +32,8 @@ def test_colab_notebook_runs_headless(codec_dir, tmp_path, monkeypatch):
         monkeypatch.setenv(f"GPT2O_{key}", value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded; the push must fail in one line
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # the notebook's `!python` is the first python on PATH: this one, also from a venv that is not activated
+    monkeypatch.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     install = [c for c in nb.cells if "install" in c.metadata.get("tags", [])]

@@ -113,6 +113,7 @@ def test_audio_rows_with_transcripts(audio_prepared, audio_parquet, tok):
         {(i, row[4]) for i, row in enumerate(ROWS_B)}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_at_the_row_group(audio_prepared, tmp_path):
     ref, args, _ = audio_prepared
     out = str(tmp_path / "out")
@@ -249,6 +250,7 @@ def test_max_hours_and_max_items_take_a_prefix(codes_prepared, config_only_codec
         assert [s["row"] for s in meta["skipped"]] == [2]  # the bad row inside the prefix; later ones are not read
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_with_a_limit(codes_prepared, config_only_codec, tmp_path):
     # ranks split the parquet files; with --max_items each stops past its share of the prefix
     src = codes_prepared["lists"][0]
@@ -264,6 +266,7 @@ def test_torchrun_two_processes_equal_one_with_a_limit(codes_prepared, config_on
     assert_same_output(*outs)
 
 
+@pytest.mark.slow
 def test_strict_and_column_errors_are_one_line(codes_prepared, config_only_codec, tmp_path):
     src = codes_prepared["levels"][0]
     cases = [(["--strict"], "part-0.parquet row 2: level 2 has 7 codes, expected 8"),

@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, synth_audio
+from conftest import ROOT, run_script, synth_audio
 from tokenizer import Layout
 
-PY = sys.executable
-TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # the usable files: name -> (seconds, rate, channels, soundfile format); sorted order puts a_ first (the val file)
 GOOD = {"a_mono24k.wav": (1.0, 24000, 1, "WAV"), "b_stereo44k.flac": (0.8, 44100, 2, "FLAC"),
@@ -29,10 +27,10 @@ if "MP3" in sf.available_formats():
 BAD = ["corrupt.flac", "empty.wav", "short.wav", "truncated.wav"]
 
 
-def run_prepare(*args, torchrun=False, env=ENV, **kw):
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2"] if torchrun else [PY]
-    return subprocess.run(cmd + [os.path.join(ROOT, "prepare_audio.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, **kw)
+def run_prepare(*args: str, torchrun: bool = False, env: dict[str, str] = ENV, timeout: float | None = None,
+                **kw) -> subprocess.CompletedProcess:
+    """prepare_audio.py in one process, or in two under torchrun."""
+    return run_script("prepare_audio.py", *args, torchrun=2 if torchrun else 0, env=env, timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +119,7 @@ def test_meta_shards_and_token_counts(prepared, audio_dir, tok):
 
 def kill_after_cache_entries(args: list[str], out: str, n: int = 2) -> None:
     """Start prepare_audio.py and SIGKILL it once n entries are in out/.cache (the run must not have finished)."""
-    p = subprocess.Popen([PY, os.path.join(ROOT, "prepare_audio.py"), *args], env=ENV, cwd=ROOT,
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare_audio.py"), *args], env=ENV, cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
@@ -133,6 +131,7 @@ def kill_after_cache_entries(args: list[str], out: str, n: int = 2) -> None:
     assert not os.path.exists(os.path.join(out, "meta.json")), "the run finished before it could be killed"
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_byte_identical(prepared, tmp_path):
     ref, args, _ = prepared
     out = str(tmp_path / "out")
@@ -193,6 +192,7 @@ def test_no_audio_or_no_hub_is_one_line_and_writes_nothing(tmp_path, codec_dir):
     assert r.returncode == 0 and all(f"--{k}=" in r.stdout for k in keys)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(prepared, tmp_path):
     ref, args, _ = prepared
     out = str(tmp_path / "out")

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT
+from conftest import assert_one_line_error, run_script
 from test_train import TINY, read_log, run_train, write_dataset
 
 import report
@@ -51,6 +50,7 @@ def runs(data, tmp_path_factory):
     return str(out), full.stdout
 
 
+@pytest.mark.slow
 def test_exact_resume_with_samples_on(runs):
     out, stdout = runs
 
@@ -118,11 +118,11 @@ def test_unloadable_or_wrong_codec_turns_samples_off_with_one_warning(codec_dir,
     assert len(err) == 1 and "codebook_size 4096" in err[0] and "--codec" in err[0]
 
 
+@pytest.mark.slow
 def test_report_script_and_bad_input(runs, tmp_path):
     out = f"{runs[0]}/full"
     os.remove(f"{out}/report.html")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), out], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
+    r = run_script("report.py", out, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == f"{out}/report.html", r.stderr
     page = open(f"{out}/report.html", encoding="utf-8").read()
     assert page.count('src="data:image/png;base64,') == 5 + 2  # five curves, one spectrogram per sample
@@ -133,12 +133,10 @@ def test_report_script_and_bad_input(runs, tmp_path):
     page = open(report.build_report(str(tmp_path / "empty")), encoding="utf-8").read()
     assert "No log lines yet" in page and "No samples yet" in page
     for args in ([str(tmp_path / "nowhere")], [], [out, out]):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), *args], capture_output=True, text=True,
-                           cwd=ROOT, timeout=60)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert_one_line_error(run_script("report.py", *args, timeout=60))
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(runs, tmp_path):
     if CHROMIUM is None:
         if os.environ.get("CI") == "true":

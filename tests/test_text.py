@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEXT_ENCODING
+from conftest import TEXT_ENCODING, run_script, tiny_gpt
 import sampling
-from model import GPT, GPTConfig
+from model import GPT
 from tokenizer import LAYOUT_NAME, TEXT_LAYOUT_NAME, Layout, load_text_encoding, text_token_bytes
 
 CB = 4096
@@ -170,13 +170,6 @@ def test_grammar_start_needs_an_open_segment(layout):
     og = sampling.Grammar(old, old.vocab_size, "cpu")
     assert og.start(torch.tensor([old.boundary_id]), 2).tolist() == [0, 0] and not og.can_end
     assert torch.equal(og.masks[:7], sampling.frame_masks(old, old.vocab_size, "cpu"))
-
-
-def tiny_gpt(vocab_size: int, block_size: int = 64, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
-    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
-    return model.eval()
 
 
 def test_random_model_speaks_and_transcribes_validly(layout, enc):
@@ -367,13 +360,8 @@ def test_prepare_parquet_transcripts(tmp_path, codec_dir, text_tok):
 
 
 def run_generate(*args: str, threads: int = 0):
-    import os
-    import subprocess
-    import sys
-    from conftest import ROOT
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    env = {"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    return run_script("generate.py", *args, env=env)
 
 
 def save_model(path: str, model: GPT, meta: dict) -> str:
@@ -467,13 +455,10 @@ def test_stream_decoder_ends_rows_as_a_stream_end(small_tok):
         assert (audio[row, n * hop:] == 0).all()
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_to_speak_and_transcribe(tmp_path, small_tok):
     import json
-    import os
-    import subprocess
-    import sys
     import soundfile as sf
-    from conftest import ROOT
     import generate
     tok, layout = small_tok, small_tok.layout
     items = synthetic_items(tok.text, 12)
@@ -494,13 +479,12 @@ def test_tiny_model_learns_to_speak_and_transcribe(tmp_path, small_tok):
     (data / "meta.json").write_text(json.dumps(meta))
 
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model trains faster on one thread
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={data}", f"--out_dir={out}",
-                        "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=96",
-                        "--block_size=64", "--batch_size=16", "--gradient_accumulation_steps=1",
-                        "--learning_rate=3e-3", "--min_lr=3e-4", "--beta2=0.99", "--warmup_iters=20",
-                        "--max_iters=400", "--eval_interval=200", "--eval_iters=2", "--log_interval=100"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    env = {"OMP_NUM_THREADS": "1"}  # a tiny model trains faster on one thread
+    r = run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--compile=False",
+                   "--n_layer=2", "--n_head=2", "--n_embd=96", "--block_size=64", "--batch_size=16",
+                   "--gradient_accumulation_steps=1", "--learning_rate=3e-3", "--min_lr=3e-4", "--beta2=0.99",
+                   "--warmup_iters=20", "--max_iters=400", "--eval_interval=200", "--eval_iters=2",
+                   "--log_interval=100", env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     evals = [row for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val_loss" in row]
     assert [e["iter"] for e in evals] == [0, 200, 400] and "nats/token" in r.stdout and "bits/byte" in r.stdout

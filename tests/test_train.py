@@ -2,17 +2,14 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error, run_script
 from tokenizer import Layout
 
-PY = sys.executable
-TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
 LAYOUT = Layout((4, 2, 1), 4096)
 TPS = 24000 / 2048 * LAYOUT.frame_size
 
@@ -57,12 +54,9 @@ TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_emb
 
 
 def run_train(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
-    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [PY]
     # faulthandler: a process that aborts in native code (a rarely seen gloo SIGABRT under torchrun in CI) prints
     # the Python stack of every thread, so the failure says where it happened
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    return subprocess.run(cmd + [os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300)
+    return run_script("train.py", *args, torchrun=torchrun, env={"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
 
 
 def read_log(out_dir: str) -> list[dict]:
@@ -91,6 +85,7 @@ def test_token_stream_reads_across_shards(data):
         np.testing.assert_array_equal(row, whole[s:s + 37])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(data, tmp_path):
     args = TINY + [f"--data_dir={data}", "--max_iters=8", "--gradient_accumulation_steps=4", "--log_interval=1",
                    "--eval_interval=4", "--dropout=0.1"]  # dropout masks, too, do not depend on the world size
@@ -159,13 +154,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
 
 
 def bad(args: list[str], *names: str) -> None:
-    r = run_train(args)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (r.returncode, r.stderr)
-    for name in names:
-        assert name in lines[0], lines[0]
+    assert_one_line_error(run_train(args), *names)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(data, tmp_path):
     bad([f"--data_dir={tmp_path}/nowhere"], "data_dir", "nowhere")
     bad([f"--data_dir={tmp_path}"], "meta.json")
@@ -201,6 +193,7 @@ def test_configs_parse():
     assert cfg.block_size == 2048 and cfg.dropout > 0
 
 
+@pytest.mark.slow
 def test_scratch_run_never_replaces_a_trained_model(data, tmp_path):
     out = f"{tmp_path}/out"
     args = TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
@@ -235,6 +228,7 @@ def test_no_val_split_compile_on_cpu_and_wandb_are_said_plainly(tmp_path):
     assert not os.path.exists(f"{tmp_path}/w")  # before any work
 
 
+@pytest.mark.slow
 def test_torchrun_bad_config_is_said_once(data, tmp_path):
     r = run_train(TINY + [f"--data_dir={data}", f"--out_dir={tmp_path}/out", "--gradient_accumulation_steps=3"],
                   torchrun=2)
