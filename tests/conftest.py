@@ -68,3 +68,34 @@ def synth_audio(seconds: float, sample_rate: int, channels: int = 1, seed: int =
     if channels > 1:
         x = np.stack([x * (0.8 + 0.2 * c) for c in range(channels)], axis=1)
     return x
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size) -> (folder, preexec_fn): a folder where writing more than `size` bytes fails, for a
+    subprocess started with that preexec_fn. A real full disk (a tmpfs of that size) where this runs as root and
+    mounting is allowed; elsewhere (CI runners) the file size limit, RLIMIT_FSIZE with SIGXFSZ ignored, so writes
+    past it fail with EFBIG instead of killing the process."""
+    import shutil
+    import subprocess
+    resource = pytest.importorskip("resource", reason="no RLIMIT_FSIZE on this platform")
+    mounted = []
+
+    def make(size: int):
+        folder = str(tmp_path / f"disk{len(mounted)}")
+        os.makedirs(folder)
+        if os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True).returncode == 0:
+            mounted.append(folder)
+            return folder, None
+
+        def limit() -> None:
+            import signal
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        mounted.append(None)
+        return folder, limit
+
+    yield make
+    for folder in filter(None, mounted):
+        subprocess.run(["umount", "-l", folder], capture_output=True)
