@@ -278,6 +278,8 @@ class OutDirLock:
         return holder if ok else None
 
     def acquire(self) -> None:
+        if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
+            raise UserError(f"out_dir {self.folder}: exists and is not a folder; pass another out_dir")
         if not os.path.isdir(self.folder):
             os.makedirs(self.folder)
             self.made_folder = True
