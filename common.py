@@ -57,7 +57,7 @@ def run_main(main: Callable[[], Any], on_full_disk: str = "") -> None:
         if e.filename is None:  # not about a file the user named: a real bug, keep the traceback
             raise
         if e.errno in FULL_DISK:
-            die(f"{e.filename}: could not be written: {e.strerror}" + (f"; {on_full_disk}" if on_full_disk else ""))
+            die(f"{e.filename}: {e.strerror}" + (f"; {on_full_disk}" if on_full_disk else ""))
         die(f"{e.filename or '(an empty path)'}: {e.strerror} (check the path, its permissions and the free space)")
     except KeyboardInterrupt:
         die("interrupted")

@@ -423,7 +423,7 @@ def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]
     def flush() -> None:
         data = np.concatenate(parts).astype("<u2")  # raw little-endian uint16, no header
         name = f"{split}_{len(shards):03d}.bin"
-        atomic_write(os.path.join(out_dir, name), lambda f: f.write(data.tobytes()))
+        atomic_write(os.path.join(out_dir, name), lambda f: f.write(data.tobytes()), size=data.nbytes)
         shards.append({"file": name, "split": split, "tokens": int(len(data)), "sources": list(sources)})
 
     for rel, doc in docs:

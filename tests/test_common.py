@@ -163,7 +163,7 @@ def test_full_disk_is_one_line_naming_the_file_and_the_space(small_disk):
                    "size=400_000)", preexec)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"error: {path}: could not be written: ") and "nothing else was touched" in lines[0]
+    assert lines[0].startswith(f"error: {path}: ") and "nothing else was touched" in lines[0]
     if preexec is None:  # a real full disk
         assert "No space left on device (needs about 400.0 kB, 0 B free)" in lines[0], lines[0]
     else:
@@ -173,7 +173,7 @@ def test_full_disk_is_one_line_naming_the_file_and_the_space(small_disk):
     wav = path[:-3] + ".wav"
     r = run_script(f"import numpy as np, soundfile as sf\ntry:\n    sf.write({wav!r}, np.zeros(100_000), 24000)\n"
                    f"except RuntimeError as e:\n    raise write_failed({wav!r}, e) from None", preexec)
-    assert r.stderr.startswith(f"error: {wav}: could not be written: ") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {wav}: ") and r.stderr.count("\n") == 1, r.stderr
     assert ("No space left" if preexec is None else "File too large") in r.stderr
 
 
