@@ -223,7 +223,7 @@ def test_full_disk_and_a_busy_out_dir_are_one_line(prepared, tmp_path, small_dis
     from test_common import write_lock
     _, args, _ = prepared
     args = [a for a in args if not a.startswith("--out_dir")] + ["--workers=0"]
-    folder, preexec = small_disk(8 * 1024)  # a cache entry or two fit, not the whole cache
+    folder, preexec = small_disk(1024)  # the lock fits (in one 4 kB page of a tmpfs), a cache entry does not
     r = run_prepare(*args, f"--out_dir={folder}/out", preexec_fn=preexec)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
