@@ -214,8 +214,11 @@ def write_folder(out: str, fill, overwrite: bool = False) -> None:
         os.rename(out, old)
         os.rename(tmp, out)
         remove_ours(old)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and isinstance(e.filename, str) and e.filename.startswith(tmp + os.sep):
+            # a file that could not be written (a full disk): named where it was to go, not by the temp folder
+            raise OSError(e.errno, e.strerror, out + e.filename[len(tmp):]) from None
         raise
 
 
