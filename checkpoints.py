@@ -9,6 +9,7 @@ exported folder is safetensors + JSON. Neither is ever unpickled. Errors are Val
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -45,8 +46,73 @@ def tokenizer_meta(ckpt: dict, source: str) -> dict:
 EXPORTED_FILES = ("model.safetensors", "config.json", "meta.json")  # what export.py writes and load_exported reads
 
 
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a nested dict/list: about what torch.save writes of it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(path: str, ckpt: dict) -> None:
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    """Atomically; on a full disk an OSError naming path and about how much space it needed."""
+    atomic_write(path, lambda f: torch.save(ckpt, f), size=tensor_bytes(ckpt))
+
+
+def check_weights(ckpt: dict, where: str) -> None:
+    """The model_args (a GPTConfig) and the weights must describe one model: every key known, values in range,
+    every weight of the shape the config gives it. ValueError naming `where` (the file), the key and what is
+    expected; GPT.from_checkpoint then cannot fail."""
+    from model import GPT, GPTConfig
+    args, state = ckpt["model_args"], ckpt["model"]
+    fields = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    if not isinstance(args, dict) or not isinstance(state, dict):
+        raise ValueError(f"{where}: the model config and the weights must be dicts")
+    for key in args:
+        if key not in fields:
+            raise ValueError(f"{where}: unknown key '{key}' (expected {', '.join(fields)})")
+    for key in fields:
+        if key not in args:
+            raise ValueError(f"{where}: has no '{key}' (expected {', '.join(fields)})")
+    for key, value in args.items():
+        kind = {"int": int, "float": (int, float), "bool": bool}[str(fields[key])]
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ValueError(f"{where}: {key}={value!r}, expected {'true or false' if kind is bool else 'a number'}")
+        if kind is int and value < 1:
+            raise ValueError(f"{where}: {key}={value}, expected a whole number of at least 1")
+    if not 0 <= args["dropout"] < 1:
+        raise ValueError(f"{where}: dropout={args['dropout']}, expected a number in [0, 1)")
+    if args["n_embd"] % args["n_head"]:
+        raise ValueError(f"{where}: n_embd={args['n_embd']} is not divisible by n_head={args['n_head']}")
+    config = GPTConfig(**args)
+    # what the weights say, key by key, before the shape of every tensor
+    found = {"n_layer": len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})}
+    if isinstance(state.get("transformer.wpe.weight"), torch.Tensor) and state["transformer.wpe.weight"].ndim == 2:
+        found["block_size"], found["n_embd"] = state["transformer.wpe.weight"].shape
+    wte = state.get("transformer.wte.weight")
+    if isinstance(wte, torch.Tensor) and wte.ndim == 2 and wte.shape[0] != config.padded_vocab_size:
+        raise ValueError(f"{where}: vocab_size={args['vocab_size']} needs {config.padded_vocab_size} rows of "
+                         f"token embeddings, the weights have {wte.shape[0]}")
+    for key, value in found.items():
+        if value != args[key]:
+            raise ValueError(f"{where}: {key}={args[key]}, but the weights hold {key}={value}")
+    meta = ckpt.get("meta")
+    if isinstance(meta, dict) and "vocab_size" in meta and meta["vocab_size"] != args["vocab_size"]:
+        raise ValueError(f"{where}: vocab_size={args['vocab_size']}, but the token layout (meta) has vocab_size="
+                         f"{meta['vocab_size']}")
+    with torch.device("meta"):  # shapes only: no memory, no init
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    for key in expected.keys() - state.keys():
+        raise ValueError(f"{where}: the weights have no {key}, which this config needs (bias={args['bias']}?)")
+    for key in state.keys() - expected.keys():
+        raise ValueError(f"{where}: the weights have {key}, which this config does not (bias={args['bias']}?)")
+    for key, shape in expected.items():
+        got = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else None
+        if got != shape:
+            raise ValueError(f"{where}: weight {key} has shape {got}, the config gives it {shape}")
 
 
 def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
@@ -68,6 +134,7 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
     for key in ("model", "model_args"):
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"checkpoint {path}: has no '{key}' entry; it was not written by gpt2o's train.py")
+    check_weights(ckpt, f"checkpoint {path}")
     return ckpt
 
 
@@ -102,9 +169,13 @@ def load_exported(folder: str) -> dict:
             tied = json.loads((f.metadata() or {}).get("tied", "{}"))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"model weights {path}: cannot be loaded, the file is damaged ({str(e)[:200]})") from None
+    if not isinstance(tied, dict) or not all(isinstance(v, str) and v in state for v in tied.values()):
+        raise ValueError(f"model weights {path}: its 'tied' metadata names weights it does not hold")
     for name, same in tied.items():
         state[name] = state[same]
-    return {"model": state, "model_args": model_args, "meta": meta}
+    ckpt = {"model": state, "model_args": model_args, "meta": meta}
+    check_weights(ckpt, f"model config {os.path.join(folder, 'config.json')}")
+    return ckpt
 
 
 def load_model_source(source: str) -> dict:

@@ -4,16 +4,21 @@
     with user_errors():                     # a library's ValueError (bad data, bad settings) -> a UserError
         meta, streams = load_dataset(cfg.data_dir)
     write_json(path, obj)                   # atomically: a temp file beside path, fsync, rename
+    hold_out_dir_lock(cfg.out_dir)          # one job per out_dir, until main() ends (a second one refuses)
 
-Nothing here runs at import and nothing but die() prints; scripts call these from their main(). The library modules
-raise ValueError, which scripts turn into UserError (user_errors) with the command that fixes it. torch is imported
-inside the functions that use it, so report.py renders a page without loading it.
+Nothing here runs at import and nothing but die() and a lock's note prints; scripts call these from their main().
+The library modules raise ValueError, which scripts turn into UserError (user_errors) with the command that fixes it.
+torch is imported inside the functions that use it, so report.py renders a page without loading it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -29,9 +34,21 @@ class UserError(Exception):
     """Bad input from the user (a file, a key, a value). Scripts print it as one line and exit 1."""
 
 
-def run_main(main: Callable[[], Any]) -> None:
+def run_main(main: Callable[[], Any], on_full_disk: str = "") -> None:
     """Run a script's main(): a UserError becomes `error: <message>` on stderr and exit code 1, no traceback.
-    Under torchrun every rank meets the same bad input, so only rank 0 prints it (every rank still exits 1)."""
+    Under torchrun every rank meets the same bad input, so only rank 0 prints it (every rank still exits 1).
+    SIGTERM (kill, a scheduler's time limit) is a Ctrl-C: temp files are removed on the way out, "interrupted".
+    on_full_disk: what a failed write leaves intact, said after the file that could not be written."""
+    pid = os.getpid()
+
+    def terminated(signum, frame) -> None:
+        if os.getpid() != pid:  # a forked worker (prepare_audio's pool) ends as it would have without us
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         main()
     except UserError as e:
@@ -39,9 +56,14 @@ def run_main(main: Callable[[], Any]) -> None:
     except OSError as e:
         if e.filename is None:  # not about a file the user named: a real bug, keep the traceback
             raise
+        if e.errno in FULL_DISK:
+            die(f"{e.filename}: {e.strerror}" + (f"; {on_full_disk}" if on_full_disk else ""))
         die(f"{e.filename or '(an empty path)'}: {e.strerror} (check the path, its permissions and the free space)")
     except KeyboardInterrupt:
         die("interrupted")
+    finally:
+        while _HELD_LOCKS:
+            _HELD_LOCKS.pop().release()
 
 
 def die(msg: str) -> NoReturn:
@@ -62,16 +84,88 @@ def user_errors(hint: str = ""):
 # -----------------------------------------------------------------------------
 # files: written to a temp name in the same folder, then renamed into place
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call write(f) on a temp file beside `path`, fsync, then rename it to `path` (a kill never leaves half a file)."""
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write that failed for want of space, not for a bug
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def write_failed(path: str, e: BaseException, needed: int | None = None) -> OSError:
+    """The OSError to raise when writing `path` failed: e's errno and reason, the space the file needed (when
+    known) and the space free, with `path` as its filename, so run_main says it in one line. A library error
+    without an errno (libsndfile's "System error.") is read as a full disk when less than 1 MB (or `needed`) is
+    free, or as the file size limit (ulimit -f) when one is set."""
+    import resource
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        free = None
+    code = e.errno if isinstance(e, OSError) else None
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code is None:
+        if free is not None and free < max(needed or 0, 1 << 20):
+            code, reason = errno.ENOSPC, os.strerror(errno.ENOSPC)
+        elif limit != resource.RLIM_INFINITY:
+            code, reason = errno.EFBIG, os.strerror(errno.EFBIG)
+        else:
+            code = errno.EIO
+    if code == errno.EFBIG and limit != resource.RLIM_INFINITY:
+        reason += f" (the file size limit, ulimit -f, is {format_bytes(limit)})"
+    elif code in FULL_DISK:
+        sizes = ([f"needs about {format_bytes(needed)}"] if needed else []) + \
+            ([f"{format_bytes(free)} free"] if free is not None else [])
+        reason += f" ({', '.join(sizes)})" if sizes else ""
+    return OSError(code, reason, path)
+
+
+class _Recording:
+    """The temp file as atomic_write's write(f) sees it. Libraries that write through it turn a failed write into
+    their own error (torch.save: `RuntimeError: [enforce fail at inline_container.cc]`): this keeps the OSError."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb", size: int | None = None) -> None:
+    """Call write(f) on a temp file beside `path`, fsync, then rename it to `path` (a kill never leaves half a file).
+    A write that fails (a full disk) is an OSError naming `path` and the `size` it needed when given (write_failed)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
+        f = os.fdopen(fd, mode)
+        out = _Recording(f)
+        try:
+            write(out)
             f.flush()
             os.fsync(f.fileno())
+            f.close()
+        except BaseException as e:
+            try:
+                f.close()
+            except OSError:
+                pass  # the bytes it could not write are lost either way; its error would hide e
+            if isinstance(e, OSError) and e.filename is None:  # (one with a filename is about a file write() read)
+                raise write_failed(path, e, size) from None
+            if isinstance(e, Exception) and not isinstance(e, OSError) and out.error is not None:
+                raise write_failed(path, out.error, size) from None
+            raise
         umask = os.umask(0)
         os.umask(umask)  # reading the umask means setting it; put it straight back
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions open() would
@@ -105,6 +199,153 @@ def read_json(path: str, what: str = "file") -> dict:
         raise ValueError(f"{what} {path}: not found") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{what} {path}: not readable JSON ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# out_dir: one job at a time (two train.py runs in one out_dir would interleave their logs and checkpoints)
+
+LOCK_NAME = ".gpt2o.lock"
+_HELD_LOCKS: list["OutDirLock"] = []  # taken by hold_out_dir_lock, released by run_main when main() ends
+
+
+def _start_time(pid: int) -> str | None:
+    """When a process started (Linux: field 22 of /proc/<pid>/stat): tells a reused pid from a lock's owner."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    now = _start_time(pid)
+    return not (start and now and now != start)  # same pid, later start: the owner died, its pid was reused
+
+
+class OutDirLock:
+    """out_dir/.gpt2o.lock (pid, host, start) while a job writes into out_dir; a second job refuses in one line
+    naming the holder. A lock left by a dead process on this host is taken over with a one-line note. The folder is
+    made if missing, and removed again on release if it is still empty.
+
+        with OutDirLock("out/run"):        # or hold_out_dir_lock("out/run") in a script's main()
+            ...
+    """
+
+    def __init__(self, folder: str):
+        self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
+                       "script": os.path.basename(sys.argv[0]) or "python"}
+        self.made_folder = self.held = False
+
+    def _create(self) -> bool:
+        """Write the lock whole or not at all: False when one exists (another job's, or a stale one)."""
+        self.record["since"] = time.time()
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=LOCK_NAME + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.record, f)
+            try:
+                os.link(tmp, self.path)  # atomic, and fails when the lock exists
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links: O_EXCL, then the content
+                try:
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.record, f)
+            return True
+        finally:
+            os.remove(tmp)
+
+    def _read(self, path: str) -> dict | None:
+        """The lock's record; {} when it is gone, None when it is not one of ours."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                holder = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)
+        return holder if ok else None
+
+    def acquire(self) -> None:
+        if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
+            raise UserError(f"out_dir {self.folder}: exists and is not a folder; pass another out_dir")
+        if not os.path.isdir(self.folder):
+            os.makedirs(self.folder)
+            self.made_folder = True
+        for _ in range(10):  # another job may take or drop the lock between our steps: look again
+            if self._create():
+                self.held = True
+                return
+            holder = self._read(self.path)
+            if holder is None:
+                raise UserError(f"out_dir {self.folder}: {self.path} is not a lock written by gpt2o; remove it if "
+                                "no job writes into this folder, or use another out_dir")
+            if not holder:
+                continue
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since") or 0)))
+            who = (f"{holder.get('script', 'a job')} (process {holder['pid']} on host {holder['host']}, since "
+                   f"{since})")
+            if holder["host"] != self.record["host"]:
+                raise UserError(f"out_dir {self.folder}: in use by {who}; wait for it to end or use another out_dir "
+                                f"(if that job is gone, remove {self.path})")
+            if _running(holder["pid"], holder.get("start")):
+                raise UserError(f"out_dir {self.folder}: in use by {who}; wait for it to end or use another out_dir")
+            if self._take_over(holder):
+                print(f"note: {self.path}: taken over from {who}, which is no longer running", file=sys.stderr,
+                      flush=True)
+        raise UserError(f"out_dir {self.folder}: other jobs keep taking {self.path}; use another out_dir")
+
+    def _take_over(self, stale: dict) -> bool:
+        """Move the stale lock aside; if it turns out another job took it over first, put theirs back."""
+        aside = f"{self.path}.{os.getpid()}.stale"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        if self._read(aside) == stale:
+            os.remove(aside)
+            return True
+        try:
+            os.link(aside, self.path)
+        except OSError:
+            pass
+        os.remove(aside)
+        return False
+
+    def release(self) -> None:
+        if self.held and self._read(self.path) == self.record:
+            os.remove(self.path)
+        self.held = False
+        if self.made_folder:
+            try:
+                os.rmdir(self.folder)  # only if still empty: a job that failed up front leaves nothing behind
+            except OSError:
+                pass
+
+    def __enter__(self) -> "OutDirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def hold_out_dir_lock(folder: str) -> None:
+    """OutDirLock(folder) for the rest of the script: run_main releases it when main() ends, however it ends."""
+    lock = OutDirLock(folder)
+    lock.acquire()
+    _HELD_LOCKS.append(lock)
 
 
 # -----------------------------------------------------------------------------

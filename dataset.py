@@ -69,6 +69,22 @@ def load_dataset(data_dir: str) -> tuple[dict, dict[str, TokenStream]]:
     missing = [k for k in ("vocab_size", "tokens_per_second", "codebook_size", "n_levels", "shards") if k not in meta]
     if missing:
         raise ValueError(f"{meta_path}: missing {', '.join(missing)}; re-run prepare_audio.py")
+    tps = meta["tokens_per_second"]
+    if isinstance(tps, bool) or not isinstance(tps, (int, float)) or not 0 < tps < math.inf:
+        raise ValueError(f"{meta_path}: tokens_per_second={tps!r}, expected a number above 0 (the codec's frames per "
+                         "second x tokens per frame); re-run prepare_audio.py")
+    if not isinstance(meta["shards"], list) or not all(isinstance(s, dict) for s in meta["shards"]):
+        raise ValueError(f"{meta_path}: 'shards' must be a list of {{file, split, tokens}}; re-run prepare_audio.py")
+    for s in meta["shards"]:
+        name, tokens = s.get("file"), s.get("tokens")
+        # a plain name inside the folder: meta.json must not point the reader at any other file
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or \
+                os.path.basename(name) != name or "\0" in name:
+            raise ValueError(f"{meta_path}: shard file {name!r} is not a plain file name inside {data_dir} (no "
+                             "folders, no ..); re-run prepare_audio.py")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"{meta_path}: shard {name}: tokens={tokens!r}, expected a count >= 0; re-run "
+                             "prepare_audio.py")
     layout = Layout.from_meta(meta)
     if meta["vocab_size"] != layout.vocab_size or meta.get("dtype", "uint16") != "uint16":
         raise ValueError(f"{meta_path}: vocab_size {meta['vocab_size']} / dtype {meta.get('dtype')} do not match "

@@ -8,11 +8,14 @@
 The folder holds model.safetensors (the weights; lm_head.weight is stored once, transformer.wte.weight is tied to
 it on load), config.json (the GPTConfig), meta.json (token layout, codec, dataset summary, training summary) and
 README.md, a model card with the run's figures, the latest eval samples and the commands to use it. It is written
-to a temp folder and renamed into place. --push uploads it with huggingface_hub (your token: HF_TOKEN or
-`hf auth login`).
+to a temp folder and renamed into place. meta.json lists the files export.py wrote, with their SHA-256: an earlier
+export is replaced only with --overwrite=True, and then only those files: files added or edited since are kept (or,
+where the new export would replace them, named in a refusal). --push uploads export.py's files with huggingface_hub
+(your token: HF_TOKEN or `hf auth login`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,10 +31,14 @@ from report import list_samples, read_log
 from tokenizer import Layout
 
 
+EXPORT_MARK = "gpt2o export.py"  # meta.json's "export": {"by": EXPORT_MARK, "files": {path: sha256}}
+
+
 @dataclass
 class ExportConfig:
     ckpt: str = "out/sherlock/best.pt"  # a checkpoint written by train.py
-    out: str = "exported/sherlock"  # the folder to write; an earlier export there is replaced
+    out: str = "exported/sherlock"  # the folder to write: new, empty, or an earlier export (with --overwrite=True)
+    overwrite: bool = False  # replace the files of an earlier export in out (files you added there are kept)
     license: str = "mit"  # the model card's license (a Hub license id: mit, apache-2.0, cc-by-4.0, ...)
     repo_id: str = ""  # user/name on the Hugging Face Hub: the model card names it, --push uploads there
     push: bool = False  # upload the folder to repo_id (creates the repo if needed)
@@ -122,15 +129,66 @@ def model_card(cfg: ExportConfig, meta: dict, model_args: dict, n_params: int, s
     return "\n".join(lines)
 
 
-def write_folder(out: str, fill) -> None:
+def digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def entries(folder: str) -> list[str]:
+    """Every file, symbolic link and empty folder under folder, as relative paths (links are not followed)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        dirs[:] = [d for d in dirs if d not in links]
+        names = files + links + ([] if files or dirs or links or root == folder else ["."])
+        found += [os.path.normpath(os.path.relpath(os.path.join(root, n), folder)) for n in names]
+    return sorted(found)
+
+
+def our_files(folder: str) -> dict[str, str] | None:
+    """{relative path: sha256} of the files export.py wrote into folder (from its meta.json); None when folder is
+    not an export of ours."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            mark = json.load(f).get("export") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    files = mark.get("files") if isinstance(mark, dict) and mark.get("by") == EXPORT_MARK else None
+    return files if isinstance(files, dict) else None
+
+
+def not_ours(folder: str, ours: dict[str, str]) -> list[str]:
+    """What in folder export.py did not write as it is now: added files and folders, and edited files."""
+    return [rel for rel in entries(folder) if rel != "meta.json" and not (
+        rel in ours and os.path.isfile(os.path.join(folder, rel)) and not os.path.islink(os.path.join(folder, rel))
+        and digest(os.path.join(folder, rel)) == ours[rel])]
+
+
+def write_folder(out: str, fill, overwrite: bool = False) -> None:
     """Fill a temp folder beside `out`, then rename it into place: `out` is never half written. An earlier export
-    in `out` is replaced; any other non-empty folder is left alone (an error)."""
+    of ours in `out` is replaced with overwrite=True: only the files it wrote; what was added or edited there since
+    is moved into the new folder, or the export is refused naming it where the new one writes the same name. Any
+    other non-empty folder, a file or a symbolic link is refused."""
+    if os.path.islink(out):
+        raise UserError(f"out {out}: is a symbolic link (to {os.readlink(out)}); pass the folder itself or a new "
+                        "--out folder")
     out = os.path.abspath(out)
-    if os.path.exists(out):
-        is_export = os.path.isfile(os.path.join(out, "model.safetensors"))
-        if not os.path.isdir(out) or (os.listdir(out) and not is_export):
-            raise UserError(f"out {out}: exists and is not an earlier export (no model.safetensors); pass a new "
-                            "--out folder")
+    foreign: list[str] = []
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise UserError(f"out {out}: exists and is not a folder; pass a new --out folder")
+        if os.listdir(out):
+            ours = our_files(out)
+            if ours is None:
+                raise UserError(f"out {out}: exists and is not an earlier export (its meta.json lists no files "
+                                "written by export.py); pass a new --out folder")
+            if not overwrite:
+                raise UserError(f"out {out}: holds an earlier export; pass --overwrite=True to replace its files "
+                                "(files you added there are kept), or a new --out folder")
+            foreign = not_ours(out, ours)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(out) + ".", suffix=".tmp")
@@ -139,25 +197,57 @@ def write_folder(out: str, fill) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; give it the permissions mkdir would
         fill(tmp)
-        if os.path.exists(out):
-            old = tmp + ".old"
-            os.rename(out, old)
+        if not os.path.exists(out):
             os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
+            return
+        new = set(entries(tmp))
+        new_parents = {p for rel in new for p in parents(rel)}
+        clash = [rel for rel in foreign if rel in new_parents or any(p in new for p in parents(rel))]
+        if clash:
+            raise UserError(f"out {out}: {', '.join(clash[:5])}{' ...' if len(clash) > 5 else ''} "
+                            f"{'was' if len(clash) == 1 else 'were'} added or edited after the earlier export, "
+                            "and the new one writes the same name; move them out of the folder and export again")
+        for rel in foreign:  # what the user added comes along, unchanged
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            os.rename(os.path.join(out, rel), os.path.join(tmp, rel))
+        old = tmp + ".old"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        remove_ours(old)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and isinstance(e.filename, str) and e.filename.startswith(tmp + os.sep):
+            # a file that could not be written (a full disk): named where it was to go, not by the temp folder
+            raise OSError(e.errno, e.strerror, out + e.filename[len(tmp):]) from None
         raise
 
 
+def parents(rel: str) -> list[str]:
+    """rel and each folder above it: samples/a.wav -> [samples/a.wav, samples]."""
+    out = [rel]
+    while os.path.dirname(out[-1]):
+        out.append(os.path.dirname(out[-1]))
+    return out
+
+
+def remove_ours(old: str) -> None:
+    """The earlier export, once its foreign files have moved out: files, then the folders they leave empty."""
+    for root, dirs, files in os.walk(old, topdown=False):
+        for name in files:
+            os.remove(os.path.join(root, name))
+        os.rmdir(root)
+
+
 def push(folder: str, repo_id: str, private: bool, message: str) -> str:
-    """Upload the folder to a Hub model repo (created if missing); returns its URL. Any failure is one line."""
+    """Upload export.py's files in the folder (not what the user added there) to a Hub model repo (created if
+    missing); returns its URL. Any failure is one line."""
     from huggingface_hub import HfApi
+    files = ["meta.json", *(our_files(folder) or {})]
     try:
         api = HfApi()
         url = api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=message)
+        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=message,
+                          allow_patterns=files)
     except Exception as e:  # offline, no token, no permission: huggingface_hub raises many types
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"push to the Hugging Face Hub failed ({type(e).__name__}: {first}); the folder {folder} "
@@ -196,15 +286,18 @@ def main() -> None:
 
     def fill(folder: str) -> None:
         blob = safetensors.torch.save(weights, metadata={"format": "pt", "tied": json.dumps(tied)})
-        atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(blob))
+        atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(blob), size=len(blob))
         write_json(os.path.join(folder, "config.json"), ckpt["model_args"])
-        write_json(os.path.join(folder, "meta.json"), meta_out)
         atomic_write(os.path.join(folder, "README.md"), lambda f: f.write(card), mode="w")
         for p in samples:
-            os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-            shutil.copyfile(p, os.path.join(folder, "samples", os.path.basename(p)))
+            with open(p, "rb") as f:
+                wav = f.read()
+            atomic_write(os.path.join(folder, "samples", os.path.basename(p)), lambda f: f.write(wav), size=len(wav))
+        # written last: the list of what export.py wrote, which says the folder is ours to replace
+        files = {rel: digest(os.path.join(folder, rel)) for rel in entries(folder) if rel != "meta.json"}
+        write_json(os.path.join(folder, "meta.json"), {**meta_out, "export": {"by": EXPORT_MARK, "files": files}})
 
-    write_folder(cfg.out, fill)
+    write_folder(cfg.out, fill, cfg.overwrite)
     print(f"exported {cfg.ckpt} ({n_params / 1e6:.2f}M parameters, iteration {summary['iter_num']:,}) -> {cfg.out}: "
           f"model.safetensors, config.json, meta.json, README.md" + (f", {len(samples)} samples" if samples else ""),
           flush=True)
@@ -218,4 +311,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, on_full_disk="the export is written to a temp folder first, so --out is as it was: free some "
+                                "space and run it again")

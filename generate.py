@@ -34,7 +34,7 @@ import torch
 
 from checkpoints import check_compatible, load_model_source, tokenizer_meta
 from codec import ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, load_codec, read_audio, read_audio_tail
-from common import UserError, pick_device, pick_dtype, run_main, user_errors
+from common import UserError, pick_device, pick_dtype, run_main, user_errors, write_failed
 from config import parse_config
 from model import GPT
 from sampling import (CODEC_CONTEXT_FRAMES, DECODE_FRAMES, DECODE_MODES, StreamDecoder, keep_frames, sample_frames,
@@ -75,8 +75,14 @@ class SampleWriters:
         import soundfile as sf
         self.paths, self.cont_paths, self.prompt_samples, self.pipe = paths, cont_paths, prompt_samples, pipe
         self.tmps = [f"{p}.{os.getpid()}.tmp" for p in paths + cont_paths]
-        self.files = [sf.SoundFile(t, "w", samplerate=sample_rate, channels=1, format="WAV", subtype="PCM_16")
-                      for t in self.tmps]
+        self.files = []
+        for tmp, path in zip(self.tmps, paths + cont_paths):
+            try:
+                self.files.append(sf.SoundFile(tmp, "w", samplerate=sample_rate, channels=1, format="WAV",
+                                               subtype="PCM_16"))
+            except (RuntimeError, OSError) as e:  # libsndfile's errors are RuntimeErrors; a full disk, say
+                self.__exit__(type(e), e, None)
+                raise write_failed(path, e) from None
         self.written = 0  # samples written to each sample_<i>.wav so far
         if pipe is not None:
             # 16-bit mono WAV of unknown length: both sizes at their maximum, as sox and ffmpeg write to pipes;
@@ -90,9 +96,12 @@ class SampleWriters:
         start = max(0, self.prompt_samples - self.written)  # where the continuation starts inside this piece
         rows = [row[:max(0, limits[i] - self.written)] if limits else row for i, row in enumerate(audio)]
         for i, row in enumerate(rows):
-            self.files[i].write(row)
-            if self.cont_paths and start < len(row):
-                self.files[len(self.paths) + i].write(row[start:])
+            try:
+                self.files[i].write(row)
+                if self.cont_paths and start < len(row):
+                    self.files[len(self.paths) + i].write(row[start:])
+            except (RuntimeError, OSError) as e:  # libsndfile says "System error." for a full disk: say which file
+                raise write_failed(self.paths[i], e, 2 * len(row)) from None
         self.written += audio.shape[1]
         if self.pipe is not None:
             # PCM_16 as libsndfile 1.2 writes the files: floor(x * 32768), clipped to the int16 range
@@ -103,13 +112,19 @@ class SampleWriters:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for f in self.files:
-            f.close()
+        failed = None
+        for f, path in zip(self.files, self.paths + self.cont_paths):
+            try:
+                f.close()  # writes the header's sizes
+            except (RuntimeError, OSError) as e:
+                failed = failed or write_failed(path, e)
         for tmp, path in zip(self.tmps, self.paths + self.cont_paths):
-            if exc_type is None:
+            if exc_type is None and failed is None:
                 os.replace(tmp, path)
             elif os.path.exists(tmp):
                 os.remove(tmp)
+        if exc_type is None and failed is not None:
+            raise failed
 
 
 # -----------------------------------------------------------------------------
@@ -374,4 +389,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, on_full_disk="no sample file was written (each is renamed into place only when whole): free some "
+                                "space and run it again")

@@ -38,7 +38,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from codec import DEFAULT_CODEC, BadAudio, load_codec, read_audio, resampled_length, to_mono
-from common import Dist, UserError, atomic_write, pick_device, run_main, user_errors, write_json
+from common import (Dist, UserError, atomic_write, hold_out_dir_lock, pick_device, run_main, user_errors,
+                    write_json)
 from config import parse_config
 from sources import (Columns, Dataset, Item, Source, audio_extensions, codes_to_tokens, fetch, open_dataset,
                      pick_columns, read_schema, rows_to_items)
@@ -420,7 +421,7 @@ def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]
     def flush() -> None:
         data = np.concatenate(parts).astype("<u2")  # raw little-endian uint16, no header
         name = f"{split}_{len(shards):03d}.bin"
-        atomic_write(os.path.join(out_dir, name), lambda f: f.write(data.tobytes()))
+        atomic_write(os.path.join(out_dir, name), lambda f: f.write(data.tobytes()), size=data.nbytes)
         shards.append({"file": name, "split": split, "tokens": int(len(data)), "sources": list(sources)})
 
     for rel, doc in docs:
@@ -653,6 +654,8 @@ def main() -> None:
 
     start = time.perf_counter()
     dist = Dist.from_env()  # torchrun: each rank prepares its share of the files
+    if dist.master:  # one job per out_dir: a second one refuses, naming this one
+        hold_out_dir_lock(cfg.out_dir)
     pool, n_workers = start_workers(cfg, dist)
     try:
         device = dist.init(pick_device(cfg.device))
@@ -697,7 +700,8 @@ def main() -> None:
                   f"{' (pre-tokenised SNAC codes: no codec runs)' if columns.codes else ''}", flush=True)
             if columns.text:
                 print(f"transcripts from column '{columns.text}'", flush=True)
-        folder = cache_folder(cfg.out_dir, tok, cfg, columns, runs_codec)  # nothing is written before this point
+        # nothing but the lock is written before this point
+        folder = cache_folder(cfg.out_dir, tok, cfg, columns, runs_codec)
         new_dirs = [d for d in (cfg.out_dir, os.path.join(cfg.out_dir, ".cache")) if not os.path.isdir(d)]
         os.makedirs(folder, exist_ok=True)
 
@@ -737,4 +741,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, on_full_disk="the work done so far is kept in out_dir/.cache (every file is written whole or not at "
+                                "all): free some space and run the same command again to finish")

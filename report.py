@@ -47,18 +47,36 @@ def list_samples(out_dir: str) -> dict[int, list[str]]:
 # -----------------------------------------------------------------------------
 # the report
 
-def read_log(path: str) -> list[dict]:
-    """log.jsonl rows; a line cut short by a kill is skipped."""
+NUMBERS = ("loss", "lr", "ms", "tok_s", "mfu", "val_loss", "val_bps", "val_audio_loss", "val_text_loss",
+           "val_text_bpb", "sample_s")  # the figures a row may hold (mfu may be null: no figure)
+
+
+def read_log(path: str, warnings: list[str] | None = None) -> list[dict]:
+    """log.jsonl rows; a line cut short by a kill is skipped, and so is a row that is not one of train.py's (an
+    `iter` that is not a whole number, a figure that is not a number): said in `warnings` when given."""
     if not os.path.isfile(path):
         return []
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                pass
+                continue  # a kill mid-line: expected, not worth a warning
+            levels = row.get("val_loss_levels", {}) if isinstance(row, dict) else None
+            if not isinstance(row, dict) or not is_number(row.get("iter"), whole=True) or not all(
+                    is_number(row[k]) for k in NUMBERS if row.get(k) is not None) or not isinstance(levels, dict) \
+                    or not all(is_number(v) for v in levels.values()):
+                if warnings is not None:
+                    warnings.append(f"{path}, line {n}: not a log row of train.py (iter and figures must be "
+                                    "numbers); skipped")
+                continue
+            rows.append(row)
     return rows
+
+
+def is_number(x, whole: bool = False) -> bool:
+    return not isinstance(x, bool) and isinstance(x, int if whole else (int, float))
 
 
 def png(fig) -> str:
@@ -130,8 +148,10 @@ def spectrogram(audio: np.ndarray, sample_rate: int) -> str:
     fig = Figure(figsize=(4.1, 2.0), dpi=90)
     fig.subplots_adjust(left=0.19, right=0.96, bottom=0.24, top=0.95)
     ax = fig.add_subplot()
-    if len(audio) >= 512:
-        ax.specgram(audio, NFFT=512, Fs=sample_rate, noverlap=384, cmap="magma", vmin=-120)
+    seconds = len(audio) / sample_rate
+    if len(audio) >= 512:  # the image spans the whole file (matplotlib's default starts and ends half a window in)
+        ax.specgram(audio, NFFT=512, Fs=sample_rate, noverlap=384, cmap="magma", vmin=-120, xextent=(0, seconds))
+    ax.set_xlim(0, seconds)
     ax.set_xlabel("seconds")
     ax.set_ylabel("Hz")
     return png(fig)
@@ -142,12 +162,23 @@ def sample_card(path: str, mtime: float) -> str:
     """A sample's name, player (the WAV inline) and spectrogram. Cached by (path, mtime): evals that skip their
     samples rebuild the page without drawing these again."""
     import soundfile as sf
-    audio, sr = sf.read(path, dtype="float32")
+    audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)  # one spectrogram, of what a listener hears
     with open(path, "rb") as f:
         uri = "data:audio/wav;base64," + base64.b64encode(f.read()).decode()
     name = html.escape(SAMPLE_NAME.match(os.path.basename(path)).group(2))
-    return (f'<div class=sample><b>{name}</b> ({len(audio) / sr:.1f} s)<audio controls preload="metadata" '
+    return (f'<div class=sample><b>{name}</b> ({len(audio) / sr:.2f} s)<audio controls preload="metadata" '
             f'src="{uri}"></audio><img alt="spectrogram of {name}" src="{spectrogram(audio, sr)}"></div>')
+
+
+def sample_card_or_note(path: str, warnings: list[str]) -> str:
+    """sample_card, or for a file that cannot be read (damaged, cut short) a note on the page and a warning."""
+    try:
+        return sample_card(path, os.path.getmtime(path))
+    except Exception as e:  # soundfile and matplotlib raise many types for a damaged file
+        warnings.append(f"{path}: cannot be read as audio ({type(e).__name__}: {str(e)[:120]}); left out")
+        name = html.escape(os.path.basename(path))
+        return f"<div class=sample><b>{name}</b> (cannot be read: damaged or cut short)</div>"
 
 
 def table(items: dict) -> str:
@@ -185,21 +216,25 @@ def build_report(out_dir: str, meta: dict | None = None) -> str:
     meta_path = os.path.join(cfg.get("data_dir", ""), "meta.json")
     if meta is None and os.path.isfile(meta_path):
         meta = read_json(meta_path, "dataset meta")
-    rows = read_log(os.path.join(out_dir, "log.jsonl"))
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "val_loss" in r]
+    warnings: list[str] = []
+    rows = read_log(os.path.join(out_dir, "log.jsonl"), warnings)
+    train = [r for r in rows if r.get("loss") is not None]
+    evals = [r for r in rows if r.get("val_loss") is not None]
     tokens_per_iter = cfg.get("gradient_accumulation_steps", 0) * cfg.get("batch_size", 0) * cfg.get("block_size", 0)
     it = max((r["iter"] for r in rows), default=0)
-    summary = [f"iteration {it:,} of {cfg.get('max_iters', '?'):,}", f"{it * tokens_per_iter / 1e6:,.1f}M tokens seen"]
+    max_iters = f"{cfg['max_iters']:,}" if is_number(cfg.get("max_iters"), whole=True) else "?"
+    summary = [f"iteration {it:,} of {max_iters}", f"{it * tokens_per_iter / 1e6:,.1f}M tokens seen"]
     if train:
-        summary.append(f"train loss {train[-1]['loss']:.4f}")
+        latest = max(reversed(train), key=lambda r: r["iter"])  # the latest by iteration (last in the file on a tie)
+        at = f" at iteration {latest['iter']:,}" if latest["iter"] != it else ""  # evals come before a step's log
+        summary.append(f"train loss {latest['loss']:.4f}{at}")
         ms = [r["ms"] for r in train[-5:] if "ms" in r]
         if ms and isinstance(cfg.get("max_iters"), int) and it < cfg["max_iters"]:
             summary.append(f"time left about {format_duration(max(0, cfg['max_iters'] - it) * np.mean(ms) / 1e3)}")
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
-        summary.append(f"best val loss {best['val_loss']:.4f} ({best['val_bps']:.0f} bits/s) at iteration "
-                       f"{best['iter']:,}")
+        bps = f" ({best['val_bps']:.0f} bits/s)" if best.get("val_bps") is not None else ""
+        summary.append(f"best val loss {best['val_loss']:.4f}{bps} at iteration {best['iter']:,}")
     summary.append("updated " + time.strftime("%Y-%m-%d %H:%M:%S"))
 
     body = [f"<h1>gpt2o run: {html.escape(os.path.abspath(out_dir))}</h1>",
@@ -215,7 +250,7 @@ def build_report(out_dir: str, meta: dict | None = None) -> str:
     if samples:
         latest = max(samples)
         body.append(f"<p>At iteration {latest:,}:</p><div class=grid>")
-        body += [sample_card(path, os.path.getmtime(path)) for path in samples[latest]]
+        body += [sample_card_or_note(path, warnings) for path in samples[latest]]
         body.append("</div>")
         earlier = [f"iteration {i:,}: " + ", ".join(f'<a href="samples/{html.escape(os.path.basename(p))}">'
                                           f'{html.escape(SAMPLE_NAME.match(os.path.basename(p)).group(2))}</a>'
@@ -232,7 +267,9 @@ def build_report(out_dir: str, meta: dict | None = None) -> str:
             f"{html.escape(os.path.basename(os.path.abspath(out_dir)))}</title><style>{CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
     path = os.path.join(out_dir, "report.html")
-    atomic_write(path, lambda f: f.write(page), mode="w")
+    atomic_write(path, lambda f: f.write(page), mode="w", size=len(page.encode()))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     return path
 
 

@@ -8,6 +8,7 @@ The files are named and found by report.py (sample_path, list_samples), which re
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
@@ -20,11 +21,14 @@ from common import atomic_write
 from report import refresh, sample_path
 
 SAMPLE_SHARE = 0.1  # eval samples may take at most this share of the run's training time (first and last: always)
+MAX_EVAL_SAMPLES = 64  # a glance at the model at every eval; generate.py makes any number
+MAX_EVAL_SAMPLE_SECONDS = 300.0  # the tokens of a sample are held whole: bound them
+SAMPLE_BATCH = 8  # samples generated and decoded together: memory is that of this many, however many there are
 
 
 def sample_specs(meta: dict, n: int) -> list[tuple[str, torch.Tensor | None]]:
     """What to sample at each eval: (name, prompt tokens, or None for unconditional). Samples with the same prompt
-    are generated in one batch. This is the list to extend."""
+    are generated together, SAMPLE_BATCH at a time. This is the list to extend."""
     return [(f"uncond{i}", None) for i in range(n)]
 
 
@@ -121,21 +125,25 @@ class EvalSamples:
         from sampling import decode_in_chunks, generate_tokens
         tok = self.tok
         n_frames = math.ceil(self.seconds * tok.sample_rate / tok.frame_hop)
-        batches: dict[int, tuple[torch.Tensor | None, list[str]]] = {}  # one batch per distinct prompt
+        groups: dict[int, tuple[torch.Tensor | None, list[str]]] = {}  # the samples of each distinct prompt
         for name, prompt in self.specs:
-            batches.setdefault(id(prompt), (prompt, []))[1].append(name)
+            groups.setdefault(id(prompt), (prompt, []))[1].append(name)
+        batches = [(prompt, names[i:i + SAMPLE_BATCH]) for prompt, names in groups.values()
+                   for i in range(0, len(names), SAMPLE_BATCH)]
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         was_training, paths = model.training, []
         model.eval()  # no dropout while sampling
         try:
-            for prompt, names in batches.values():
+            for prompt, names in batches:
                 tokens = generate_tokens(model, tok.layout, prompt, n_frames, num_samples=len(names),
                                          generator=generator)  # (B, len(prompt) + n_frames * frame_size)
                 start = 0 if prompt is None else len(prompt)
                 audio = decode_in_chunks(tok, tokens[:, start:]).cpu().numpy()  # (B, n_frames * frame_hop)
                 for name, a in zip(names, audio):
                     path = sample_path(self.out_dir, it, name)
-                    atomic_write(path, lambda f: sf.write(f, a, tok.sample_rate, format="WAV", subtype="PCM_16"))
+                    wav = io.BytesIO()  # encoded first: the write to disk is then plain bytes, with plain errors
+                    sf.write(wav, a, tok.sample_rate, format="WAV", subtype="PCM_16")
+                    atomic_write(path, lambda f: f.write(wav.getbuffer()), size=wav.getbuffer().nbytes)
                     paths.append(path)
         finally:
             model.train(was_training)

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from checkpoints import check_compatible, load_checkpoint, load_model_source, save_checkpoint
-from common import (Dist, UserError, atomic_write, autocast, format_duration, peak_flops, pick_device, pick_dtype,
-                    remove_stale_temp_files, run_main, user_errors, write_json)
+from common import (Dist, UserError, atomic_write, autocast, format_duration, hold_out_dir_lock, peak_flops,
+                    pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
 from config import parse_config
 from model import GPT, GPTConfig
 from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
-from samples import EvalSamples
+from samples import MAX_EVAL_SAMPLE_SECONDS, MAX_EVAL_SAMPLES, EvalSamples
 
 
 @dataclass
@@ -93,9 +93,10 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise UserError(f"n_embd={cfg.n_embd}: must be divisible by n_head={cfg.n_head}")
     if not cfg.init_from:
         raise UserError("init_from is empty: expected scratch, resume, or a .pt checkpoint, export.py folder or Hub id")
-    if cfg.eval_samples < 0 or not cfg.eval_sample_seconds > 0:
+    if not 0 <= cfg.eval_samples <= MAX_EVAL_SAMPLES or not 0 < cfg.eval_sample_seconds <= MAX_EVAL_SAMPLE_SECONDS:
         raise UserError(f"eval_samples={cfg.eval_samples}, eval_sample_seconds={cfg.eval_sample_seconds}: expected "
-                        ">= 0 samples (0 = off) of > 0 seconds")
+                        f"0 (off) to {MAX_EVAL_SAMPLES} samples of more than 0 and at most {MAX_EVAL_SAMPLE_SECONDS} "
+                        "seconds (generate.py makes more and longer ones)")
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: must be divisible by the "
                         f"number of processes ({world_size}); it counts the micro-steps of the whole job")
@@ -173,6 +174,25 @@ def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
     return dataclasses.replace(cfg, **arch), ckpt["model"]
 
 
+RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl", "config.json", "report.html", "samples")  # a run's own, in out_dir
+
+
+def move_earlier_run(out_dir: str) -> str | None:
+    """A run that does not resume starts with none of an earlier run's files: they are moved, not deleted (the
+    folder may hold more than a run wrote), into out_dir/old-<time>/. Returns that folder, None if nothing moved."""
+    found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out_dir, name))]
+    if not found:
+        return None
+    aside = base = os.path.join(out_dir, time.strftime("old-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.lexists(aside):
+        aside, n = f"{base}-{n}", n + 1
+    os.makedirs(aside)
+    for name in found:
+        os.rename(os.path.join(out_dir, name), os.path.join(aside, name))
+    return aside
+
+
 def trim_log(path: str, iter_num: int) -> None:
     """On resume, drop log lines written after the checkpoint, so the log reads as one uninterrupted run."""
     if not os.path.isfile(path):
@@ -191,6 +211,8 @@ def main() -> None:
     dist = Dist.from_env()
     master = dist.master
     check_config(cfg, dist.world_size)
+    if master:  # before out_dir is looked at: a second job there refuses, naming this one
+        hold_out_dir_lock(cfg.out_dir)
     if cfg.wandb_log:
         try:
             import wandb
@@ -241,11 +263,13 @@ def main() -> None:
         os.makedirs(cfg.out_dir, exist_ok=True)
         for name in remove_stale_temp_files(cfg.out_dir, ("ckpt.pt", "best.pt", "log.jsonl", "config.json")):
             print(f"note: removed {name}, a partial file left by a run that was killed while writing it", flush=True)
+        aside = None if ckpt else move_earlier_run(cfg.out_dir)
+        if aside:
+            print(f"note: moved the earlier run's files in {cfg.out_dir} (checkpoints, log, samples, report) to "
+                  f"{aside}", flush=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
         if ckpt:
             trim_log(log_path, int(ckpt["iter_num"]))
-        elif os.path.exists(log_path):
-            os.remove(log_path)
         if cfg.wandb_log:
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
     if device_type == "cuda":
@@ -284,8 +308,11 @@ def main() -> None:
             print(f"note: {cfg.data_dir} has no val tokens, so there is no eval and no best.pt", flush=True)
 
     def log(row: dict) -> None:
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: the error names the file
+            raise write_failed(log_path, e) from None
         if cfg.wandb_log:
             import wandb
             wandb.log(row, step=row["iter"])
@@ -376,9 +403,12 @@ def main() -> None:
             dt = (time.perf_counter() - t0) / iters_timed
             tok_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tok_s / dist.world_size, peak) if peak else 0.0
+            # over 100% means the peak is wrong (a CPU's, measured once at start on a busy machine), not that the
+            # model beats the hardware: no figure then, in the line or the log
+            mfu = mfu if mfu <= 1 else None
             if master:
                 print(f"iter {iter_num} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                      f"{tok_s / 1e3:.1f}k tok/s | mfu {mfu * 100:.1f}% | "
+                      f"{tok_s / 1e3:.1f}k tok/s | mfu {'?' if mfu is None else f'{mfu * 100:.1f}%'} | "
                       f"eta {format_duration((cfg.max_iters - iter_num - 1) * dt)}", flush=True)
                 log({"iter": iter_num, "loss": loss, "lr": lr, "ms": dt * 1000, "tok_s": tok_s, "mfu": mfu})
             t0, iters_timed = time.perf_counter(), 0
@@ -393,4 +423,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, on_full_disk="every checkpoint written before it is intact (a checkpoint is written whole or not "
+                                "at all): free some space, then continue with --init_from=resume")

@@ -63,3 +63,34 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
     for word in words:
         assert word in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size) -> (folder, preexec_fn): a folder where writing more than `size` bytes fails, for a
+    subprocess started with that preexec_fn. A real full disk (a tmpfs of that size) where this runs as root and
+    mounting is allowed; elsewhere (CI runners) the file size limit, RLIMIT_FSIZE with SIGXFSZ ignored, so writes
+    past it fail with EFBIG instead of killing the process."""
+    import shutil
+    import subprocess
+    resource = pytest.importorskip("resource", reason="no RLIMIT_FSIZE on this platform")
+    mounted = []
+
+    def make(size: int):
+        folder = str(tmp_path / f"disk{len(mounted)}")
+        os.makedirs(folder)
+        if os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True).returncode == 0:
+            mounted.append(folder)
+            return folder, None
+
+        def limit() -> None:
+            import signal
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        mounted.append(None)
+        return folder, limit
+
+    yield make
+    for folder in filter(None, mounted):
+        subprocess.run(["umount", "-l", folder], capture_output=True)

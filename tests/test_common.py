@@ -1,11 +1,20 @@
-"""common.py: config files are data (never executed), --key=value conversion and errors, atomic writes."""
+"""common.py: config files are data (never executed), --key=value conversion and errors, atomic writes, a full
+disk and SIGTERM said in one line, the out_dir lock."""
+import json
 import os
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import pytest
 
-from common import atomic_write
+from conftest import ROOT
+
+from common import LOCK_NAME, OutDirLock, UserError, atomic_write
 from config import parse_config, read_config_file
 
 
@@ -128,3 +137,81 @@ def test_stale_temp_files_of_our_pattern_only(tmp_path):
         (tmp_path / name).write_text("x")
     assert remove_stale_temp_files(str(tmp_path), ("ckpt.pt", "best.pt")) == ["best.pt.abc.tmp", "ckpt.pt.k3j_x9a1.tmp"]
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.tmp", "other.bin.x1.tmp"]
+
+
+def run_script(code: str, preexec=None, until=None) -> subprocess.CompletedProcess:
+    """A script that runs `code` as its main() through run_main; SIGTERM once until() is true, when given."""
+    script = f"import sys, time\nsys.path.insert(0, {ROOT!r})\nfrom common import *\n\ndef main():\n" + \
+        "".join(f"    {line}\n" for line in code.splitlines()) + \
+        "\nrun_main(main, on_full_disk='nothing else was touched')\n"
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=preexec)
+    if until is not None:
+        deadline = time.time() + 60
+        while not until() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_full_disk_is_one_line_naming_the_file_and_the_space(small_disk):
+    folder, preexec = small_disk(64 * 1024)
+    path = os.path.join(folder, "ckpt.pt")
+    # torch.save hides the OSError under `RuntimeError: [enforce fail at inline_container.cc]`
+    r = run_script(f"import torch\natomic_write({path!r}, lambda f: torch.save(torch.zeros(100_000), f), "
+                   "size=400_000)", preexec)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {path}: ") and "nothing else was touched" in lines[0]
+    if preexec is None:  # a real full disk
+        assert "No space left on device (needs about 400.0 kB, 0 B free)" in lines[0], lines[0]
+    else:
+        assert "File too large (the file size limit, ulimit -f, is 65.5 kB)" in lines[0], lines[0]
+    assert os.listdir(folder) == []  # the temp file is gone
+    # libsndfile's only word for it is "System error.": write_failed tells the cause from the disk and the limit
+    wav = path[:-3] + ".wav"
+    r = run_script(f"import numpy as np, soundfile as sf\ntry:\n    sf.write({wav!r}, np.zeros(100_000), 24000)\n"
+                   f"except RuntimeError as e:\n    raise write_failed({wav!r}, e) from None", preexec)
+    assert r.stderr.startswith(f"error: {wav}: ") and r.stderr.count("\n") == 1, r.stderr
+    assert ("No space left" if preexec is None else "File too large") in r.stderr
+
+
+def test_sigterm_is_ctrl_c_and_temp_files_are_removed(tmp_path):
+    code = (f"def slow(f):\n    f.write(b'x')\n    f.flush()\n    time.sleep(60)\n"
+            f"atomic_write({str(tmp_path / 'big.bin')!r}, slow)")
+    r = run_script(code, until=lambda: any(n.endswith(".tmp") for n in os.listdir(tmp_path)))
+    assert r.returncode == 1 and r.stderr == "error: interrupted\n", (r.returncode, r.stderr)
+    assert os.listdir(tmp_path) == []  # no temp file left behind (and no file)
+
+
+def write_lock(folder, pid: int, host: str | None = None) -> None:
+    os.makedirs(folder, exist_ok=True)
+    from common import _start_time
+    with open(os.path.join(folder, LOCK_NAME), "w") as f:
+        json.dump({"pid": pid, "host": host or socket.gethostname(), "start": _start_time(pid), "since": time.time(),
+                   "script": "train.py"}, f)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_out_dir_lock(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    with OutDirLock(out):
+        assert os.path.isfile(os.path.join(out, LOCK_NAME))
+        with pytest.raises(UserError) as e:
+            OutDirLock(out).acquire()
+        assert f"in use by pytest (process {os.getpid()} on host {socket.gethostname()}, since " in str(e.value) or \
+            f"(process {os.getpid()} on host {socket.gethostname()}, since " in str(e.value), str(e.value)
+    assert not os.path.exists(out)  # made for the lock, still empty: removed again
+    write_lock(out, dead_pid())  # a job killed with -9
+    with OutDirLock(out):
+        assert "taken over from train.py" in capsys.readouterr().err
+    assert os.listdir(out) == []
+    write_lock(out, os.getpid(), host="elsewhere")  # another machine's job: cannot tell, so refuse
+    with pytest.raises(UserError, match=f"on host elsewhere.*remove {out}/{LOCK_NAME}"):
+        OutDirLock(out).acquire()

@@ -5,12 +5,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import SNAC_24KHZ_CONFIG, assert_one_line_error, run_script, save_random_snac
+from conftest import ROOT, SNAC_24KHZ_CONFIG, assert_one_line_error, run_script, save_random_snac
 from test_train import TINY, read_log, run_train, write_dataset
 
 from checkpoints import load_model_source
@@ -132,8 +133,8 @@ def test_export_writes_atomically_and_never_clobbers(trained, tmp_path):
     assert_one_line_error(r, "not an earlier export")
     assert os.listdir(other) == ["mine.txt"]
     out = tmp_path / "model"
-    for _ in range(2):  # the second export replaces the first
-        assert run("export.py", f"--ckpt={trained['out']}/ckpt.pt", f"--out={out}").returncode == 0
+    for flags in ([], ["--overwrite=True"]):  # the second export replaces the first
+        assert run("export.py", f"--ckpt={trained['out']}/ckpt.pt", f"--out={out}", *flags).returncode == 0
     assert sorted(os.listdir(tmp_path)) == ["model", "notes"]  # no temp folders left behind
     assert_one_line_error(run("export.py", f"--ckpt={tmp_path}/none.pt", f"--out={tmp_path}/x"), "none.pt", "not found")
 
@@ -163,3 +164,62 @@ def test_init_from_exported_folder_fine_tunes_from_its_weights(trained, exported
     assert_one_line_error(r, f"init_from={exported}", "codebook_size")
     r = run_train(TINY + [f"--data_dir={other}", f"--out_dir={tmp_path}/x", "--init_from=resum"])
     assert_one_line_error(r, "init_from=resum", "resume")
+
+
+def test_export_replaces_only_the_files_it_wrote(trained, tmp_path, small_disk):
+    ckpt = f"--ckpt={trained['out']}/ckpt.pt"
+    mine = tmp_path / "mine"  # looks like an export, is not one of ours
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"")
+    (mine / "NOTES.md").write_text("x")
+    assert_one_line_error(run("export.py", ckpt, f"--out={mine}", "--overwrite=True"), "not an earlier export")
+    assert sorted(os.listdir(mine)) == ["NOTES.md", "model.safetensors"] and (mine / "NOTES.md").read_text() == "x"
+    out = tmp_path / "out"
+    assert run("export.py", ckpt, f"--out={out}").returncode == 0
+    ours = sorted(os.listdir(out))
+    (out / "NOTES.md").write_text("my notes")
+    (out / "samples" / "mine.wav").write_bytes(b"RIFF")
+    assert_one_line_error(run("export.py", ckpt, f"--out={out}"), "earlier export", "--overwrite=True")
+    r = run("export.py", ckpt, f"--out={out}", "--overwrite=True")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == sorted(ours + ["NOTES.md"]) and (out / "NOTES.md").read_text() == "my notes"
+    assert (out / "samples" / "mine.wav").read_bytes() == b"RIFF"
+    with open(out / "meta.json") as f:
+        listed = json.load(f)["export"]["files"]
+    assert sorted(listed) == ["README.md", "config.json", "model.safetensors", "samples/iter000002_uncond0.wav"]
+    card = (out / "README.md").read_text() + "\nMy own words.\n"  # an edited model card is the user's now
+    (out / "README.md").write_text(card)
+    assert_one_line_error(run("export.py", ckpt, f"--out={out}", "--overwrite=True"), "README.md", "edited")
+    assert (out / "README.md").read_text() == card
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    assert_one_line_error(run("export.py", ckpt, f"--out={link}", "--overwrite=True"), "symbolic link")
+    assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["link", "mine", "out"]  # no temp folders left
+    folder, preexec = small_disk(64 * 1024)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), ckpt, f"--out={folder}/x"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                       timeout=300, preexec_fn=preexec)
+    line = assert_one_line_error(r, f"error: {folder}/x/model.safetensors: ", "--out is as it was")
+    assert ("needs about 1.7 MB" in line) if preexec is None else ("ulimit -f" in line), line
+    assert os.listdir(folder) == []
+
+
+@pytest.mark.parametrize("change,words", [({"dropout": 0.0, "colour": "red"}, "unknown key 'colour'"),
+                                          ({"n_layer": 3}, "n_layer=3, but the weights hold n_layer=2"),
+                                          ({"vocab_size": 99999}, "vocab_size=99999 needs"),
+                                          ({"block_size": -1}, "block_size=-1, expected a whole number")])
+def test_a_bad_config_json_is_one_line(exported, trained, tmp_path, change, words):
+    folder = str(tmp_path / "bad")
+    shutil.copytree(exported, folder)
+    with open(f"{folder}/config.json") as f:
+        config = json.load(f)
+    with open(f"{folder}/config.json", "w") as f:
+        json.dump({**config, **change}, f)
+    with pytest.raises(ValueError, match=f"model config {folder}/config.json: ") as e:
+        load_model_source(folder)
+    assert words in str(e.value), str(e.value)
+    if "colour" in change:  # the scripts say it in one line
+        assert_one_line_error(run("generate.py", f"--ckpt={folder}", f"--out_dir={tmp_path}/wav"), "config.json", words)
+    if "block_size" in change:
+        r = run_train(TINY + [f"--data_dir={trained['data']}", f"--out_dir={tmp_path}/t", f"--init_from={folder}"])
+        assert_one_line_error(r, "config.json", words)

@@ -1,8 +1,11 @@
 """generate.py: frame-valid sampling, KV cache vs full recompute, sliding window, prompts, streaming, bad input."""
 import os
 import shutil
+import signal
 import struct
 import subprocess
+import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import SNAC_24KHZ_CONFIG, assert_one_line_error, run_script, save_random_snac, synth_audio, tiny_gpt
+from conftest import ROOT, SNAC_24KHZ_CONFIG, assert_one_line_error, run_script, save_random_snac, synth_audio, tiny_gpt
 
 import fixtures
 import generate
@@ -556,3 +559,27 @@ def test_text_audio_layout_static_and_eager_steps_agree():
                 if ended[row].any():
                     first = int(ended[row].int().argmax())
                     assert ended[row, first:].all()
+
+
+def test_full_disk_and_sigterm_leave_no_half_file(ckpt, tmp_path, small_disk):
+    folder, preexec = small_disk(16 * 1024)  # the WAV headers fit, one second of audio (48 kB) does not
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}", f"--out_dir={folder}",
+                        "--num_samples=1", "--seconds=1", "--device=cpu"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, preexec_fn=preexec)
+    assert_one_line_error(r, f"{folder}/sample_0.wav: ", "No space left" if preexec is None else "File too large",
+                          "no sample file was written")
+    assert os.listdir(folder) == []
+    # SIGTERM (a scheduler's time limit, `kill`) is a Ctrl-C: the temp files go, "interrupted"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt={ckpt}",
+                          f"--out_dir={tmp_path}/out", "--num_samples=2", "--seconds=600", "--device=cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (
+            os.path.isdir(f"{tmp_path}/out") and len(os.listdir(f"{tmp_path}/out")) == 2):
+        time.sleep(0.1)
+    assert sorted(os.listdir(f"{tmp_path}/out")) == [f"sample_{i}.wav.{p.pid}.tmp" for i in range(2)]
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 1 and err.endswith("error: interrupted\n"), (p.returncode, err)
+    assert os.listdir(f"{tmp_path}/out") == []

@@ -217,3 +217,22 @@ def test_nothing_usable_leaves_nothing_behind_and_bad_values_are_named(tmp_path,
                         ("--out_dir=", "out_dir=''"), ("--shard_tokens=0", "shard_tokens=0: must be at least 1")):
         r = run_prepare(f"--dataset={bad}", f"--codec={codec_dir}", arg, "--text_encoding=none")
         assert r.returncode == 1 and r.stderr.startswith("error: ") and expect in r.stderr, r.stderr
+
+
+def test_full_disk_and_a_busy_out_dir_are_one_line(prepared, tmp_path, small_disk):
+    from test_common import write_lock
+    _, args, _ = prepared
+    args = [a for a in args if not a.startswith("--out_dir")] + ["--workers=0"]
+    folder, preexec = small_disk(1024)  # the lock fits (in one 4 kB page of a tmpfs), a cache entry does not
+    r = run_prepare(*args, f"--out_dir={folder}/out", preexec_fn=preexec)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    assert errors[0].startswith(f"error: {folder}/out/") and "run the same command again" in errors[0], errors[0]
+    assert ("No space left on device" if preexec is None else "File too large") in errors[0], errors[0]
+    assert not [f for _, _, files in os.walk(folder) for f in files if f.endswith(".tmp") or f == ".gpt2o.lock"]
+    out = str(tmp_path / "busy")
+    write_lock(out, os.getpid())  # another prepare_audio.py (this test's process) writes there
+    r = run_prepare(*args, f"--out_dir={out}")
+    assert r.returncode == 1 and r.stderr.startswith(f"error: out_dir {out}: in use by train.py (process "
+                                                     f"{os.getpid()}") and r.stderr.count("\n") == 1, r.stderr
+    assert os.listdir(out) == [".gpt2o.lock"]

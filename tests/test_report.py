@@ -159,3 +159,47 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     assert dom.count("<img ") == 7 and dom.count('src="data:image/png;base64,') == 7
     assert dom.count("<audio ") == 2 and dom.count('src="data:audio/wav;base64,') == 2
     assert "val bits per second" in dom and "gradient_accumulation_steps" in dom  # a plot's alt text, the config
+
+
+def test_eval_samples_are_generated_in_bounded_batches(codec_dir, tmp_path, monkeypatch):
+    import sampling
+    from codec import load_codec
+    from samples import SAMPLE_BATCH
+    meta = {**load_codec(codec_dir).meta(), "codec": codec_dir}
+    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=64, n_layer=1, n_head=1, n_embd=16))
+    sizes, generate_tokens = [], sampling.generate_tokens
+
+    def counted(*args, **kw):
+        sizes.append(kw["num_samples"])
+        return generate_tokens(*args, **kw)
+    monkeypatch.setattr(sampling, "generate_tokens", counted)
+    assert EvalSamples(str(tmp_path), meta, SAMPLE_BATCH + 1, SECONDS, "cpu", seed=1)(model, 0)
+    assert sizes == [SAMPLE_BATCH, 1] and len(report.list_samples(str(tmp_path))[0]) == SAMPLE_BATCH + 1
+
+
+def test_a_damaged_log_or_sample_is_a_warning_and_the_rest_renders(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"max_iters": 100, "data_dir": str(tmp_path)}))
+    rows = [{"iter": 10, "loss": 3.5, "lr": 1e-3, "ms": 10.0, "tok_s": 1e4, "mfu": 0.1},
+            {"iter": "ten", "loss": 9.0},  # hand-edited
+            {"iter": 20, "loss": 3.0, "lr": 1e-3, "ms": 10.0, "tok_s": 1e4, "mfu": None},  # an MFU that was no figure
+            {"iter": 30, "val_loss": 2.5, "val_bps": 250.0, "val_loss_levels": {"L0": 2.5}}]
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iter": 4')  # cut by a kill
+    sf.write(out / "samples" / "iter000030_uncond0.wav", np.zeros(4800, dtype=np.float32), 24000)
+    (out / "samples" / "iter000030_uncond1.wav").write_bytes(b"RIFF\x00\x01garbage")
+    page = open(report.build_report(str(out)), encoding="utf-8").read()
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2 and "log.jsonl, line 2" in warnings[0] and "iter000030_uncond1.wav" in warnings[1]
+    # the page is at iteration 30 (an eval); its train loss is the latest, at 20, and says so
+    assert "iteration 30 of 100" in page and "train loss 3.0000 at iteration 20" in page
+    assert "uncond0</b> (0.20 s)" in page and "iter000030_uncond1.wav</b> (cannot be read" in page
+    assert page.count('<audio controls') == 1
+
+
+def test_spectrogram_spans_the_sample(monkeypatch):
+    figures = []
+    monkeypatch.setattr(report, "png", lambda fig: figures.append(fig) or "")
+    report.spectrogram(np.random.default_rng(0).standard_normal(4800).astype(np.float32), 24000)  # 0.2 s
+    ax = figures[0].axes[0]
+    assert ax.get_xlim() == (0, 0.2) and ax.images[0].get_extent()[:2] == [0, 0.2]

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -236,3 +237,72 @@ def test_torchrun_bad_config_is_said_once(data, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "gradient_accumulation_steps=3" in errors[0], r.stderr
     assert "Traceback" not in r.stderr.split("error:")[0]  # nothing of ours before it
+
+
+def test_one_job_per_out_dir_and_a_new_run_starts_clean(data, tmp_path):
+    from test_common import dead_pid, write_lock
+    out = f"{tmp_path}/out"
+    args = TINY + [f"--data_dir={data}", f"--out_dir={out}", "--eval_interval=2", "--log_interval=1"]
+    assert run_train(args + ["--max_iters=2"]).returncode == 0
+    os.makedirs(f"{out}/samples", exist_ok=True)
+    with open(f"{out}/samples/iter000200_uncond0.wav", "wb") as f:  # the earlier run's last samples
+        f.write(b"RIFF")
+    with open(f"{out}/NOTES.md", "w") as f:
+        f.write("mine")
+    log = open(f"{out}/log.jsonl").read()
+    write_lock(out, os.getpid())  # a job that is running (this test's own process) holds out_dir
+    bad(args + ["--max_iters=1", "--overwrite=True"], f"out_dir {out}: in use by train.py (process {os.getpid()}")
+    assert open(f"{out}/log.jsonl").read() == log and os.path.isfile(f"{out}/ckpt.pt")
+    write_lock(out, dead_pid())  # ... and one killed with -9
+    # peak_flops=1: an MFU of billions of percent, which is no figure
+    r = run_train(args + ["--max_iters=1", "--overwrite=True", "--peak_flops=1"])
+    assert r.returncode == 0, r.stderr
+    assert "taken over from train.py" in r.stderr and "moved the earlier run's files" in r.stdout
+    old = [name for name in os.listdir(out) if name.startswith("old-")]
+    assert len(old) == 1 and sorted(os.listdir(f"{out}/{old[0]}")) == ["best.pt", "ckpt.pt", "config.json",
+                                                                       "log.jsonl", "report.html", "samples"]
+    assert open(f"{out}/{old[0]}/log.jsonl").read() == log
+    assert not os.path.exists(f"{out}/samples") and open(f"{out}/NOTES.md").read() == "mine"
+    page = open(f"{out}/report.html", encoding="utf-8").read()
+    assert "At iteration 200" not in page and "No samples yet" in page and "iteration 1 of 1" in page
+    assert "| mfu ? |" in r.stdout and all(row.get("mfu") is None for row in read_log(out) if "loss" in row)
+    assert not os.path.exists(f"{out}/.gpt2o.lock")  # released at the end
+
+
+def test_full_disk_is_one_line_and_says_what_is_intact(data, small_disk):
+    folder, preexec = small_disk(256 * 1024)  # config.json and the log fit, a checkpoint does not
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--data_dir={data}",
+                        f"--out_dir={folder}/out", "--max_iters=2"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, preexec_fn=preexec,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {folder}/out/ckpt.pt: "), lines[0]
+    assert "needs about" in lines[0] if preexec is None else "ulimit -f" in lines[0]
+    assert "every checkpoint written before it is intact" in lines[0] and "--init_from=resume" in lines[0]
+    assert sorted(os.listdir(f"{folder}/out")) == ["config.json", "log.jsonl"]  # no temp file, no lock
+
+
+def test_eval_samples_are_bounded(data, tmp_path):
+    bad(TINY + [f"--data_dir={data}", f"--out_dir={tmp_path}/out", "--eval_samples=100000"], "eval_samples=100000",
+        "to 64 samples")
+    assert not os.path.exists(f"{tmp_path}/out")
+
+
+def test_hand_edited_meta_json_is_refused(tmp_path):
+    from dataset import load_dataset
+    folder = write_dataset(str(tmp_path / "d"), [400], [100])
+    with open(f"{folder}/meta.json") as f:
+        meta = json.load(f)
+    shard = meta["shards"][0]
+    for change, words in ((dict(tokens_per_second=0), "tokens_per_second=0"),
+                          (dict(tokens_per_second=-65.6), "tokens_per_second=-65.6"),
+                          (dict(tokens_per_second="fast"), "tokens_per_second='fast'"),
+                          (dict(shards=[{**shard, "file": "../../../etc/passwd"}]), "'../../../etc/passwd'"),
+                          (dict(shards=[{**shard, "file": "/etc/passwd"}]), "'/etc/passwd'"),
+                          (dict(shards=[{**shard, "file": ".."}]), "'..'")):
+        with open(f"{folder}/meta.json", "w") as f:
+            json.dump({**meta, **change}, f)
+        with pytest.raises(ValueError, match="meta.json") as e:
+            load_dataset(folder)
+        assert words in str(e.value), str(e.value)
