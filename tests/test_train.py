@@ -201,6 +201,20 @@ def test_configs_parse():
     assert cfg.block_size == 2048 and cfg.dropout > 0
 
 
+@pytest.mark.parametrize("arg,message", [
+    ("--beta1=1.5", "beta1=1.5: must be in [0, 1)"), ("--beta2=-0.1", "beta2=-0.1: must be in [0, 1)"),
+    ("--seed=-1", "seed=-1: must be in [0, 2**32)"), (f"--seed={2 ** 70}", "must be in [0, 2**32)"),
+    ("--min_lr=1", "min_lr=1.0: must be at most learning_rate=0.0006"),
+])
+def test_out_of_range_settings_are_refused_before_any_work(arg, message):
+    from common import UserError
+    from config import parse_config
+    from train import TrainConfig, check_config
+    with pytest.raises(UserError) as e:
+        check_config(parse_config(TrainConfig, [arg]), world_size=1)
+    assert message in str(e.value)
+
+
 def test_scratch_run_never_replaces_a_trained_model(data, tmp_path):
     out = f"{tmp_path}/out"
     args = TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
