@@ -51,7 +51,7 @@ class GenerateConfig:
     temperature: float = 1.0  # 0 = greedy (always the most likely code)
     top_k: int = 0  # keep only the k most likely codes; 0 = off
     top_p: float = 1.0  # nucleus sampling: the smallest set of codes with this much probability; 1 = off
-    seed: int = 1337  # same seed, same tokens on the same device
+    seed: int = 1337  # same seed, same tokens and the same audio on the same device
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto, float32, bfloat16, float16 (half precision on CUDA only)
     codec: str = ""  # Hub id or local folder; "" = the codec named in the checkpoint's tokenizer meta
@@ -169,6 +169,7 @@ def load_model(cfg: GenerateConfig, device: str, dtype: str):
     with user_errors("; pass the checkpoint's codec with --codec"):
         ours = f"codec {codec}" + (f" + text encoding '{layout.text_encoding}'" if layout.text_encoding else "")
         check_compatible(meta, tok.meta(), f"checkpoint {cfg.ckpt}", ours)
+    tok.noise_seed = cfg.seed  # SNAC's decoder adds noise: seeded, so the same seed writes the same WAV bytes
     model = GPT.from_checkpoint(ckpt).to(device).eval()
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))  # inference only: half-precision weights, no per-step autocast casts
@@ -278,6 +279,8 @@ def check_config(cfg: GenerateConfig) -> None:
         raise UserError(f"seconds={cfg.seconds}: must be > 0 (the length of audio to generate)")
     if cfg.num_samples < 1:
         raise UserError(f"num_samples={cfg.num_samples}: must be at least 1")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise UserError(f"seed={cfg.seed}: must be in [0, 2**32)")
     if cfg.temperature < 0:
         raise UserError(f"temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
     if cfg.top_k < 0:

@@ -392,6 +392,43 @@ def test_stream_cli_matches_one_shot(ckpt, tmp_path):
         assert ("compiling the decode step" in c.stdout) == (decode == "compile")
 
 
+def test_decoder_noise_is_seeded_and_the_global_rng_untouched(tok):
+    """SNAC's decoder adds noise: drawn from tok.noise_seed and each frame's place in the stream, so decoding twice,
+    or in chunks, gives the same audio, and the global RNG is not drawn from."""
+    layout = tok.layout
+    g = torch.Generator().manual_seed(2)
+    frames = torch.randint(0, layout.codebook_size, (2, 12, layout.frame_size), generator=g)
+    tokens = (frames + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(2, -1)
+    state = torch.get_rng_state()
+    one = tok.decode_codes(layout.tokens_to_codes(tokens))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(tok.decode_codes(layout.tokens_to_codes(tokens)), one)
+    torch.testing.assert_close(sampling.decode_in_chunks(tok, tokens, chunk_frames=3), one, rtol=0, atol=1e-5)
+    seed = tok.noise_seed
+    try:
+        tok.noise_seed = seed + 1
+        assert (tok.decode_codes(layout.tokens_to_codes(tokens)) - one).abs().max() > 1e-3  # the noise is there
+    finally:
+        tok.noise_seed = seed
+
+
+def test_same_seed_writes_the_same_wav_bytes(tok, model, codec_dir, tmp_path):
+    """With the codec's decoder noise on: two runs write identical files, and --stream the same audio."""
+    path = str(tmp_path / "noisy.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": asdict(model.config),
+                           "meta": {**tok.meta(), "codec": codec_dir}, "iter_num": 0})
+    common = [f"--ckpt={path}", "--num_samples=2", "--seconds=0.5", "--seed=3"]
+    for name, extra in (("a", []), ("b", []), ("s", ["--stream=True", "--stream_frames=2"])):
+        r = run(*common, f"--out_dir={tmp_path / name}", *extra)
+        assert r.returncode == 0, r.stderr
+    for i in range(2):
+        a, b = (open(tmp_path / d / f"sample_{i}.wav", "rb").read() for d in ("a", "b"))
+        assert a == b, i
+        x, _ = sf.read(tmp_path / "a" / f"sample_{i}.wav", dtype="float32")
+        y, _ = sf.read(tmp_path / "s" / f"sample_{i}.wav", dtype="float32")
+        np.testing.assert_allclose(x, y, atol=2 / 32768)  # PCM_16 rounding of values equal to ~1e-6
+
+
 def test_compile_without_a_compiler_is_one_line(ckpt, tmp_path):
     """--decode=compile where no C++ compiler works (CXX points at one that fails; an empty compile cache, so
     nothing compiled earlier is reused): one line that says what is missing and that eager needs none."""
