@@ -182,7 +182,9 @@ class SeededNoise(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) with T a whole number of frames
         noise = frame_noise(self.seed, self.block, self.first, self.n_frames, x.shape[-1] // self.n_frames)
-        return x + noise.to(x.device, x.dtype) * self.linear(x)
+        if x.is_cuda:  # from pinned memory the copy is queued and the host goes on launching the codec's kernels
+            noise = noise.pin_memory()
+        return x + noise.to(x.device, non_blocking=x.is_cuda).to(x.dtype) * self.linear(x)
 
 
 def seed_decoder_noise(codec: torch.nn.Module) -> list[SeededNoise]:
