@@ -177,3 +177,8 @@ def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
             raise ValueError(f"argument '{arg}': unknown key '{key}' (run with --help to list the keys)")
         values[key] = _convert(key, value, types[key], "command line")
     return cls(**values)
+
+
+def command_line_keys(argv: list[str]) -> set[str]:
+    """The keys argv sets with --key=value or a bare --flag: tells `--text=` apart from no --text at all."""
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}

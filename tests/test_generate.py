@@ -452,6 +452,7 @@ def test_stream_to_stdout_is_a_wav_stream(ckpt, tmp_path):
                        capture_output=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     err = r.stderr.decode()
+    assert '"stream": true' in err.splitlines()[0]  # the echoed config shows the setting in effect
     assert "time to first audio" in err and "real-time factor" in err and "sample_1.wav" in err
     head, data = r.stdout[:44], r.stdout[44:]
     riff, _, wave, fmt, _, pcm, channels, rate, _, _, bits, tag, _ = struct.unpack("<4sI4s4sIHHIIHH4sI", head)
@@ -491,6 +492,27 @@ def test_bad_inputs(ckpt, tok, codec_dir, tmp_path):
     assert_one_line_error(run(f"--ckpt={ckpt}", "--temprature=0.5"), "temprature")
     assert_one_line_error(run(f"--ckpt={ckpt}", "--decode=fast"), "decode=fast", "expected one of")
     assert_one_line_error(run(f"--ckpt={ckpt}", "--decode=graph", "--device=cpu"), "decode=graph", "CUDA")
+
+
+def test_settings_and_files_are_checked_before_any_work(tmp_path):
+    """Empty --text, a --transcribe that names no file, a folder, a missing file after a good one, too many seconds,
+    a seed out of range: one UserError each from check_config, before the model is loaded."""
+    from common import UserError
+    from config import command_line_keys, parse_config
+    good = tmp_path / "good.wav"
+    sf.write(good, synth_audio(0.2, 24000), 24000)
+    for argv, message in (
+            (["--text="], "text='': nothing to speak"), (["--text=   "], "nothing to speak"),
+            (["--transcribe=,"], "transcribe=',': names no file"), (["--transcribe="], "names no file"),
+            ([f"--transcribe={tmp_path}"], f"transcribe {tmp_path}: is a folder"),
+            ([f"--transcribe={good},{tmp_path / 'missing.wav'}"], "missing.wav: not found"),
+            ([f"--prompt={tmp_path}"], "is a folder"),
+            (["--seconds=1e12"], "at most 43200"), (["--seed=-1"], "seed=-1: must be in [0, 2**32)"),
+            ([f"--seed={2 ** 70}"], "must be in [0, 2**32)")):
+        with pytest.raises(UserError) as e:
+            generate.check_config(parse_config(generate.GenerateConfig, argv), command_line_keys(argv))
+        assert message in str(e.value), (argv, str(e.value))
+    generate.check_config(parse_config(generate.GenerateConfig, [f"--transcribe={good}"]), {"transcribe"})
 
 
 def test_help_lists_options():

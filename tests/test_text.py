@@ -413,6 +413,42 @@ def test_generate_text_and_transcribe_cli(tmp_path, text_tok, tok):
     assert r.returncode == 1 and "separate modes" in r.stderr
 
 
+def test_text_audio_model_makes_audio_without_its_text_encoding(tmp_path, text_tok):
+    """A text+audio checkpoint whose encoding cannot be loaded here (offline, as gpt2's BPE without its cache):
+    unconditional and prompted audio run; --text, which encodes text, says in one line that it needs it."""
+    import soundfile as sf
+    from conftest import synth_audio
+    meta = {**text_tok.meta(), "text_encoding": "gpt2o_test_unreachable"}
+    ckpt = save_model(str(tmp_path / "ckpt.pt"), tiny_gpt(text_tok.layout.vocab_size, block_size=96), meta)
+    sf.write(tmp_path / "a.wav", synth_audio(0.3, 24000), 24000)
+    for extra in ([], [f"--prompt={tmp_path / 'a.wav'}"]):
+        r = run_generate(f"--ckpt={ckpt}", "--num_samples=1", "--seconds=0.3", f"--out_dir={tmp_path / 'out'}",
+                         "--device=cpu", *extra)
+        assert r.returncode == 0, r.stderr
+        assert sf.info(str(tmp_path / "out" / "sample_0.wav")).frames % 2048 == 0
+    r = run_generate(f"--ckpt={ckpt}", "--text=Hello.", f"--out_dir={tmp_path / 'out'}", "--device=cpu")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "gpt2o_test_unreachable" in r.stderr and "needed for --text" in r.stderr
+
+
+def test_transcription_of_nothing_says_so(tmp_path, text_tok):
+    """A model that ends the text at once: the file's line is printed, empty, with a note on stderr."""
+    import soundfile as sf
+    from conftest import synth_audio
+    model = GPT(GPTConfig(vocab_size=text_tok.layout.vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=32,
+                          bias=True)).eval()
+    with torch.no_grad():  # every final hidden state is e_0, and TEXT_END's logit along it is far above the others'
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()[0] = 1.0
+        model.lm_head.weight[text_tok.layout.special("text_end"), 0] = 100.0
+    ckpt = save_model(str(tmp_path / "ckpt.pt"), model, text_tok.meta())
+    sf.write(tmp_path / "a.wav", synth_audio(0.3, 24000), 24000)
+    r = run_generate(f"--ckpt={ckpt}", f"--transcribe={tmp_path / 'a.wav'}", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / 'a.wav'}: " in r.stdout.splitlines()
+    assert "the model wrote no text" in r.stderr
+
+
 # -----------------------------------------------------------------------------
 # the proof that it learns: a tiny model trained by train.py on synthetic pairs speaks and transcribes them back
 
