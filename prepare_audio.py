@@ -86,7 +86,8 @@ def clean_text(text: str) -> str:
 
 def read_text_file(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (as Windows editors save UTF-8) is not part of the first line's text or id
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"text file {path}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
@@ -495,6 +496,9 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
                         return
 
     what = "audio files" if ds.kind == "audio" else "parquet rows"
+    if not n_usable and not skipped:  # nothing was warned about: there was nothing to read
+        raise UserError(f"dataset {cfg.dataset}: its {len(ds.sources)} parquet file(s) hold no rows; point --dataset "
+                        "at files with data")
     if not n_usable:
         raise UserError(f"dataset {cfg.dataset}: none of its {len(ds.sources)} {ds.kind} files could be used (see "
                         "the warnings above)" if ds.kind == "audio" else f"dataset {cfg.dataset}: none of the rows of "

@@ -301,6 +301,18 @@ def test_prepare_pairs_transcripts_with_audio(transcribed, text_tok):
                                                                    (d < layout.boundary_id)).sum()) for d in docs)
 
 
+def test_transcripts_saved_with_a_bom_and_crlf(tmp_path):
+    """metadata.csv and name.txt as Windows editors save UTF-8 (a byte-order mark, CRLF line ends): the first
+    clip keeps its transcript, and no BOM or CR is left in any text."""
+    from prepare_audio import find_transcripts
+    (tmp_path / "wavs").mkdir()
+    (tmp_path / "metadata.csv").write_bytes("LJ001|First one.|First one.\r\nLJ002|Second.|Second.\r\n"
+                                            .encode("utf-8-sig"))
+    (tmp_path / "wavs" / "solo.txt").write_bytes("Beside it.\r\n".encode("utf-8-sig"))
+    found = find_transcripts(str(tmp_path), ["wavs/LJ001.wav", "wavs/LJ002.wav", "wavs/solo.wav"], "normalized")
+    assert found == {"wavs/LJ001.wav": "First one.", "wavs/LJ002.wav": "Second.", "wavs/solo.wav": "Beside it."}
+
+
 def test_prepare_text_options(transcribed, text_tok):
     """--text_field=raw picks the raw transcripts, --asr_fraction=1 makes every pair a transcription item,
     --strict makes a missing transcript an error; all from the cache, without encoding again."""
