@@ -147,6 +147,58 @@ def to_mono(waveform, sample_rate: int, target_rate: int) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
+# SNAC's decoder noise, seeded
+
+def _mix(*words: int) -> int:
+    """splitmix64 over the words -> a 32-bit seed (torch's CPU generator uses only the low 32 bits of its seed)."""
+    m, h = (1 << 64) - 1, 0
+    for w in words:
+        h = ((h ^ w) + 0x9E3779B97F4A7C15) & m
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & m
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & m
+        h ^= h >> 31
+    return h & 0xFFFFFFFF
+
+
+def frame_noise(seed: int, block: int, first: int, n_frames: int, per_frame: int) -> torch.Tensor:
+    """Standard normal noise (n_frames * per_frame,) float32 on the CPU for frames [first, first + n_frames) of a
+    stream: each frame's values depend on (seed, block, frame) alone, so any chunking of the stream draws the same."""
+    g, out = torch.Generator(), torch.empty(n_frames, per_frame)
+    for f in range(n_frames):
+        g.manual_seed(_mix(seed, block, first + f))
+        torch.randn(per_frame, generator=g, out=out[f])
+    return out.reshape(-1)
+
+
+class SeededNoise(torch.nn.Module):
+    """SNAC's NoiseBlock (x + noise * linear(x)) with its noise from frame_noise instead of the global RNG: the same
+    seed gives the same audio, a stream decoded in chunks gets the noise of one pass, and the global RNG is untouched.
+    The noise is the same for every row of a batch, so how rows are grouped into codec calls does not change it."""
+
+    def __init__(self, linear: torch.nn.Module, block: int):
+        super().__init__()
+        self.linear, self.block = linear, block  # `linear`: the NoiseBlock's name, so its weights load unchanged
+        self.seed, self.first, self.n_frames = 0, 0, 1  # set by AudioTokenizer.decode_codes before each call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) with T a whole number of frames
+        noise = frame_noise(self.seed, self.block, self.first, self.n_frames, x.shape[-1] // self.n_frames)
+        if x.is_cuda:  # from pinned memory the copy is queued and the host goes on launching the codec's kernels
+            noise = noise.pin_memory()
+        return x + noise.to(x.device, non_blocking=x.is_cuda).to(x.dtype) * self.linear(x)
+
+
+def seed_decoder_noise(codec: torch.nn.Module) -> list[SeededNoise]:
+    """Replace every NoiseBlock of a SNAC model by a SeededNoise holding the same weights; returns them in order."""
+    blocks = []
+    for name, module in list(codec.named_modules()):
+        if type(module).__name__ == "NoiseBlock":
+            parent, _, child = name.rpartition(".")
+            blocks.append(SeededNoise(module.linear, len(blocks)))
+            setattr(codec.get_submodule(parent), child, blocks[-1])
+    return blocks
+
+
+# -----------------------------------------------------------------------------
 # SNAC: waveforms <-> codes per level <-> token ids of the layout
 
 class AudioTokenizer:
@@ -154,6 +206,8 @@ class AudioTokenizer:
 
     def __init__(self, codec, name: str, text=None):
         self.codec = codec.eval()
+        self.noise = seed_decoder_noise(self.codec)
+        self.noise_seed = 0  # the decoder's noise derives from it (generate.py's --seed): same seed, same audio
         self.name = name  # Hub id or local folder it came from
         self.text = text  # a tiktoken Encoding, or None for the audio-only layout
         self.layout = Layout(tuple(int(s) for s in codec.vq_strides), int(codec.codebook_size),
@@ -298,14 +352,17 @@ class AudioTokenizer:
         return self.layout.codes_to_tokens([c.cpu().numpy() for c in codes])
 
     @torch.inference_mode()
-    def decode_codes(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Codes [(B, n_frames * k_l) per level] on any device -> (B, n_frames * frame_hop) float32 audio."""
+    def decode_codes(self, codes: list[torch.Tensor], first_frame: int = 0) -> torch.Tensor:
+        """Codes [(B, n_frames * k_l) per level] on any device -> (B, n_frames * frame_hop) float32 audio.
+        first_frame: where these frames start in the stream they belong to, which places the decoder's noise."""
         n_frames = codes[0].shape[-1] // self.layout.codes_per_frame[0]
         # codecs with local attention need whole attention windows: pad with code 0, trim the audio after
         frames_per_unit = self.pad_unit // self.frame_hop
         pad = -n_frames % frames_per_unit
         if pad:
             codes = [torch.nn.functional.pad(c, (0, pad * k)) for c, k in zip(codes, self.layout.codes_per_frame)]
+        for block in self.noise:
+            block.seed, block.first, block.n_frames = self.noise_seed, first_frame, n_frames + pad
         audio = self.codec.decode([c.to(self.device) for c in codes])  # (B, 1, samples)
         return audio[:, 0, : n_frames * self.frame_hop].float()
 

@@ -3,6 +3,9 @@
     cfg = parse_config(TrainConfig, sys.argv[1:], __doc__)   # python train.py configs/tiny.py --batch_size=4
     values = read_config_file("configs/sherlock.py")           # {"batch_size": 8, ...}: literals, arithmetic, names
 
+Names used only to compute other values start with `_` (`_width = 512`, then `n_embd = _width`); every other name
+must be a key of the script, so a misspelt key is an error, not a silently ignored line.
+
 Bad input is a ValueError naming the file, line, key and value; scripts print it as one line (common.user_errors).
 `--help` prints the script's docstring and every key with its default and the comment beside its field.
 """
@@ -23,6 +26,10 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 # otherwise hang or fill memory before any check on the result could run
 MAX_NUMBER = 10 ** 18
 MAX_LENGTH = 10_000
+# bounds on a config file's syntax: Python's own parser runs out of memory or stack on 100k nested signs or a 200k-term
+# sum, and a real config is a few dozen short lines
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 50
 
 
 def _number(x: Any) -> bool:
@@ -44,19 +51,21 @@ def _binop(op: ast.operator, a: Any, b: Any) -> Any:
     return value
 
 
-def _eval_node(node: ast.AST, names: dict[str, Any], where: str) -> Any:
+def _eval_node(node: ast.AST, names: dict[str, Any], where: str, depth: int = 0) -> Any:
     """Evaluate a literal, a list/tuple of literals, bounded arithmetic, or a name assigned earlier in the file."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{where}: the value is nested more than {MAX_DEPTH} deep; write it more simply")
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, (ast.List, ast.Tuple)):
-        return [_eval_node(e, names, where) for e in node.elts]
+        return [_eval_node(e, names, where, depth + 1) for e in node.elts]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _eval_node(node.operand, names, where)
+        v = _eval_node(node.operand, names, where, depth + 1)
         if not _number(v):
             raise ValueError(f"{where}: a sign only goes before a number, got `{ast.unparse(node)}`")
         return -v if isinstance(node.op, ast.USub) else +v
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        a, b = _eval_node(node.left, names, where), _eval_node(node.right, names, where)
+        a, b = _eval_node(node.left, names, where, depth + 1), _eval_node(node.right, names, where, depth + 1)
         try:
             return _binop(node.op, a, b)
         except (ArithmeticError, TypeError, ValueError) as e:  # 1/0, "abc" - 1, 10.0 ** 400, ...
@@ -69,23 +78,35 @@ def _eval_node(node: ast.AST, names: dict[str, Any], where: str) -> Any:
 
 def read_config_file(path: str) -> dict[str, Any]:
     """Read `key = value` lines from a .py config file as data (parsed with ast, not exec'd)."""
+    not_config = (f"config file {path}: not a text file of `key = value` lines; only a config file may come first, "
+                  "every other option is --key=value (e.g. --ckpt=<file>)")
     try:
         with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), filename=path)
+            text = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ValueError(f"config file {path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(not_config) from None
+    if len(text) > MAX_FILE_BYTES:
+        raise ValueError(f"config file {path}: larger than {MAX_FILE_BYTES >> 20} MB; a config file is a few "
+                         "`key = value` lines")
+    try:
+        tree = ast.parse(text, filename=path)
+    except (MemoryError, RecursionError):
+        raise ValueError(f"config file {path}: nested too deeply to parse (at most {MAX_DEPTH} levels)") from None
     except SyntaxError as e:
         raise ValueError(f"config file {path}, line {e.lineno}: not valid Python syntax ({e.msg})") from None
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"config file {path}: not a text file of `key = value` lines; only a config file may come "
-                         "first, every other option is --key=value (e.g. --ckpt=<file>)") from None
+    except ValueError:  # a NUL byte
+        raise ValueError(not_config) from None
+    lines = text.splitlines()
     values: dict[str, Any] = {}
     for stmt in tree.body:
         where = f"config file {path}, line {stmt.lineno}"
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
             continue  # a docstring
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
-            raise ValueError(f"{where}: expected `key = value`, got `{ast.unparse(stmt)[:60]}`")
+            # the line as written: ast.unparse of a deeply nested statement would exceed the recursion limit
+            raise ValueError(f"{where}: expected `key = value`, got `{lines[stmt.lineno - 1].strip()[:60]}`")
         key = stmt.targets[0].id
         values[key] = _eval_node(stmt.value, values, f"{where}, key {key}")
     return values
@@ -139,8 +160,12 @@ def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
     if args and not args[0].startswith("--") and not ("=" in args[0] and not os.path.exists(args[0])):
         path = args.pop(0)
         for key, value in read_config_file(path).items():
+            # helper names start with _: any other name must be a key, so a misspelt key is never silently ignored
+            if key.startswith("_"):
+                continue
             if key not in fields:
-                raise ValueError(f"config file {path}: unknown key '{key}' (known keys: {', '.join(fields)})")
+                raise ValueError(f"config file {path}: unknown key '{key}' (known keys: {', '.join(fields)}); a name "
+                                 f"that only helps later lines starts with _, e.g. `_{key} = ...`")
             values[key] = _convert(key, value, types[key], f"config file {path}")
     for arg in args:
         if arg.startswith("--") and "=" not in arg and types.get(arg[2:]) is bool:
@@ -152,3 +177,8 @@ def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
             raise ValueError(f"argument '{arg}': unknown key '{key}' (run with --help to list the keys)")
         values[key] = _convert(key, value, types[key], "command line")
     return cls(**values)
+
+
+def command_line_keys(argv: list[str]) -> set[str]:
+    """The keys argv sets with --key=value or a bare --flag: tells `--text=` apart from no --text at all."""
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}

@@ -21,6 +21,8 @@ then samples faster than the default eager steps: worth it for minutes of audio,
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import struct
@@ -32,10 +34,10 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import torch
 
-from checkpoints import check_compatible, load_model_source, tokenizer_meta
+from checkpoints import CODEC_KEYS, LAYOUT_KEYS, check_compatible, load_model_source, tokenizer_meta
 from codec import ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, load_codec, read_audio, read_audio_tail
 from common import UserError, pick_device, pick_dtype, run_main, user_errors, write_failed
-from config import parse_config
+from config import command_line_keys, parse_config
 from model import GPT
 from sampling import (CODEC_CONTEXT_FRAMES, DECODE_FRAMES, DECODE_MODES, StreamDecoder, keep_frames, sample_frames,
                       transcribe)
@@ -51,7 +53,7 @@ class GenerateConfig:
     temperature: float = 1.0  # 0 = greedy (always the most likely code)
     top_k: int = 0  # keep only the k most likely codes; 0 = off
     top_p: float = 1.0  # nucleus sampling: the smallest set of codes with this much probability; 1 = off
-    seed: int = 1337  # same seed, same tokens on the same device
+    seed: int = 1337  # same seed, same tokens and the same audio on the same device
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto, float32, bfloat16, float16 (half precision on CUDA only)
     codec: str = ""  # Hub id or local folder; "" = the codec named in the checkpoint's tokenizer meta
@@ -64,6 +66,10 @@ class GenerateConfig:
     text_temperature: float = 0.0  # for --transcribe: 0 = greedy (the most likely text); top_k/top_p apply too
     stream_to: str = ""  # "-": also write sample 0 to stdout as a WAV stream while it is made (implies --stream)
     decode: str = "auto"  # decode steps: auto (graph on CUDA, else eager), eager, static, graph, compile (see README)
+
+
+# a 16-bit WAV file holds at most 4 GB: 12 h of audio at up to 48 kHz
+MAX_SECONDS = 12 * 3600
 
 
 class SampleWriters:
@@ -136,8 +142,7 @@ def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float, kind: str
 
     With prompt_seconds only the file's tail is decoded: the frames kept, plus codec context before them, starting
     on the frame grid of the whole file, so the tokens are those of encoding the whole file and keeping its end."""
-    if not os.path.isfile(path):
-        raise UserError(f"{kind} {path}: not found (pass --{kind}=<an audio file>)")
+    check_audio_path(path, kind)
     sr, hop = tok.sample_rate, tok.frame_hop
     frames = math.ceil(prompt_seconds * sr / hop)
     try:
@@ -165,6 +170,15 @@ def load_prompt(path: str, tok: AudioTokenizer, prompt_seconds: float, kind: str
     return tokens[-frames * tok.layout.frame_size:] if prompt_seconds > 0 else tokens
 
 
+def check_audio_path(path: str, kind: str) -> None:
+    """An audio file given to --prompt or --transcribe must be a file that exists (kind names the option)."""
+    if os.path.isdir(path):
+        raise UserError(f"{kind} {path}: is a folder; pass audio files (--{kind}=<an audio file>"
+                        f"{', comma-separated' if kind == 'transcribe' else ''})")
+    if not os.path.isfile(path):
+        raise UserError(f"{kind} {path}: not found (pass --{kind}=<an audio file>)")
+
+
 def load_model(cfg: GenerateConfig, device: str, dtype: str):
     with user_errors():
         ckpt = load_model_source(cfg.ckpt)
@@ -173,17 +187,24 @@ def load_model(cfg: GenerateConfig, device: str, dtype: str):
     codec = cfg.codec or meta.get("codec")
     if not codec:
         raise UserError(f"checkpoint {cfg.ckpt}: its meta names no codec; pass --codec=<Hub id or local folder>")
-    if layout.text_encoding:
-        with user_errors():  # its own error first (tiktoken keeps it loaded for load_codec)
-            load_text_encoding(layout.text_encoding)
+    # only what encodes or decodes text needs the text encoding: audio from a text+audio model runs without it
+    text_encoding = layout.text_encoding if cfg.text or cfg.transcribe else ""
+    if text_encoding:
+        with user_errors(f" (needed for --{'text' if cfg.text else 'transcribe'})"):
+            load_text_encoding(text_encoding)  # its own error first (tiktoken keeps it loaded for load_codec)
     hint = "" if cfg.codec else (" (the codec the checkpoint was trained with; pass --codec=<Hub id, or a folder with "
                                  "config.json + pytorch_model.bin> to use a copy of it)")
     with user_errors(hint):
-        tok = load_codec(codec, device=device, text_encoding=layout.text_encoding)
+        tok = load_codec(codec, device=device, text_encoding=text_encoding)
     # the prompt's and the samples' ids are the codec's: they must be the ones the model was trained on
     with user_errors("; pass the checkpoint's codec with --codec"):
-        ours = f"codec {codec}" + (f" + text encoding '{layout.text_encoding}'" if layout.text_encoding else "")
-        check_compatible(meta, tok.meta(), f"checkpoint {cfg.ckpt}", ours)
+        ours = f"codec {codec}" + (f" + text encoding '{text_encoding}'" if text_encoding else "")
+        # without its text encoding a text+audio model's codes are still checked, and its own layout is taken
+        audio_only = bool(layout.text_encoding) and not text_encoding
+        check_compatible(meta, tok.meta(), f"checkpoint {cfg.ckpt}", ours, CODEC_KEYS if audio_only else LAYOUT_KEYS)
+        if audio_only:
+            tok.layout = layout  # with text, audio ids come after the text ids
+    tok.noise_seed = cfg.seed  # SNAC's decoder adds noise: seeded, so the same seed writes the same WAV bytes
     model = GPT.from_checkpoint(ckpt).to(device).eval()
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))  # inference only: half-precision weights, no per-step autocast casts
@@ -274,7 +295,7 @@ def transcribe_files(cfg: GenerateConfig, model: GPT, tok: AudioTokenizer, devic
     text_ok = torch.from_numpy(tok.text_bytes > 0)
     min_text = min(64, block_size // 4)  # text tokens the context must leave room for
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    for path in [p.strip() for p in cfg.transcribe.split(",") if p.strip()]:
+    for path in transcribe_paths(cfg):
         audio = load_prompt(path, tok, 0.0, kind="transcribe")
         fit = (block_size - len(layout.transcript_context(np.zeros(0, np.int64))) - min_text) // fs * fs
         if len(audio) > fit:  # the window must not slide, or the model would lose the audio it transcribes
@@ -285,14 +306,25 @@ def transcribe_files(cfg: GenerateConfig, model: GPT, tok: AudioTokenizer, devic
         max_tokens = block_size - len(layout.transcript_context(audio.numpy()))
         ids = transcribe(model, layout, audio, max_tokens, text_ok, temperature=cfg.text_temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-        print(f"{path}: {' '.join(tok.decode_text(ids).split())}", flush=True)
+        text = " ".join(tok.decode_text(ids).split())
+        print(f"{path}: {text}", flush=True)
+        if not text:
+            print(f"note: transcribe {path}: the model wrote no text for it", file=sys.stderr, flush=True)
 
 
-def check_config(cfg: GenerateConfig) -> None:
-    if not cfg.seconds > 0:
-        raise UserError(f"seconds={cfg.seconds}: must be > 0 (the length of audio to generate)")
+def transcribe_paths(cfg: GenerateConfig) -> list[str]:
+    return [p.strip() for p in cfg.transcribe.split(",") if p.strip()]
+
+
+def check_config(cfg: GenerateConfig, given: set[str] = frozenset()) -> None:
+    """Every setting, and every file named, before any work; given: the keys set on the command line."""
+    if not 0 < cfg.seconds <= MAX_SECONDS:
+        raise UserError(f"seconds={cfg.seconds}: must be > 0 and at most {MAX_SECONDS} (12 h: a WAV file holds at "
+                        "most 4 GB)")
     if cfg.num_samples < 1:
         raise UserError(f"num_samples={cfg.num_samples}: must be at least 1")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise UserError(f"seed={cfg.seed}: must be in [0, 2**32)")
     if cfg.temperature < 0:
         raise UserError(f"temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
     if cfg.top_k < 0:
@@ -305,8 +337,18 @@ def check_config(cfg: GenerateConfig) -> None:
         raise UserError(f"stream_frames={cfg.stream_frames}: must be at least 1")
     if cfg.text_temperature < 0:
         raise UserError(f"text_temperature={cfg.text_temperature}: must be >= 0 (0 = greedy)")
+    if ("text" in given or cfg.text) and not cfg.text.strip():
+        raise UserError(f"text={cfg.text!r}: nothing to speak; pass --text=<words>, or no --text for unconditional "
+                        "audio")
+    if ("transcribe" in given or cfg.transcribe) and not transcribe_paths(cfg):
+        raise UserError(f"transcribe={cfg.transcribe!r}: names no file; pass --transcribe=<audio file>[,<audio "
+                        "file>...]")
     if sum(map(bool, (cfg.text, cfg.transcribe, cfg.prompt))) > 1:
         raise UserError("--text, --transcribe and --prompt are separate modes: pass one of them")
+    for path in transcribe_paths(cfg):
+        check_audio_path(path, "transcribe")
+    if cfg.prompt:
+        check_audio_path(cfg.prompt, "prompt")
     if cfg.decode not in DECODE_MODES:
         raise UserError(f"decode={cfg.decode}: expected one of {', '.join(DECODE_MODES)} (see sampling.py)")
     if cfg.stream_to not in ("", "-"):
@@ -317,9 +359,10 @@ def check_config(cfg: GenerateConfig) -> None:
 def main() -> None:
     with user_errors():
         cfg = parse_config(GenerateConfig, sys.argv[1:], __doc__)
-    check_config(cfg)
+    check_config(cfg, command_line_keys(sys.argv[1:]))
+    cfg = dataclasses.replace(cfg, stream=cfg.stream or bool(cfg.stream_to))  # the setting in effect, as echoed
     log = sys.stderr if cfg.stream_to else sys.stdout  # stdout carries the WAV stream then
-    print(f"config: {cfg}", file=log, flush=True)
+    print("config:", json.dumps(dataclasses.asdict(cfg)), file=log, flush=True)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.decode == "graph" and not device.startswith("cuda"):
@@ -337,7 +380,7 @@ def main() -> None:
     if cfg.transcribe:
         return transcribe_files(cfg, model, tok, device)
     context = speech_context(cfg.text, tok, model.config.block_size) if cfg.text else None
-    stream = cfg.stream or bool(cfg.stream_to)
+    stream = cfg.stream
     if device.startswith("cuda") or cfg.decode == "compile":
         if cfg.decode == "compile":
             on = "" if device.startswith("cuda") else ": ~30 s on 2 CPU cores"

@@ -57,7 +57,7 @@ class PrepareConfig:
     device: str = "auto"  # auto = cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu
     chunk_seconds: float = 60.0  # longer audio is encoded in chunks of this length (plus 0.77 s of context a side)
     batch_seconds: float = 0.0  # audio per codec call (equal-length chunks); 0 = 4 x chunk_seconds on CUDA, else 1 x
-    workers: int = -1  # processes that decode + resample audio: -1 = the CPU cores (shared by torchrun ranks), 0 = none
+    workers: int = -1  # processes decoding audio, at most the CPU cores (shared by torchrun ranks); -1 = all, 0 = none
     val_files: int = 1  # the first N usable documents (files, or parquet rows) in order are the val split
     shard_tokens: int = 100_000_000  # tokens per shard file (2 bytes each); documents may span two shards
     max_hours: float = 0.0  # keep only the first documents, up to this many hours of audio (0 = all)
@@ -87,7 +87,8 @@ def clean_text(text: str) -> str:
 
 def read_text_file(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (as Windows editors save UTF-8) is not part of the first line's text or id
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"text file {path}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
@@ -494,6 +495,9 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
                         return
 
     what = "audio files" if ds.kind == "audio" else "parquet rows"
+    if not n_usable and not skipped:  # nothing was warned about: there was nothing to read
+        raise UserError(f"dataset {cfg.dataset}: its {len(ds.sources)} parquet file(s) hold no rows; point --dataset "
+                        "at files with data")
     if not n_usable:
         raise UserError(f"dataset {cfg.dataset}: none of its {len(ds.sources)} {ds.kind} files could be used (see "
                         "the warnings above)" if ds.kind == "audio" else f"dataset {cfg.dataset}: none of the rows of "
@@ -606,7 +610,7 @@ def prepare_share(cfg: PrepareConfig, ds: Dataset, mine: list[Source], tok, colu
                 count, total = count + int(ok.sum()), total + float(entry["seconds"][ok].sum())
                 if group.items is not None:
                     hours += float(entry["seconds"].sum()) / 3600
-                bar.set_postfix_str(f"{count:,} docs | {hours / max(time.time() - t0, 1e-9):.3g} audio-h/s",
+                bar.set_postfix_str(f"{count:,} docs | {audio_rate(hours * 3600 / max(time.time() - t0, 1e-9))}",
                                     refresh=False)
                 bar.update(group.index == group.n_groups - 1)
                 if (cfg.max_items and count >= cfg.max_items) or (cfg.max_hours and total > cfg.max_hours * 3600):
@@ -620,12 +624,23 @@ def prepare_share(cfg: PrepareConfig, ds: Dataset, mine: list[Source], tok, colu
     return clock
 
 
+def audio_rate(seconds_per_second: float) -> str:
+    """Audio prepared per second of wall time, in the unit that gives a readable number: audio-h/s, -min/s or -s/s."""
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds_per_second >= size:
+            return f"{seconds_per_second / size:.3g} audio-{unit}/s"
+    return f"{seconds_per_second:.3g} audio-s/s"
+
+
 def start_workers(cfg: PrepareConfig, dist: Dist) -> tuple[object, int]:
-    """The decoding processes, started first thing (a fork of a process with no threads and no GPU yet)."""
-    n = cfg.workers
-    if n < 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        n = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
+    """The decoding processes, started first thing (a fork of a process with no threads and no GPU yet): as many
+    as this rank's share of the CPU cores, or --workers, at most that many (more would only queue for the cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
+    n = share if cfg.workers < 0 else min(cfg.workers, share)
+    if n < cfg.workers and dist.master:
+        print(f"note: workers={cfg.workers}: capped at {n}, this process's share of the {cores} CPU cores",
+              flush=True)
     if n == 0:
         return None, 0
     # fork on Linux: workers start in milliseconds; elsewhere spawn (macOS and Windows cannot fork safely)
@@ -661,7 +676,7 @@ def main() -> None:
         device = dist.init(pick_device(cfg.device))
         rank, world, master = dist.rank, dist.world_size, dist.master
         if master:
-            print(f"prepare_audio: {json.dumps(dataclasses.asdict(cfg))} | device {device} | {world} process(es), "
+            print(f"config: {json.dumps(dataclasses.asdict(cfg))} | device {device} | {world} process(es), "
                   f"{n_workers} decoding worker(s) each", flush=True)
         # rank 0 lists/downloads the dataset and the codec first (or fails alone, with one line); the others then
         # find them cached

@@ -35,7 +35,7 @@ def sample_specs(meta: dict, n: int) -> list[tuple[str, torch.Tensor | None]]:
 class EvalSamples:
     """Rank 0's audio at every eval: a few short samples of the model, decoded with the dataset's codec.
 
-    Sampling draws from its own torch.Generator, and the codec's decoder noise from a forked global RNG, so the
+    Sampling draws from its own torch.Generator, and the codec's decoder noise from the seed (tok.noise_seed), so the
     training randomness (dropout masks, exact resume, 1 process = N processes) is untouched. On a fast GPU a few
     seconds of sampling can be a large share of a short eval interval: an eval skips its samples (and the rebuild of
     report.html) when those so far plus these would take more than SAMPLE_SHARE of the run's other time (the first
@@ -67,12 +67,11 @@ class EvalSamples:
             return {}
         t0 = time.perf_counter()
         cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
-        # the codec's initialisation and its decoder's noise draw from the global RNG: fork it, so training's is
-        # untouched, and seed it, so the noise is the same at every eval (like the samples' own generator)
+        # the codec's initialisation draws from the global RNG: fork it, so training's is untouched (its decoder's
+        # noise has its own seed, tok.noise_seed)
         with torch.random.fork_rng(devices=cuda):
             if self.tok is None and not self.load_codec():
                 return {}
-            torch.manual_seed(self.seed)
             try:
                 paths = self.write(model, it)
             except ValueError as e:  # a model that cannot sample (a context shorter than 2 frames)
@@ -116,6 +115,7 @@ class EvalSamples:
             tok.layout = Layout.from_meta(self.meta)
         except ValueError as e:
             return bool(self.off(str(e)))
+        tok.noise_seed = self.seed  # the same decoder noise at every eval, like the samples' own generator
         self.tok = tok
         return True
 

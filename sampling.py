@@ -628,24 +628,26 @@ class StreamDecoder:
         """Frames pushed so far."""
         return self.first + len(self.frames)
 
-    def _codec(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, F * frame_size) -> (B, F * frame_hop). The codec's activations grow with rows x frames: a few rows at
-        a time, so peak memory is bounded by max_frames whatever the batch size."""
+    def _codec(self, tokens: torch.Tensor, first: int) -> torch.Tensor:
+        """(B, F * frame_size) of frames first, first + 1, ... of the stream -> (B, F * frame_hop). The codec's
+        activations grow with rows x frames: a few rows at a time, so peak memory is bounded by max_frames whatever
+        the batch size."""
         rows = max(1, self.max_frames // (tokens.shape[1] // self.tok.layout.frame_size))
-        return torch.cat([self.tok.decode_codes(self.tok.layout.tokens_to_codes(t)) for t in tokens.split(rows)])
+        return torch.cat([self.tok.decode_codes(self.tok.layout.tokens_to_codes(t), first)
+                          for t in tokens.split(rows)])
 
     def _decode(self, stop: int) -> torch.Tensor:
         """Audio (B, samples) of frames [done, stop), decoded with context on both sides."""
         lo, hi = max(0, self.done - self.context), min(self.n_frames, stop + self.context)
         window = torch.cat(self.frames[lo - self.first:hi - self.first], dim=1)  # (B, (hi - lo) * frame_size)
         tokens, _ = cut_at_end(window, self.tok.layout)
-        audio = self._codec(tokens)
+        audio = self._codec(tokens, lo)
         hop, fs = self.tok.frame_hop, self.tok.layout.frame_size
         for row, end in enumerate(self.ends):  # rows that end in this window: decode up to the end only
             if end is not None and end < hi:
                 audio[row] = 0.0
                 if end > lo:
-                    audio[row, :(end - lo) * hop] = self._codec(tokens[row:row + 1, :(end - lo) * fs])[0]
+                    audio[row, :(end - lo) * hop] = self._codec(tokens[row:row + 1, :(end - lo) * fs], lo)[0]
         audio = audio[:, (self.done - lo) * hop:(stop - lo) * hop]
         self.done = stop
         drop = max(0, self.done - self.context) - self.first  # no later chunk reaches back further

@@ -165,9 +165,16 @@ def pick_columns(schema, dataset: str, text_column: str, codes_column: str, n_le
             raise ValueError(f"{flag}={column}: no such column ({where})")
         return column
 
-    text = check(text_column, "--text_column") if text_column else next(
-        (c for c in TEXT_COLUMNS if c in names and (pa.types.is_string(schema.field(c).type) or
-                                                     pa.types.is_large_string(schema.field(c).type))), "")
+    def is_text(column: str) -> bool:  # a column of nulls only is text that is missing everywhere
+        t = schema.field(column).type
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+    known = [c for c in TEXT_COLUMNS if c in names]
+    text = check(text_column, "--text_column") if text_column else next((c for c in known if is_text(c)), "")
+    wrong = text if text and not is_text(text) else "" if text else next(iter(known), "")
+    if wrong:  # a transcript column of numbers is a mistake to say, not a column to skip or to read as text
+        raise ValueError(f"{f'--text_column={wrong}' if text_column else f'column {wrong!r}'}: holds "
+                         f"{schema.field(wrong).type}, not text ({where}); name the transcript column with "
+                         "--text_column=<column of strings>")
     if codes_column:
         codes = tuple(check(c.strip(), "--codes_column") for c in codes_column.split(","))
         if len(codes) not in (1, n_levels):
@@ -221,6 +228,16 @@ def rows_to_items(table, columns: Columns, first: int) -> list[Item]:
     return items
 
 
+def _integers(value) -> np.ndarray:
+    """A list of codes -> int64 (n,); a float that is not a whole number is a ValueError (int64 would truncate it)."""
+    a = np.asarray(value)
+    if a.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(a) | (a != np.round(a)))
+        if len(bad):
+            raise ValueError(f"code {a.reshape(-1)[bad[0]]} at position {bad[0]} is not an integer")
+    return a.astype(np.int64).reshape(-1)
+
+
 def codes_to_tokens(value, layout: Layout) -> np.ndarray:
     """A row's SNAC codes -> token ids of the layout. `value`: flattened codes, 7 per frame in depth-first order
     (for 24 kHz), as a list of ints or a space-separated string; or a tuple of per-level lists, coarse first.
@@ -231,14 +248,14 @@ def codes_to_tokens(value, layout: Layout) -> np.ndarray:
         raise ValueError("no codes (null)")
     try:
         if isinstance(value, tuple):
-            levels = [np.asarray(v, dtype=np.int64).reshape(-1) for v in value]
+            levels = [_integers(v) for v in value]
         elif isinstance(value, str):
             levels = [np.array(value.split(), dtype=np.int64)]
         else:
-            levels = [np.asarray(value, dtype=np.int64).reshape(-1)]
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError("codes are not integers" + (" separated by spaces" if isinstance(value, str) else "")) \
-            from None
+            levels = [_integers(value)]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(str(e) if str(e).startswith("code ") else "codes are not integers" +
+                         (" separated by spaces" if isinstance(value, str) else "")) from None
     if not len(levels[0]):
         raise ValueError("no codes (empty)")
     flat = levels[0]

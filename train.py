@@ -89,6 +89,14 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise UserError(f"learning_rate={cfg.learning_rate}: must be positive")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"dropout={cfg.dropout}: must be in [0, 1)")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"{key}={getattr(cfg, key)}: must be in [0, 1) (AdamW's decay rates)")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr={cfg.min_lr}: must be at most learning_rate={cfg.learning_rate} (the rate decays "
+                        "from learning_rate down to min_lr)")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise UserError(f"seed={cfg.seed}: must be in [0, 2**32)")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd}: must be divisible by n_head={cfg.n_head}")
     if not cfg.init_from:
@@ -254,8 +262,12 @@ def main() -> None:
                         "train into a new --out_dir, or pass --overwrite=True to replace it")
 
     device = dist.init(device)  # torchrun: join the process group; on CUDA each rank takes its local GPU
-    with user_errors(" (needed for the text figures of eval)"):
-        text_bytes = text_bytes_table(meta, device) if len(val_starts) else None  # for bits per byte of text
+    try:  # for bits per byte of text; training and the other figures need no text encoding
+        text_bytes = text_bytes_table(meta, device) if len(val_starts) else None
+    except ValueError as e:
+        text_bytes = None
+        if master:
+            print(f"note: eval's bits per byte of text are off: {e}", flush=True)
     if master:
         print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
         print(f"device {device} | dtype {dtype} | processes {dist.world_size} | train {len(train_data):,} tokens | "

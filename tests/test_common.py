@@ -109,6 +109,24 @@ def test_config_values_are_bounded_and_errors_name_line_and_key(tmp_path, text, 
     assert f"config file {path}, line 2, key {key}:" in str(e.value)
 
 
+@pytest.mark.parametrize("text", [
+    "n = " + "-" * 100_000 + "1\n",  # the parser itself runs out of memory
+    "n = " + "+".join(["1"] * 200_000) + "\n",  # ... or of stack
+    "n = " + "+".join(["1"] * 2000) + "\n",  # parses, but deeper than a config value needs
+    "+".join(["1"] * 2000) + "\n",  # not an assignment: the error quotes the line, not its syntax tree
+    "n = 1\n" * 200_000,  # a file of over 1 MB
+])
+def test_config_syntax_is_bounded(tmp_path, text):
+    with pytest.raises(ValueError, match="nested|larger than|expected `key = value`"):
+        parse_config(Cfg, [write(tmp_path, text)])
+
+
+def test_config_helper_names_start_with_an_underscore(tmp_path):
+    assert parse_config(Cfg, [write(tmp_path, "_width = 4\nn = _width * 2\n")]) == Cfg(n=8)
+    with pytest.raises(ValueError, match="unknown key 'x'.*starts with _, e.g. `_x = ...`"):
+        parse_config(Cfg, [write(tmp_path, "x = 1\nn = x\n")])
+
+
 def test_checkpoint_errors_are_whole_sentences_and_never_advise_an_unsafe_load(tmp_path):
     import collections
 

@@ -388,6 +388,43 @@ def test_stream_cli_matches_one_shot(ckpt, tmp_path):
         assert ("compiling the decode step" in c.stdout) == (decode == "compile")
 
 
+def test_decoder_noise_is_seeded_and_the_global_rng_untouched(tok):
+    """SNAC's decoder adds noise: drawn from tok.noise_seed and each frame's place in the stream, so decoding twice,
+    or in chunks, gives the same audio, and the global RNG is not drawn from."""
+    layout = tok.layout
+    g = torch.Generator().manual_seed(2)
+    frames = torch.randint(0, layout.codebook_size, (2, 12, layout.frame_size), generator=g)
+    tokens = (frames + torch.from_numpy(layout.frame_levels * layout.codebook_size)).reshape(2, -1)
+    state = torch.get_rng_state()
+    one = tok.decode_codes(layout.tokens_to_codes(tokens))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(tok.decode_codes(layout.tokens_to_codes(tokens)), one)
+    torch.testing.assert_close(sampling.decode_in_chunks(tok, tokens, chunk_frames=3), one, rtol=0, atol=1e-5)
+    seed = tok.noise_seed
+    try:
+        tok.noise_seed = seed + 1
+        assert (tok.decode_codes(layout.tokens_to_codes(tokens)) - one).abs().max() > 1e-3  # the noise is there
+    finally:
+        tok.noise_seed = seed
+
+
+def test_same_seed_writes_the_same_wav_bytes(tok, model, codec_dir, tmp_path):
+    """With the codec's decoder noise on: two runs write identical files, and --stream the same audio."""
+    path = str(tmp_path / "noisy.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": asdict(model.config),
+                           "meta": {**tok.meta(), "codec": codec_dir}, "iter_num": 0})
+    common = [f"--ckpt={path}", "--num_samples=2", "--seconds=0.5", "--seed=3"]
+    for name, extra in (("a", []), ("b", []), ("s", ["--stream=True", "--stream_frames=2"])):
+        r = run(*common, f"--out_dir={tmp_path / name}", *extra)
+        assert r.returncode == 0, r.stderr
+    for i in range(2):
+        a, b = (open(tmp_path / d / f"sample_{i}.wav", "rb").read() for d in ("a", "b"))
+        assert a == b, i
+        x, _ = sf.read(tmp_path / "a" / f"sample_{i}.wav", dtype="float32")
+        y, _ = sf.read(tmp_path / "s" / f"sample_{i}.wav", dtype="float32")
+        np.testing.assert_allclose(x, y, atol=2 / 32768)  # PCM_16 rounding of values equal to ~1e-6
+
+
 @pytest.mark.slow
 def test_compile_without_a_compiler_is_one_line(ckpt, tmp_path):
     """--decode=compile where no C++ compiler works (CXX points at one that fails; an empty compile cache, so
@@ -407,6 +444,7 @@ def test_stream_to_stdout_is_a_wav_stream(ckpt, tmp_path):
     r = run_script("generate.py", *args, "--stream_to=-", env={"HF_HUB_OFFLINE": "1"}, text=False)
     assert r.returncode == 0, r.stderr
     err = r.stderr.decode()
+    assert '"stream": true' in err.splitlines()[0]  # the echoed config shows the setting in effect
     assert "time to first audio" in err and "real-time factor" in err and "sample_1.wav" in err
     head, data = r.stdout[:44], r.stdout[44:]
     riff, _, wave, fmt, _, pcm, channels, rate, _, _, bits, tag, _ = struct.unpack("<4sI4s4sIHHIIHH4sI", head)
@@ -438,6 +476,27 @@ def test_bad_inputs(ckpt, tok, codec_dir, tmp_path):
     assert_one_line_error(run(f"--ckpt={ckpt}", "--temprature=0.5"), "temprature")
     assert_one_line_error(run(f"--ckpt={ckpt}", "--decode=fast"), "decode=fast", "expected one of")
     assert_one_line_error(run(f"--ckpt={ckpt}", "--decode=graph", "--device=cpu"), "decode=graph", "CUDA")
+
+
+def test_settings_and_files_are_checked_before_any_work(tmp_path):
+    """Empty --text, a --transcribe that names no file, a folder, a missing file after a good one, too many seconds,
+    a seed out of range: one UserError each from check_config, before the model is loaded."""
+    from common import UserError
+    from config import command_line_keys, parse_config
+    good = tmp_path / "good.wav"
+    sf.write(good, synth_audio(0.2, 24000), 24000)
+    for argv, message in (
+            (["--text="], "text='': nothing to speak"), (["--text=   "], "nothing to speak"),
+            (["--transcribe=,"], "transcribe=',': names no file"), (["--transcribe="], "names no file"),
+            ([f"--transcribe={tmp_path}"], f"transcribe {tmp_path}: is a folder"),
+            ([f"--transcribe={good},{tmp_path / 'missing.wav'}"], "missing.wav: not found"),
+            ([f"--prompt={tmp_path}"], "is a folder"),
+            (["--seconds=1e12"], "at most 43200"), (["--seed=-1"], "seed=-1: must be in [0, 2**32)"),
+            ([f"--seed={2 ** 70}"], "must be in [0, 2**32)")):
+        with pytest.raises(UserError) as e:
+            generate.check_config(parse_config(generate.GenerateConfig, argv), command_line_keys(argv))
+        assert message in str(e.value), (argv, str(e.value))
+    generate.check_config(parse_config(generate.GenerateConfig, [f"--transcribe={good}"]), {"transcribe"})
 
 
 def test_help_lists_options():

@@ -282,3 +282,33 @@ def test_strict_and_column_errors_are_one_line(codes_prepared, config_only_codec
     r = run_prepare("--dataset=nobody-gpt2o/no-such-parquet-set", f"--codec={config_only_codec}",
                     f"--out_dir={tmp_path / 'hub'}", "--device=cpu", "--text_encoding=none")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and ".parquet files into a folder" in r.stderr
+
+
+def test_float_codes_and_a_numeric_text_column_are_refused():
+    """Codes 1.5 are a bad row (int64 would truncate them to 1); 3.0 is code 3. A transcript column of numbers is
+    one error naming it, found by name or given with --text_column."""
+    from sources import codes_to_tokens, pick_columns
+    with pytest.raises(ValueError, match="code 1.5 at position 2 is not an integer"):
+        codes_to_tokens([1, 2, 1.5, 4, 5, 6, 7], LAYOUT)
+    with pytest.raises(ValueError, match="not an integer"):
+        codes_to_tokens(([1.5], [1, 2], [1, 2, 3, 4]), LAYOUT)
+    assert codes_to_tokens([3.0] * 7, LAYOUT).tolist() == codes_to_tokens([3] * 7, LAYOUT).tolist()
+    schema = pa.schema([("snac24khz", pa.list_(pa.int32())), ("text", pa.int64())])
+    for flag, expect in (("", "column 'text': holds int64, not text"), ("text", "--text_column=text: holds int64")):
+        with pytest.raises(ValueError, match=expect):
+            pick_columns(schema, "d", flag, "", 3)
+    schema = schema.append(pa.field("sentence", pa.string()))  # a column of strings by a known name: that one
+    assert pick_columns(schema, "d", "", "", 3).text == "sentence"
+
+
+def test_an_empty_parquet_dataset_says_what_is_empty(config_only_codec, tmp_path):
+    src = tmp_path / "empty"
+    src.mkdir()
+    pq.write_table(pa.table({"snac24khz": pa.array([], pa.list_(pa.int32())), "text": pa.array([], pa.string())}),
+                   src / "part-0.parquet")
+    r = run_prepare(f"--dataset={src}", f"--codec={config_only_codec}", f"--out_dir={tmp_path / 'out'}",
+                    "--device=cpu", "--text_encoding=none")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "its 1 parquet file(s) hold no rows" in errors[0], r.stderr
+    assert "see the warnings" not in r.stderr and "Traceback" not in r.stderr
+

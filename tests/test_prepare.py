@@ -202,6 +202,23 @@ def test_torchrun_two_processes_equal_one(prepared, tmp_path):
     assert_same_output(ref, out)
 
 
+def test_workers_are_capped_and_progress_reads_plainly(prepared, tmp_path):
+    """--workers=500 on a few cores starts at most the cores, says so, and writes the same output; the echoed config
+    starts with config: as in every script; progress on a few seconds of audio is not 5.56e-05 audio-h/s."""
+    from prepare_audio import audio_rate
+    assert [audio_rate(x) for x in (0.2, 30, 90, 7200)] == ["0.2 audio-s/s", "30 audio-s/s", "1.5 audio-min/s",
+                                                           "2 audio-h/s"]
+    ref, args, _ = prepared
+    out = str(tmp_path / "out")
+    r = run_prepare(*[a for a in args if not a.startswith("--out_dir")], f"--out_dir={out}", "--workers=500")
+    assert r.returncode == 0, r.stderr
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert f"note: workers=500: capped at {cores}" in r.stdout and f"{cores} decoding worker(s)" in r.stdout
+    assert r.stdout.startswith("note: workers=500") and "\nconfig: {" in r.stdout
+    assert "audio-h/s" not in r.stderr and "audio-s/s" in r.stderr
+    assert_same_output(ref, out)
+
+
 def test_nothing_usable_leaves_nothing_behind_and_bad_values_are_named(tmp_path, codec_dir):
     bad = tmp_path / "bad"
     bad.mkdir()

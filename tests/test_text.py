@@ -6,7 +6,7 @@ import torch
 
 from conftest import TEXT_ENCODING, run_script, tiny_gpt
 import sampling
-from model import GPT
+from model import GPT, GPTConfig
 from tokenizer import LAYOUT_NAME, TEXT_LAYOUT_NAME, Layout, load_text_encoding, text_token_bytes
 
 CB = 4096
@@ -294,6 +294,18 @@ def test_prepare_pairs_transcripts_with_audio(transcribed, text_tok):
                                                                    (d < layout.boundary_id)).sum()) for d in docs)
 
 
+def test_transcripts_saved_with_a_bom_and_crlf(tmp_path):
+    """metadata.csv and name.txt as Windows editors save UTF-8 (a byte-order mark, CRLF line ends): the first
+    clip keeps its transcript, and no BOM or CR is left in any text."""
+    from prepare_audio import find_transcripts
+    (tmp_path / "wavs").mkdir()
+    (tmp_path / "metadata.csv").write_bytes("LJ001|First one.|First one.\r\nLJ002|Second.|Second.\r\n"
+                                            .encode("utf-8-sig"))
+    (tmp_path / "wavs" / "solo.txt").write_bytes("Beside it.\r\n".encode("utf-8-sig"))
+    found = find_transcripts(str(tmp_path), ["wavs/LJ001.wav", "wavs/LJ002.wav", "wavs/solo.wav"], "normalized")
+    assert found == {"wavs/LJ001.wav": "First one.", "wavs/LJ002.wav": "Second.", "wavs/solo.wav": "Beside it."}
+
+
 def test_prepare_text_options(transcribed, text_tok):
     """--text_field=raw picks the raw transcripts, --asr_fraction=1 makes every pair a transcription item,
     --strict makes a missing transcript an error; all from the cache, without encoding again."""
@@ -399,6 +411,42 @@ def test_generate_text_and_transcribe_cli(tmp_path, text_tok, tok):
     assert "trained on audio only" in r.stderr
     r = run_generate(f"--ckpt={ckpt}", "--text=Hello.", f"--prompt={tmp_path / 'a.wav'}")
     assert r.returncode == 1 and "separate modes" in r.stderr
+
+
+def test_text_audio_model_makes_audio_without_its_text_encoding(tmp_path, text_tok):
+    """A text+audio checkpoint whose encoding cannot be loaded here (offline, as gpt2's BPE without its cache):
+    unconditional and prompted audio run; --text, which encodes text, says in one line that it needs it."""
+    import soundfile as sf
+    from conftest import synth_audio
+    meta = {**text_tok.meta(), "text_encoding": "gpt2o_test_unreachable"}
+    ckpt = save_model(str(tmp_path / "ckpt.pt"), tiny_gpt(text_tok.layout.vocab_size, block_size=96), meta)
+    sf.write(tmp_path / "a.wav", synth_audio(0.3, 24000), 24000)
+    for extra in ([], [f"--prompt={tmp_path / 'a.wav'}"]):
+        r = run_generate(f"--ckpt={ckpt}", "--num_samples=1", "--seconds=0.3", f"--out_dir={tmp_path / 'out'}",
+                         "--device=cpu", *extra)
+        assert r.returncode == 0, r.stderr
+        assert sf.info(str(tmp_path / "out" / "sample_0.wav")).frames % 2048 == 0
+    r = run_generate(f"--ckpt={ckpt}", "--text=Hello.", f"--out_dir={tmp_path / 'out'}", "--device=cpu")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "gpt2o_test_unreachable" in r.stderr and "needed for --text" in r.stderr
+
+
+def test_transcription_of_nothing_says_so(tmp_path, text_tok):
+    """A model that ends the text at once: the file's line is printed, empty, with a note on stderr."""
+    import soundfile as sf
+    from conftest import synth_audio
+    model = GPT(GPTConfig(vocab_size=text_tok.layout.vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=32,
+                          bias=True)).eval()
+    with torch.no_grad():  # every final hidden state is e_0, and TEXT_END's logit along it is far above the others'
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()[0] = 1.0
+        model.lm_head.weight[text_tok.layout.special("text_end"), 0] = 100.0
+    ckpt = save_model(str(tmp_path / "ckpt.pt"), model, text_tok.meta())
+    sf.write(tmp_path / "a.wav", synth_audio(0.3, 24000), 24000)
+    r = run_generate(f"--ckpt={ckpt}", f"--transcribe={tmp_path / 'a.wav'}", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / 'a.wav'}: " in r.stdout.splitlines()
+    assert "the model wrote no text" in r.stderr
 
 
 # -----------------------------------------------------------------------------

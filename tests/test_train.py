@@ -185,6 +185,22 @@ def test_resume_with_other_vocab_is_one_line(data, tmp_path):
     bad(TINY + [f"--data_dir={other}", f"--out_dir={out}", "--init_from=resume"], "ckpt.pt", "codebook_size")
 
 
+def test_trains_without_the_text_encoding(tmp_path):
+    """A text+audio dataset whose text encoding cannot be loaded here (offline): training runs, and the one note
+    says that eval's bits per byte of text are off."""
+    data = write_dataset(f"{tmp_path}/data", [600], [200])
+    with open(f"{data}/meta.json") as f:
+        meta = json.load(f)
+    meta.update(Layout((4, 2, 1), 4096, "gpt2o_test_unreachable", 457).meta())
+    meta["splits"]["val"]["text_tokens"] = 10
+    with open(f"{data}/meta.json", "w") as f:
+        json.dump(meta, f)
+    r = run_train(TINY + [f"--data_dir={data}", f"--out_dir={tmp_path}/out", "--max_iters=1"])
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if "bits per byte of text are off" in line]
+    assert len(notes) == 1 and "gpt2o_test_unreachable" in notes[0], r.stdout
+
+
 def test_configs_parse():
     from config import parse_config
     from train import TrainConfig, check_config
@@ -192,6 +208,20 @@ def test_configs_parse():
         cfg = parse_config(TrainConfig, [os.path.join(ROOT, "configs", f"{name}.py")])
         check_config(cfg, world_size=1)
     assert cfg.block_size == 2048 and cfg.dropout > 0
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--beta1=1.5", "beta1=1.5: must be in [0, 1)"), ("--beta2=-0.1", "beta2=-0.1: must be in [0, 1)"),
+    ("--seed=-1", "seed=-1: must be in [0, 2**32)"), (f"--seed={2 ** 70}", "must be in [0, 2**32)"),
+    ("--min_lr=1", "min_lr=1.0: must be at most learning_rate=0.0006"),
+])
+def test_out_of_range_settings_are_refused_before_any_work(arg, message):
+    from common import UserError
+    from config import parse_config
+    from train import TrainConfig, check_config
+    with pytest.raises(UserError) as e:
+        check_config(parse_config(TrainConfig, [arg]), world_size=1)
+    assert message in str(e.value)
 
 
 @pytest.mark.slow
