@@ -1,7 +1,7 @@
 """Export a trained checkpoint as a folder anyone can load without pickle, and optionally publish it on the Hub.
 
     python export.py --ckpt=out/sherlock/best.pt --out=exported/sherlock
-    python export.py --ckpt=out/sherlock/best.pt --out=exported/sherlock --repo_id=you/gpt2o-sherlock --push
+    python export.py --ckpt=out/sherlock/best.pt --out=exported/sherlock --repo_id=you/gpt2o-sherlock --push --overwrite
     python generate.py --ckpt=exported/sherlock          # or --ckpt=you/gpt2o-sherlock once it is pushed
     python export.py --help
 

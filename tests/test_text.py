@@ -540,7 +540,8 @@ def test_tiny_model_learns_to_speak_and_transcribe(tmp_path, small_tok):
     assert {"L0", "L1", "L2", "text", "special"} == set(evals[-1]["val_loss_levels"])
 
     # both directions, through the functions generate.py's --text and --transcribe run, greedy
-    model, tok = generate.load_model(generate.GenerateConfig(ckpt=str(out / "ckpt.pt")), "cpu", "float32")
+    model, tok = generate.load_model(generate.GenerateConfig(ckpt=str(out / "ckpt.pt"), text="-"), "cpu",
+                                     "float32")  # text: load the text encoding, as --text does
     text_ok = torch.from_numpy(tok.text_bytes > 0)
     spoken = heard = 0
     for sentence, ids in items:
