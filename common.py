@@ -39,16 +39,13 @@ def run_main(main: Callable[[], Any], on_full_disk: str = "") -> None:
     Under torchrun every rank meets the same bad input, so only rank 0 prints it (every rank still exits 1).
     SIGTERM (kill, a scheduler's time limit) is a Ctrl-C: temp files are removed on the way out, "interrupted".
     on_full_disk: what a failed write leaves intact, said after the file that could not be written."""
-    pid = os.getpid()
-
     def terminated(signum, frame) -> None:
-        if os.getpid() != pid:  # a forked worker (prepare_audio's pool) ends as it would have without us
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)
+    # a forked worker (prepare_audio's pool) keeps the default, so Pool.terminate() ends it even when it is stuck
+    # in native code, where a Python handler would never run
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     try:
         main()
     except UserError as e:
