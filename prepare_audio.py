@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 import zipfile
@@ -646,8 +645,7 @@ def start_workers(cfg: PrepareConfig, dist: Dist) -> tuple[object, int]:
         return None, 0
     # fork on Linux: workers start in milliseconds; elsewhere spawn (macOS and Windows cannot fork safely)
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    # workers die on SIGTERM (Pool.terminate sends it): run_main's Ctrl-C handler would raise inside a queue lock
-    return ctx.Pool(n, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)), n
+    return ctx.Pool(n), n
 
 
 def main() -> None:
