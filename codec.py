@@ -1,4 +1,4 @@
-"""The SNAC codec around the token layout: audio files read, downmixed and resampled, and audio <-> token ids.
+"""The SNAC codec around the token layout: audio files read, downmixed and resampled, audio <-> token ids, WAVs out.
 
     tok = load_codec("hubertsiuzdak/snac_24khz", text_encoding="gpt2")   # or a local codec folder; "" = audio only
     ids = tok.encode(*read_audio("voice.flac"))            # any format, rate and channels -> audio token ids
@@ -16,16 +16,18 @@ import json
 import math
 import os
 import re
+import struct
 import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
 from functools import cached_property
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
 
+from common import write_failed
 from tokenizer import Layout, load_text_encoding, text_token_bytes
 
 DEFAULT_CODEC = "hubertsiuzdak/snac_24khz"
@@ -422,3 +424,65 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu", weights: bool = 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"codec weights {weights_path}: cannot be loaded into SNAC ({first[:200]})") from None
     return AudioTokenizer(model.to(device).eval(), name, text)
+
+
+class WavWriters:
+    """16-bit mono WAV files written as audio arrives: one per sample (and per continuation when there is a
+    prompt), appended to under temp names beside the final ones and renamed into place by close(); on any error
+    every temp file is removed (never half a file). pipe: also stream sample 0 there as an open-ended WAV."""
+
+    def __init__(self, paths: list[str], cont_paths: list[str], sample_rate: int, prompt_samples: int,
+                 pipe: BinaryIO | None = None):
+        import soundfile as sf
+        self.paths, self.cont_paths, self.prompt_samples, self.pipe = paths, cont_paths, prompt_samples, pipe
+        self.tmps = [f"{p}.{os.getpid()}.tmp" for p in paths + cont_paths]
+        self.files = []
+        for tmp, path in zip(self.tmps, paths + cont_paths):
+            try:
+                self.files.append(sf.SoundFile(tmp, "w", samplerate=sample_rate, channels=1, format="WAV",
+                                               subtype="PCM_16"))
+            except (RuntimeError, OSError) as e:  # libsndfile's errors are RuntimeErrors; a full disk, say
+                self.__exit__(type(e), e, None)
+                raise write_failed(path, e) from None
+        self.written = 0  # samples written to each sample_<i>.wav so far
+        if pipe is not None:
+            # 16-bit mono WAV of unknown length: both sizes at their maximum, as sox and ffmpeg write to pipes;
+            # players read until the stream ends
+            pipe.write(struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 0xFFFFFFFF, b"WAVE", b"fmt ", 16, 1, 1,
+                                   sample_rate, 2 * sample_rate, 2, 16, b"data", 0xFFFFFFFF))
+
+    def write(self, audio: np.ndarray, limits: list[int] | None = None) -> None:
+        """Audio (B, samples) that follows what was written; the continuation files skip the prompt's samples.
+        limits: samples each row holds in all (a row whose audio ended), None = no limit."""
+        start = max(0, self.prompt_samples - self.written)  # where the continuation starts inside this piece
+        rows = [row[:max(0, limits[i] - self.written)] if limits else row for i, row in enumerate(audio)]
+        for i, row in enumerate(rows):
+            try:
+                self.files[i].write(row)
+                if self.cont_paths and start < len(row):
+                    self.files[len(self.paths) + i].write(row[start:])
+            except (RuntimeError, OSError) as e:  # libsndfile says "System error." for a full disk: say which file
+                raise write_failed(self.paths[i], e, 2 * len(row)) from None
+        self.written += audio.shape[1]
+        if self.pipe is not None:
+            # PCM_16 as libsndfile 1.2 writes the files: floor(x * 32768), clipped to the int16 range
+            self.pipe.write(np.clip(np.floor(rows[0] * 32768), -32768, 32767).astype("<i2").tobytes())
+            self.pipe.flush()
+
+    def __enter__(self) -> "WavWriters":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        failed = None
+        for f, path in zip(self.files, self.paths + self.cont_paths):
+            try:
+                f.close()  # writes the header's sizes
+            except (RuntimeError, OSError) as e:
+                failed = failed or write_failed(path, e)
+        for tmp, path in zip(self.tmps, self.paths + self.cont_paths):
+            if exc_type is None and failed is None:
+                os.replace(tmp, path)
+            elif os.path.exists(tmp):
+                os.remove(tmp)
+        if exc_type is None and failed is not None:
+            raise failed

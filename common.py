@@ -92,6 +92,22 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def move_aside(out_dir: str, names: tuple[str, ...]) -> str | None:
+    """Move the named files of an earlier run into out_dir/old-<time>/ (moved, not deleted: the folder may hold
+    more than a run wrote). Returns that folder, None if none of them was there."""
+    found = [name for name in names if os.path.lexists(os.path.join(out_dir, name))]
+    if not found:
+        return None
+    aside = base = os.path.join(out_dir, time.strftime("old-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.lexists(aside):
+        aside, n = f"{base}-{n}", n + 1
+    os.makedirs(aside)
+    for name in found:
+        os.rename(os.path.join(out_dir, name), os.path.join(aside, name))
+    return aside
+
+
 def write_failed(path: str, e: BaseException, needed: int | None = None) -> OSError:
     """The OSError to raise when writing `path` failed: e's errno and reason, the space the file needed (when
     known) and the space free, with `path` as its filename, so run_main says it in one line. A library error

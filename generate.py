@@ -25,18 +25,18 @@ import dataclasses
 import json
 import math
 import os
-import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from checkpoints import CODEC_KEYS, LAYOUT_KEYS, check_compatible, load_model_source, tokenizer_meta
-from codec import ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, load_codec, read_audio, read_audio_tail
-from common import UserError, pick_device, pick_dtype, run_main, user_errors, write_failed
+from codec import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, WavWriters, load_codec, read_audio,
+                   read_audio_tail)
+from common import UserError, pick_device, pick_dtype, run_main, user_errors
 from config import command_line_keys, parse_config
 from model import GPT
 from sampling import (CODEC_CONTEXT_FRAMES, DECODE_FRAMES, DECODE_MODES, StreamDecoder, keep_frames, sample_frames,
@@ -70,67 +70,6 @@ class GenerateConfig:
 
 # a 16-bit WAV file holds at most 4 GB: 12 h of audio at up to 48 kHz
 MAX_SECONDS = 12 * 3600
-
-
-class SampleWriters:
-    """One WAV per sample (and per continuation when there is a prompt), appended to under temp names beside the
-    final ones and renamed into place by close(); on any error every temp file is removed (never half a file)."""
-
-    def __init__(self, paths: list[str], cont_paths: list[str], sample_rate: int, prompt_samples: int,
-                 pipe: BinaryIO | None = None):
-        import soundfile as sf
-        self.paths, self.cont_paths, self.prompt_samples, self.pipe = paths, cont_paths, prompt_samples, pipe
-        self.tmps = [f"{p}.{os.getpid()}.tmp" for p in paths + cont_paths]
-        self.files = []
-        for tmp, path in zip(self.tmps, paths + cont_paths):
-            try:
-                self.files.append(sf.SoundFile(tmp, "w", samplerate=sample_rate, channels=1, format="WAV",
-                                               subtype="PCM_16"))
-            except (RuntimeError, OSError) as e:  # libsndfile's errors are RuntimeErrors; a full disk, say
-                self.__exit__(type(e), e, None)
-                raise write_failed(path, e) from None
-        self.written = 0  # samples written to each sample_<i>.wav so far
-        if pipe is not None:
-            # 16-bit mono WAV of unknown length: both sizes at their maximum, as sox and ffmpeg write to pipes;
-            # players read until the stream ends
-            pipe.write(struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 0xFFFFFFFF, b"WAVE", b"fmt ", 16, 1, 1,
-                                   sample_rate, 2 * sample_rate, 2, 16, b"data", 0xFFFFFFFF))
-
-    def write(self, audio: np.ndarray, limits: list[int] | None = None) -> None:
-        """Audio (B, samples) that follows what was written; the continuation files skip the prompt's samples.
-        limits: samples each row holds in all (a row whose audio ended), None = no limit."""
-        start = max(0, self.prompt_samples - self.written)  # where the continuation starts inside this piece
-        rows = [row[:max(0, limits[i] - self.written)] if limits else row for i, row in enumerate(audio)]
-        for i, row in enumerate(rows):
-            try:
-                self.files[i].write(row)
-                if self.cont_paths and start < len(row):
-                    self.files[len(self.paths) + i].write(row[start:])
-            except (RuntimeError, OSError) as e:  # libsndfile says "System error." for a full disk: say which file
-                raise write_failed(self.paths[i], e, 2 * len(row)) from None
-        self.written += audio.shape[1]
-        if self.pipe is not None:
-            # PCM_16 as libsndfile 1.2 writes the files: floor(x * 32768), clipped to the int16 range
-            self.pipe.write(np.clip(np.floor(rows[0] * 32768), -32768, 32767).astype("<i2").tobytes())
-            self.pipe.flush()
-
-    def __enter__(self) -> "SampleWriters":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        failed = None
-        for f, path in zip(self.files, self.paths + self.cont_paths):
-            try:
-                f.close()  # writes the header's sizes
-            except (RuntimeError, OSError) as e:
-                failed = failed or write_failed(path, e)
-        for tmp, path in zip(self.tmps, self.paths + self.cont_paths):
-            if exc_type is None and failed is None:
-                os.replace(tmp, path)
-            elif os.path.exists(tmp):
-                os.remove(tmp)
-        if exc_type is None and failed is not None:
-            raise failed
 
 
 # -----------------------------------------------------------------------------
@@ -408,7 +347,7 @@ def main() -> None:
     timer = {"lm": 0.0, "codec": 0.0}
     pipe = sys.stdout.buffer if cfg.stream_to else None
     try:
-        with SampleWriters(paths, cont_paths, sr, p_frames * hop, pipe) as out:
+        with WavWriters(paths, cont_paths, sr, p_frames * hop, pipe) as out:
             for audio in stream_audio(dec, prompt, frames, cfg.num_samples, timer):
                 # the decoder lags the sampler, so a row's end is known before any audio past it comes out
                 out.write(audio.cpu().numpy(), [(end if end is not None else 1 << 40) * hop for end in dec.ends])

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from checkpoints import check_compatible, load_checkpoint, load_model_source, save_checkpoint
-from common import (Dist, UserError, atomic_write, autocast, format_duration, hold_out_dir_lock, peak_flops,
+from common import (Dist, UserError, atomic_write, autocast, format_duration, hold_out_dir_lock, move_aside,
+                    peak_flops,
                     pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
 from config import parse_config
 from model import GPT, GPTConfig
@@ -85,18 +86,15 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key}={getattr(cfg, key)}: must not be negative")
-    if not cfg.learning_rate > 0:
-        raise UserError(f"learning_rate={cfg.learning_rate}: must be positive")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"dropout={cfg.dropout}: must be in [0, 1)")
-    for key in ("beta1", "beta2"):
-        if not 0 <= getattr(cfg, key) < 1:
-            raise UserError(f"{key}={getattr(cfg, key)}: must be in [0, 1) (AdamW's decay rates)")
-    if cfg.min_lr > cfg.learning_rate:
-        raise UserError(f"min_lr={cfg.min_lr}: must be at most learning_rate={cfg.learning_rate} (the rate decays "
-                        "from learning_rate down to min_lr)")
-    if not 0 <= cfg.seed < 2 ** 32:
-        raise UserError(f"seed={cfg.seed}: must be in [0, 2**32)")
+    for key, ok, rule in (("learning_rate", cfg.learning_rate > 0, "be positive"),
+                          ("dropout", 0 <= cfg.dropout < 1, "be in [0, 1)"),
+                          ("beta1", 0 <= cfg.beta1 < 1, "be in [0, 1) (AdamW's decay rates)"),
+                          ("beta2", 0 <= cfg.beta2 < 1, "be in [0, 1) (AdamW's decay rates)"),
+                          ("min_lr", cfg.min_lr <= cfg.learning_rate, f"be at most learning_rate={cfg.learning_rate} "
+                           "(the rate decays from learning_rate down to min_lr)"),
+                          ("seed", 0 <= cfg.seed < 2 ** 32, "be in [0, 2**32)")):
+        if not ok:
+            raise UserError(f"{key}={getattr(cfg, key)}: must {rule}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd}: must be divisible by n_head={cfg.n_head}")
     if not cfg.init_from:
@@ -185,22 +183,6 @@ def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
 RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl", "config.json", "report.html", "samples")  # a run's own, in out_dir
 
 
-def move_earlier_run(out_dir: str) -> str | None:
-    """A run that does not resume starts with none of an earlier run's files: they are moved, not deleted (the
-    folder may hold more than a run wrote), into out_dir/old-<time>/. Returns that folder, None if nothing moved."""
-    found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out_dir, name))]
-    if not found:
-        return None
-    aside = base = os.path.join(out_dir, time.strftime("old-%Y%m%d-%H%M%S"))
-    n = 1
-    while os.path.lexists(aside):
-        aside, n = f"{base}-{n}", n + 1
-    os.makedirs(aside)
-    for name in found:
-        os.rename(os.path.join(out_dir, name), os.path.join(aside, name))
-    return aside
-
-
 def trim_log(path: str, iter_num: int) -> None:
     """On resume, drop log lines written after the checkpoint, so the log reads as one uninterrupted run."""
     if not os.path.isfile(path):
@@ -275,7 +257,7 @@ def main() -> None:
         os.makedirs(cfg.out_dir, exist_ok=True)
         for name in remove_stale_temp_files(cfg.out_dir, ("ckpt.pt", "best.pt", "log.jsonl", "config.json")):
             print(f"note: removed {name}, a partial file left by a run that was killed while writing it", flush=True)
-        aside = None if ckpt else move_earlier_run(cfg.out_dir)
+        aside = None if ckpt else move_aside(cfg.out_dir, RUN_FILES)
         if aside:
             print(f"note: moved the earlier run's files in {cfg.out_dir} (checkpoints, log, samples, report) to "
                   f"{aside}", flush=True)
