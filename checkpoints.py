@@ -10,7 +10,6 @@ exported folder is safetensors + JSON. Neither is ever unpickled. Errors are Val
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pickle
 
@@ -66,7 +65,7 @@ def check_weights(ckpt: dict, where: str) -> None:
     """The model_args (a GPTConfig) and the weights must describe one model: every key known, values in range,
     every weight of the shape the config gives it. ValueError naming `where` (the file), the key and what is
     expected; GPT.from_checkpoint then cannot fail."""
-    from model import GPT, GPTConfig
+    from model import GELU_FORMS, GPT, GPTConfig
     args, state = ckpt["model_args"], ckpt["model"]
     fields = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
     if not isinstance(args, dict) or not isinstance(state, dict):
@@ -78,13 +77,16 @@ def check_weights(ckpt: dict, where: str) -> None:
         if key not in args:
             raise ValueError(f"{where}: has no '{key}' (expected {', '.join(fields)})")
     for key, value in args.items():
-        kind = {"int": int, "float": (int, float), "bool": bool}[str(fields[key])]
+        kind = {"int": int, "float": (int, float), "bool": bool, "str": str}[str(fields[key])]
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise ValueError(f"{where}: {key}={value!r}, expected {'true or false' if kind is bool else 'a number'}")
+            expected = {bool: "true or false", str: "a string"}.get(kind, "a number")
+            raise ValueError(f"{where}: {key}={value!r}, expected {expected}")
         if kind is int and value < 1:
             raise ValueError(f"{where}: {key}={value}, expected a whole number of at least 1")
     if not 0 <= args["dropout"] < 1:
         raise ValueError(f"{where}: dropout={args['dropout']}, expected a number in [0, 1)")
+    if args["gelu"] not in GELU_FORMS:
+        raise ValueError(f"{where}: gelu={args['gelu']!r}, expected one of {', '.join(GELU_FORMS)}")
     if args["n_embd"] % args["n_head"]:
         raise ValueError(f"{where}: n_embd={args['n_embd']} is not divisible by n_head={args['n_head']}")
     config = GPTConfig(**args)
@@ -115,8 +117,9 @@ def check_weights(ckpt: dict, where: str) -> None:
             raise ValueError(f"{where}: weight {key} has shape {got}, the config gives it {shape}")
 
 
-def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
-    """torch.load with weights_only=True; a missing or corrupt file is a ValueError naming it."""
+def load_checkpoint(path: str, map_location: str = "cpu", keys: tuple[str, ...] = ("model", "model_args")) -> dict:
+    """torch.load with weights_only=True; a missing or corrupt file is a ValueError naming it. keys=() loads any
+    dict of tensors (a transformers pytorch_model.bin) without checking it as a train.py checkpoint."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path}: not found (train one with train.py, or pass --ckpt=<path to ckpt.pt>)")
     try:
@@ -131,50 +134,131 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> dict:
     except Exception as e:  # torch raises many types for a damaged file; its messages are long and unhelpful here
         raise ValueError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}): the file is damaged, truncated "
                          "or not a PyTorch checkpoint; use another checkpoint, e.g. best.pt") from None
-    for key in ("model", "model_args"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path}: holds a {type(ckpt).__name__}, not a dict of weights")
+    if not keys:
+        return ckpt
+    for key in keys:
+        if key not in ckpt:
             raise ValueError(f"checkpoint {path}: has no '{key}' entry; it was not written by gpt2o's train.py")
+    if isinstance(ckpt["model_args"], dict):  # a model_args without 'gelu' is a model with the exact GELU
+        ckpt["model_args"] = {"gelu": "exact", **ckpt["model_args"]}
     check_weights(ckpt, f"checkpoint {path}")
     return ckpt
 
 
-def untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory (the tied wte/lm_head weight): keep one name per storage, the
-    last in state_dict order (lm_head.weight), and return the dropped names as {dropped: kept}."""
-    kept: dict[tuple, str] = {}
+# transformers' GPT-2 stores these four matmuls as Conv1D, weight (in, out): the transpose of a Linear's (out, in)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GELU_NAMES = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # transformers' name -> gelu
+LAYER_NORM_EPS = 1e-5  # model.LayerNorm's, and every GPT-2 size's
+
+
+def to_gpt2(state: dict[str, torch.Tensor], model_args: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Our weights and GPTConfig -> the weights and config.json of transformers' GPT2LMHeadModel: Conv1D layout,
+    the token embedding without its padding rows (lm_head is tied to it, so it is not stored), zero biases where
+    bias=False (GPT-2 always has them; adding zeros changes nothing)."""
+    out = {}
     for name, t in state.items():
-        kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = name
-    tied = {name: kept[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))]
-            for name, t in state.items()}
-    tied = {a: b for a, b in tied.items() if a != b}
-    return {k: v.contiguous() for k, v in state.items() if k not in tied}, tied
+        if name == "lm_head.weight":
+            continue
+        t = t.t() if name.endswith(CONV1D) else t[:model_args["vocab_size"]] if name == "transformer.wte.weight" else t
+        out[name] = t.contiguous()
+    if not model_args["bias"]:
+        for name in [n for n in out if n.endswith((*CONV1D, "ln_1.weight", "ln_2.weight", "ln_f.weight"))]:
+            out[name[:-len("weight")] + "bias"] = out[name].new_zeros(out[name].shape[-1])
+    p = model_args["dropout"]
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": model_args["vocab_size"],
+              "n_positions": model_args["block_size"], "n_embd": model_args["n_embd"],
+              "n_layer": model_args["n_layer"], "n_head": model_args["n_head"], "n_inner": None,
+              "activation_function": "gelu" if model_args["gelu"] == "exact" else "gelu_new",
+              "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p, "layer_norm_epsilon": LAYER_NORM_EPS,
+              "initializer_range": 0.02, "tie_word_embeddings": True,
+              "bias": model_args["bias"]}  # gpt2o's own key: false = the biases above are zeros, not weights
+    return out, config
+
+
+def from_gpt2(state: dict[str, torch.Tensor], config: dict, where: str) -> dict:
+    """The weights and config.json of a transformers GPT-2 (the Hub's, save_pretrained's, or export.py's) -> a
+    checkpoint-like {"model", "model_args"} of our GPT (float32, tied, embedding padded). ValueError naming where
+    and what is not a GPT-2 that our model can hold; check_weights then checks every shape."""
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
+        got = config.get("model_type") if isinstance(config, dict) else config
+        raise ValueError(f"{where}: model_type {got!r}, expected 'gpt2' (a GPT-2 folder of transformers or export.py)")
+    act, eps = config.get("activation_function", "gelu_new"), config.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    n_embd = config.get("n_embd", 768)
+    for ok, what in ((act in GELU_NAMES, f"activation_function {act!r}, expected one of {', '.join(GELU_NAMES)}"),
+                     (isinstance(eps, (int, float)) and abs(eps - LAYER_NORM_EPS) < 1e-12,
+                      f"layer_norm_epsilon {eps}, expected {LAYER_NORM_EPS} (GPT-2's, and the only one gpt2o has)"),
+                     (config.get("n_inner") in (None, 4 * n_embd), f"n_inner {config.get('n_inner')}, expected "
+                      "none (4 x n_embd)"),
+                     (config.get("tie_word_embeddings", True) is not False, "tie_word_embeddings false, expected "
+                      "true (lm_head is the token embedding)"),
+                     (config.get("scale_attn_weights", True) and not config.get("scale_attn_by_inverse_layer_idx")
+                      and not config.get("add_cross_attention"), "an attention variant GPT-2 does not have "
+                      "(scale_attn_weights, scale_attn_by_inverse_layer_idx, add_cross_attention)")):
+        if not ok:
+            raise ValueError(f"{where}: {what}")
+    bias = config.get("bias", True)
+    args = {"block_size": config.get("n_positions", 1024), "vocab_size": config.get("vocab_size", 50257),
+            "n_layer": config.get("n_layer", 12), "n_head": config.get("n_head", 12), "n_embd": n_embd,
+            "dropout": config.get("resid_pdrop", 0.1), "bias": bias, "gelu": GELU_NAMES[act]}
+    # the Hub's own GPT-2 files name the weights without "transformer." and hold the causal mask as a buffer
+    state = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in state.items()
+             if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    head, wte = state.pop("lm_head.weight", None), state.get("transformer.wte.weight")
+    if isinstance(wte, torch.Tensor) and wte.ndim == 2 and isinstance(args["vocab_size"], int):
+        if head is not None and not torch.equal(head, wte):
+            raise ValueError(f"{where}: lm_head.weight is not the token embedding; gpt2o's GPT ties the two")
+        if wte.shape[0] != args["vocab_size"]:
+            raise ValueError(f"{where}: vocab_size={args['vocab_size']}, but the weights hold {wte.shape[0]} token "
+                             "embeddings")
+        padded = (args["vocab_size"] + 63) // 64 * 64  # GPTConfig.padded_vocab_size; the padding is never sampled
+        state["transformer.wte.weight"] = state["lm_head.weight"] = torch.cat(
+            [wte, wte.new_zeros(padded - wte.shape[0], wte.shape[1])])
+    for name, t in state.items():
+        if name.endswith(CONV1D) and t.ndim == 2:
+            state[name] = t.t().contiguous()
+    if bias is False:
+        for name in [n for n in state if n.endswith(".bias")]:
+            if state.pop(name).any():
+                raise ValueError(f"{where}: bias is false, but the weight {name} is not zero")
+    return {"model": state, "model_args": args}
+
+
+def read_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors, or else pytorch_model.bin (loaded with weights_only=True), in folder."""
+    from safetensors import SafetensorError, safe_open
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):
+        bin_path = os.path.join(folder, "pytorch_model.bin")
+        if not os.path.isfile(bin_path):
+            raise ValueError(f"model folder {folder}: has no model.safetensors or pytorch_model.bin")
+        state = load_checkpoint(bin_path, keys=())
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"model weights {bin_path}: holds more than tensors; expected a state dict")
+        return state
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"model weights {path}: cannot be loaded, the file is damaged ({str(e)[:200]})") from None
 
 
 def load_exported(folder: str) -> dict:
-    """A folder written by export.py -> a checkpoint-like dict {"model", "model_args", "meta"} (tied weights
-    re-tied: both names point at one tensor again, as in the model's own state_dict)."""
-    from safetensors import SafetensorError, safe_open
+    """A folder written by export.py (transformers' GPT-2 files + meta.json) -> a checkpoint-like dict
+    {"model", "model_args", "meta"} of our GPT (lm_head and the token embedding one tensor, as in the model)."""
     missing = [name for name in EXPORTED_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         pt = [name for name in ("best.pt", "ckpt.pt") if os.path.isfile(os.path.join(folder, name))]
         hint = f"; it holds {pt[0]}: pass {os.path.join(folder, pt[0])}" if pt else ""
         raise ValueError(f"model folder {folder}: has no {', '.join(missing)}, so it is not a folder written by "
                          f"export.py{hint}")
-    model_args = read_json(os.path.join(folder, "config.json"), "model config")
+    config_path = os.path.join(folder, "config.json")
+    config = read_json(config_path, "model config")
     meta = read_json(os.path.join(folder, "meta.json"), "model meta")
-    path = os.path.join(folder, "model.safetensors")
-    try:
-        with safe_open(path, framework="pt") as f:
-            state = {name: f.get_tensor(name) for name in f.keys()}
-            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"model weights {path}: cannot be loaded, the file is damaged ({str(e)[:200]})") from None
-    if not isinstance(tied, dict) or not all(isinstance(v, str) and v in state for v in tied.values()):
-        raise ValueError(f"model weights {path}: its 'tied' metadata names weights it does not hold")
-    for name, same in tied.items():
-        state[name] = state[same]
-    ckpt = {"model": state, "model_args": model_args, "meta": meta}
-    check_weights(ckpt, f"model config {os.path.join(folder, 'config.json')}")
+    ckpt = {**from_gpt2(read_weights(folder), config, f"model config {config_path}"), "meta": meta}
+    check_weights(ckpt, f"model config {config_path}")
     return ckpt
 
 

@@ -5,9 +5,10 @@
     python generate.py --ckpt=exported/sherlock          # or --ckpt=you/gpt2o-sherlock once it is pushed
     python export.py --help
 
-The folder holds model.safetensors (the weights; lm_head.weight is stored once, transformer.wte.weight is tied to
-it on load), config.json (the GPTConfig), meta.json (token layout, codec, dataset summary, training summary) and
-README.md, a model card with the run's figures, the latest eval samples and the commands to use it. It is written
+The folder is a transformers GPT-2 (model.safetensors, config.json, generation_config.json: GPT2LMHeadModel loads it
+and gives our logits), which gpt2o's own loader reads too, plus meta.json (token layout, codec, dataset summary,
+training summary) and README.md, a model card with the run's figures, the latest eval samples and the commands to
+use it, in gpt2o and in transformers (hf.FrameValidLogits). No file names a local absolute path. It is written
 to a temp folder and renamed into place. meta.json lists the files export.py wrote, with their SHA-256: an earlier
 export is replaced only with --overwrite=True, and then only those files: files added or edited since are kept (or,
 where the new export would replace them, named in a refusal). --push uploads export.py's files with huggingface_hub
@@ -24,9 +25,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from checkpoints import check_compatible, load_checkpoint, tokenizer_meta, untie
+from checkpoints import check_compatible, load_checkpoint, tokenizer_meta
 from common import UserError, atomic_write, run_main, user_errors, write_json
 from config import parse_config
+from hf import GPT2_SIZES, export_files
 from report import list_samples, read_log
 from tokenizer import Layout
 
@@ -63,10 +65,33 @@ def training_summary(ckpt: dict, ckpt_path: str) -> dict:
     return out
 
 
+def local_name(value):
+    """What an exported file may say of a local path: an absolute path becomes its last name (another machine's
+    folders mean nothing to a user, and may say more than the exporter wants); lists and dicts item by item."""
+    if isinstance(value, dict):
+        return {k: local_name(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [local_name(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.basename(os.path.normpath(value))
+    return value
+
+
+def base_model(init_from: str) -> str:
+    """The Hub model a run was fine-tuned from ("" for none, or a local file or folder)."""
+    init_from = GPT2_SIZES.get(init_from, init_from)
+    if init_from in ("", "scratch", "resume") or os.path.exists(init_from) or init_from.endswith(".pt"):
+        return ""
+    return init_from if init_from.count("/") == 1 and not init_from.startswith((".", "/", "~")) else ""
+
+
 def model_card(cfg: ExportConfig, meta: dict, model_args: dict, n_params: int, summary: dict,
                samples: list[str]) -> str:
+    """README.md: metadata from huggingface_hub's ModelCardData, then how to use the model, with gpt2o and with
+    transformers, and what it was trained on."""
+    from huggingface_hub import ModelCardData
     name = cfg.repo_id or os.path.basename(os.path.abspath(cfg.out))
-    where = cfg.repo_id or cfg.out
+    where = cfg.repo_id or local_name(cfg.out)
     tps, hop, sr = float(meta["tokens_per_second"]), meta.get("frame_hop"), meta.get("sample_rate")
     splits = meta.get("splits") or {}
     data = ", ".join(f"{split}: {s.get('seconds', 0) / 3600:.2f} h of audio, {s.get('tokens', 0):,} tokens, "
@@ -74,35 +99,69 @@ def model_card(cfg: ExportConfig, meta: dict, model_args: dict, n_params: int, s
     codec = meta.get("codec", "")
     local_codec = os.path.isabs(codec)
     codec_flag = " --codec=<your copy of the codec folder>" if local_codec else ""
+    codec = local_name(codec)
+    text = bool(meta.get("text_vocab"))
+    base = base_model(summary.get("init_from") or "")
+    dataset = meta.get("dataset", "unknown")
+    card = ModelCardData(
+        license=cfg.license, library_name="transformers", pipeline_tag="text-to-speech" if text else "audio-to-audio",
+        base_model=base or None, datasets=[dataset] if meta.get("dataset_hub") else None,
+        tags=["audio", "speech", "snac", "gpt2", "gpt2o"] + (["text-to-speech", "speech-recognition"] if text else []))
     lines = [
-        "---", f"license: {cfg.license}", "tags:", "- audio", "- speech", "- snac", "- gpt2", "- gpt2o", "---", "",
+        "---", card.to_yaml(), "---", "",
         f"# {name}", "",
         f"A GPT-2 that speaks: a {n_params / 1e6:.1f}M-parameter GPT-2 trained with gpt2o on the discrete codes of "
         f"the SNAC neural codec `{codec}`, flattened into one stream of {tps:.2f} tokens per second of "
-        f"{sr} Hz audio ({meta.get('frame_size')} tokens per {hop}-sample frame, layout `{meta.get('layout')}`). "
-        "It continues audio, or makes it up from nothing, one token at a time; the codec turns the tokens back "
-        "into sound.", "",
+        f"{sr} Hz audio ({meta.get('frame_size')} tokens per {hop}-sample frame, layout `{meta.get('layout')}`"
+        + (f", text ids of the `{meta.get('text_encoding')}` encoding first" if text else "") + "). "
+        + ("It reads text aloud, writes down what it hears, and continues audio" if text else
+           "It continues audio, or makes it up from nothing,") + " one token at a time; the codec turns the tokens "
+        "back into sound.", "",
         "## Use", "",
         "```bash",
         "pip install -r requirements.txt     # in a checkout of gpt2o",
         f"python generate.py --ckpt={where} --num_samples=4 --seconds=10{codec_flag}",
         f"python generate.py --ckpt={where} --prompt=voice.flac --prompt_seconds=5 --seconds=10{codec_flag}",
-        f"python train.py configs/sherlock.py --init_from={where} --data_dir=data/yours   # fine-tune it",
-        "```", "",
     ]
+    if text:
+        lines += [f'python generate.py --ckpt={where} --text="It is a capital mistake to theorize before one has '
+                  f'data."{codec_flag}',
+                  f"python generate.py --ckpt={where} --transcribe=recording.flac{codec_flag}"]
+    lines += [f"python train.py configs/sherlock.py --init_from={where} --data_dir=data/yours   # fine-tune it",
+              "```", ""]
     if local_codec:
         lines += [f"The codec was a local folder when this model was trained (`{codec}`): pass your copy of it "
                   "with `--codec`.", ""]
+    context = "layout.speech_context(enc.encode_ordinary(\"Hello there.\"))" if text else "layout.audio_context()"
+    lines += ["### With transformers", "",
+              "The folder is a GPT-2 that `transformers` loads as it is. `FrameValidLogits` (gpt2o's `hf.py`, no "
+              "transformers import of its own) keeps sampling to ids the codec can decode:", "",
+              "```python",
+              "import json, torch",
+              "from huggingface_hub import snapshot_download",
+              "from transformers import AutoModelForCausalLM, LogitsProcessorList",
+              "from hf import FrameValidLogits             # in a checkout of gpt2o",
+              "from tokenizer import Layout" + (", load_text_encoding" if text else ""), "",
+              f'folder = snapshot_download("{cfg.repo_id or "<user>/<name>"}")   # or the local folder',
+              'meta = json.load(open(f"{folder}/meta.json"))',
+              "model = AutoModelForCausalLM.from_pretrained(folder)",
+              "layout = Layout.from_meta(meta)",
+              *(['enc = load_text_encoding(meta["text_encoding"])'] if text else []),
+              f"ids = torch.tensor([{context}])",
+              "out = model.generate(ids, max_new_tokens=7 * 120, logits_processor=LogitsProcessorList("
+              "[FrameValidLogits(meta)]))",
+              "audio_ids = layout.repair(out[0, ids.shape[1]:].numpy())   # whole frames, ready for the codec",
+              "```", ""]
     lines += ["## Model", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in model_args.items()]
     lines += [f"| parameters | {n_params:,} |",
               f"| context | {model_args['block_size']} tokens = {model_args['block_size'] / tps:.1f} s of audio |", "",
-              "## Data", "", f"`{meta.get('dataset', 'unknown')}`: {data or 'no split summary recorded'}.", "",
+              "## Data", "", f"`{local_name(dataset)}`: {data or 'no split summary recorded'}.", "",
               "## Training", ""]
     it, tokens = summary["iter_num"], summary["tokens_seen"]
     lines.append(f"- {it:,} iterations, {tokens:,} tokens seen ({tokens / tps / 3600:,.1f} h of audio)")
     if summary.get("init_from") not in (None, "scratch", "resume"):
-        lines.append(f"- fine-tuned from `{summary['init_from']}`")
+        lines.append(f"- fine-tuned from `{base or local_name(summary['init_from'])}`")
     if "val_loss" in summary:
         lines.append(f"- val loss {summary['val_loss']:.4f} nats per token = **{summary['val_bps']:.0f} bits per "
                      "second** of audio (the raw codes take "
@@ -121,9 +180,8 @@ def model_card(cfg: ExportConfig, meta: dict, model_args: dict, n_params: int, s
         lines += [f'<audio controls src="samples/{os.path.basename(p)}"></audio>' for p in samples]
         lines.append("")
     lines += ["## Files", "",
-              "- `model.safetensors`: the weights (`lm_head.weight` is stored once; `transformer.wte.weight` is the "
-              "same tensor, tied on load)",
-              "- `config.json`: the model's `GPTConfig`",
+              "- `model.safetensors`, `config.json`, `generation_config.json`: a transformers GPT-2 "
+              "(`GPT2LMHeadModel`; `lm_head` is tied to the token embedding), which gpt2o's loader reads too",
               "- `meta.json`: the token layout and codec (what the tokens mean), the dataset summary and the "
               "training summary and config", ""]
     return "\n".join(lines)
@@ -272,22 +330,26 @@ def main() -> None:
         # meta.json tells every user of the folder what the ids mean: it must be the layout it names
         check_compatible(meta, layout.meta(), f"checkpoint {cfg.ckpt}: its meta", f"the {layout.name} layout")
     import safetensors.torch
-    weights, tied = untie(ckpt["model"])
-    n_params = sum(t.numel() for t in weights.values())
+    tensors, config, generation = export_files(ckpt["model"], ckpt["model_args"], meta)
+    # the model's own count: the tied embedding once, its padding rows and the zero biases of bias=False left out
+    n_params = sum(t.numel() for t in tensors.values())
+    if not ckpt["model_args"]["bias"]:
+        n_params -= sum(t.numel() for name, t in tensors.items() if name.endswith(".bias"))
     summary = training_summary(ckpt, cfg.ckpt)
     # the latest eval samples up to this checkpoint's iteration, when the run wrote any
     found = {i: p for i, p in list_samples(os.path.dirname(os.path.abspath(cfg.ckpt))).items()
              if i <= summary["iter_num"]}
     samples = found[max(found)] if found else []
     # the shard list is this machine's files; the rest says what the tokens mean and what the model saw
-    meta_out = {k: v for k, v in meta.items() if k not in ("shards", "skipped")}
-    meta_out["training"] = summary
+    meta_out = local_name({k: v for k, v in meta.items() if k not in ("shards", "skipped")})
+    meta_out["training"] = local_name(summary)
     card = model_card(cfg, meta, ckpt["model_args"], n_params, summary, samples)
 
     def fill(folder: str) -> None:
-        blob = safetensors.torch.save(weights, metadata={"format": "pt", "tied": json.dumps(tied)})
+        blob = safetensors.torch.save(tensors, metadata={"format": "pt"})
         atomic_write(os.path.join(folder, "model.safetensors"), lambda f: f.write(blob), size=len(blob))
-        write_json(os.path.join(folder, "config.json"), ckpt["model_args"])
+        write_json(os.path.join(folder, "config.json"), config)
+        write_json(os.path.join(folder, "generation_config.json"), generation)
         atomic_write(os.path.join(folder, "README.md"), lambda f: f.write(card), mode="w")
         for p in samples:
             with open(p, "rb") as f:
@@ -299,8 +361,8 @@ def main() -> None:
 
     write_folder(cfg.out, fill, cfg.overwrite)
     print(f"exported {cfg.ckpt} ({n_params / 1e6:.2f}M parameters, iteration {summary['iter_num']:,}) -> {cfg.out}: "
-          f"model.safetensors, config.json, meta.json, README.md" + (f", {len(samples)} samples" if samples else ""),
-          flush=True)
+          "model.safetensors, config.json, generation_config.json, meta.json, README.md"
+          + (f", {len(samples)} samples" if samples else ""), flush=True)
     if os.path.isabs(meta.get("codec", "")):
         print(f"note: the codec is a local folder ({meta['codec']}); users of this export pass their copy of it "
               "with generate.py --codec", flush=True)

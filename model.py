@@ -20,6 +20,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+GELU_FORMS = ("exact", "tanh")
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest context, in tokens (positions 0 .. block_size-1 have embeddings)
@@ -29,6 +32,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # on attention weights, residual branches and embeddings; 0 for sampling
     bias: bool = False  # biases in Linear and LayerNorm layers; GPT-2 had them, without is a bit faster
+    gelu: str = "exact"  # the MLP's GELU: "exact" (erf), or "tanh", the approximation GPT-2's weights were trained with
 
     @property
     def padded_vocab_size(self) -> int:
@@ -132,7 +136,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        assert config.gelu in GELU_FORMS, f"gelu {config.gelu!r}, expected one of {GELU_FORMS}"
+        self.gelu = nn.GELU(approximate="none" if config.gelu == "exact" else "tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

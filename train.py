@@ -24,13 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoints import check_compatible, load_checkpoint, load_model_source, save_checkpoint
+from checkpoints import check_compatible, load_checkpoint, save_checkpoint
 from common import (Dist, UserError, atomic_write, autocast, format_duration, hold_out_dir_lock, move_aside,
                     peak_flops,
                     pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
 from config import parse_config
-from model import GPT, GPTConfig
+from model import GELU_FORMS, GPT, GPTConfig
+from hf import fit_to_layout, load_model
 from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
+from tokenizer import Layout, load_text_encoding
 from samples import MAX_EVAL_SAMPLE_SECONDS, MAX_EVAL_SAMPLES, EvalSamples
 
 
@@ -39,7 +41,8 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"  # ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, config.json
     data_dir: str = "data/sherlock"  # written by prepare_audio.py: train_*.bin, val_*.bin, meta.json
-    init_from: str = "scratch"  # scratch, resume (out_dir/ckpt.pt), or weights to fine-tune (.pt, exported, Hub id)
+    init_from: str = "scratch"  # scratch, resume (out_dir/ckpt.pt), or weights to fine-tune: gpt2 (-medium, -large,
+    # -xl), a transformers GPT-2 folder or Hub id, or gpt2o's own (.pt, export.py folder, Hub id)
     overwrite: bool = False  # allow a run from scratch to replace the checkpoints already in out_dir
     eval_interval: int = 250  # evaluate on val and write checkpoints every this many iterations (and at the end)
     eval_iters: int = 20  # val windows = eval_iters * batch_size, the same fixed windows at every eval
@@ -60,6 +63,7 @@ class TrainConfig:
     n_embd: int = 768
     dropout: float = 0.0  # 0 for large data; small data wants 0.1-0.2
     bias: bool = False  # biases in Linear/LayerNorm layers
+    gelu: str = "exact"  # the MLP's GELU: exact, or tanh (GPT-2's); init_from of weights sets it and the above
     # AdamW, warmup then cosine decay
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 5000  # optimizer steps in total
@@ -95,6 +99,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                           ("seed", 0 <= cfg.seed < 2 ** 32, "be in [0, 2**32)")):
         if not ok:
             raise UserError(f"{key}={getattr(cfg, key)}: must {rule}")
+    if cfg.gelu not in GELU_FORMS:
+        raise UserError(f"gelu={cfg.gelu}: must be one of {', '.join(GELU_FORMS)}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd}: must be divisible by n_head={cfg.n_head}")
     if not cfg.init_from:
@@ -166,17 +172,26 @@ def check_resume(ckpt: dict, path: str, meta: dict, model_config: GPTConfig, dat
 
 
 def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
-    """init_from=<.pt, export.py folder or Hub id>: its weights, and cfg with its architecture (dropout stays the
-    config's). Only the weights: the optimizer, iteration count and schedule start fresh."""
+    """init_from=<weights>: its weights, and cfg with its architecture (dropout stays the config's). Only the
+    weights: the optimizer, iteration count and schedule start fresh. A GPT-2 (text only) keeps the config's
+    block_size and gets rows for the dataset's audio and special tokens (hf.fit_to_layout)."""
     try:
-        ckpt = load_model_source(cfg.init_from)
+        ckpt = load_model(cfg.init_from)
     except ValueError as e:
         raise UserError(f"init_from={cfg.init_from}: {e} (or scratch, or resume)") from None
+    if ckpt["meta"] is None:  # a transformers GPT-2: its text ids must be the dataset's
+        try:
+            layout = Layout.from_meta(meta)
+            eot = load_text_encoding(layout.text_encoding).eot_token if layout.text_vocab else None
+            args, state = fit_to_layout(ckpt, meta, eot, cfg.block_size, cfg.seed)
+        except ValueError as e:
+            raise UserError(f"init_from={cfg.init_from}: {e}") from None
+        return dataclasses.replace(cfg, **{k: args[k] for k in ("n_layer", "n_head", "n_embd", "bias", "gelu")}), state
     try:
         check_compatible(ckpt.get("meta") or {}, meta, "the model", cfg.data_dir)
     except ValueError as e:
         raise UserError(f"init_from={cfg.init_from}: {e}; prepare the data with the model's codec") from None
-    arch = {k: ckpt["model_args"][k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias")}
+    arch = {k: ckpt["model_args"][k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias", "gelu")}
     return dataclasses.replace(cfg, **arch), ckpt["model"]
 
 
@@ -229,7 +244,8 @@ def main() -> None:
 
     # the checkpoint to resume, checked before anything is written
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                             gelu=cfg.gelu)
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = None
