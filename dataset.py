@@ -1,5 +1,5 @@
-"""A dataset folder written by prepare_audio.py (meta.json + uint16 shards), read as windows of tokens, and the
-val figures of a model on it. No writes.
+"""A dataset folder written by prepare_audio.py (meta.json + uint16 or uint32 shards), read as windows of tokens, and
+the val figures of a model on it. No writes.
 
     from dataset import load_dataset, train_starts
     meta, streams = load_dataset("data/sherlock")             # one TokenStream per split, checked against meta.json
@@ -21,10 +21,21 @@ import torch.nn.functional as F
 
 from tokenizer import Layout, load_text_encoding, text_token_bytes
 
+# shards are raw little-endian ids with no header: uint16 while every id of the vocabulary fits, else uint32 (a
+# text encoding of more than 65k ids: cl100k_base, o200k_base); meta.json's "dtype" names which
+SHARD_DTYPES = {"uint16": "<u2", "uint32": "<u4"}
+
+
+def shard_dtype(vocab_size: int) -> str:
+    """The dtype name of the shards of a vocabulary: the smallest in SHARD_DTYPES that holds every id."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
 class TokenStream:
     """The shards of one split as one stream of len(self) tokens; windows may cross shard ends."""
 
-    def __init__(self, paths: list[str], sizes: list[int]):
+    def __init__(self, paths: list[str], sizes: list[int], dtype: str = "uint16"):
+        self.dtype = SHARD_DTYPES[dtype]
         keep = [i for i, n in enumerate(sizes) if n > 0]  # an empty file cannot be memory-mapped
         self.paths = [paths[i] for i in keep]
         self.sizes = np.array([sizes[i] for i in keep], dtype=np.int64)
@@ -44,7 +55,7 @@ class TokenStream:
             i, pos = int(np.searchsorted(self.ends, start, side="right")), 0
             while pos < length:
                 if i not in maps:
-                    maps[i] = np.memmap(self.paths[i], dtype="<u2", mode="r")
+                    maps[i] = np.memmap(self.paths[i], dtype=self.dtype, mode="r")
                 offset = start + pos - (self.ends[i] - self.sizes[i])
                 take = int(min(length - pos, self.sizes[i] - offset))
                 out[row, pos:pos + take] = maps[i][offset:offset + take]
@@ -86,9 +97,12 @@ def load_dataset(data_dir: str) -> tuple[dict, dict[str, TokenStream]]:
             raise ValueError(f"{meta_path}: shard {name}: tokens={tokens!r}, expected a count >= 0; re-run "
                              "prepare_audio.py")
     layout = Layout.from_meta(meta)
-    if meta["vocab_size"] != layout.vocab_size or meta.get("dtype", "uint16") != "uint16":
+    dtype = meta.get("dtype", "uint16")
+    if meta["vocab_size"] != layout.vocab_size or dtype != shard_dtype(layout.vocab_size):
         raise ValueError(f"{meta_path}: vocab_size {meta['vocab_size']} / dtype {meta.get('dtype')} do not match "
-                        f"the layout (expected {layout.vocab_size} / uint16); re-run prepare_audio.py")
+                        f"the layout (expected {layout.vocab_size} / {shard_dtype(layout.vocab_size)}); re-run "
+                        "prepare_audio.py")
+    width = np.dtype(SHARD_DTYPES[dtype]).itemsize
     streams = {}
     for split in ("train", "val"):
         shards = [s for s in meta["shards"] if s.get("split") == split]
@@ -96,11 +110,11 @@ def load_dataset(data_dir: str) -> tuple[dict, dict[str, TokenStream]]:
         for s, p in zip(shards, paths):
             if not os.path.isfile(p):
                 raise ValueError(f"shard {p}: listed in meta.json but not found; re-run prepare_audio.py")
-            if os.path.getsize(p) != 2 * int(s["tokens"]):
+            if os.path.getsize(p) != width * int(s["tokens"]):
                 raise ValueError(f"shard {p}: {os.path.getsize(p)} bytes, but meta.json says {s['tokens']} tokens "
-                                f"({2 * int(s['tokens'])} bytes of uint16); the dataset is damaged, re-run "
+                                f"({width * int(s['tokens'])} bytes of {dtype}); the dataset is damaged, re-run "
                                 "prepare_audio.py")
-        streams[split] = TokenStream(paths, [int(s["tokens"]) for s in shards])
+        streams[split] = TokenStream(paths, [int(s["tokens"]) for s in shards], dtype)
     return meta, streams
 
 

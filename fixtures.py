@@ -65,18 +65,20 @@ def tiny_gpt(vocab_size: int, block_size: int = 64, seed: int = 0, n_embd: int =
 
 
 def random_dataset(folder: str, layout: Layout, train_sizes: list[int], val_sizes: list[int], codec: str = "bench",
-                   seed: int = 0) -> dict:
-    """A dataset folder in prepare_audio.py's format (shards + meta.json) of random ids of the layout's vocabulary.
-    Returns meta.json's contents; `codec` is what it names (a codec folder, for train.py's eval samples)."""
+                   seed: int = 0, dtype: str = "uint16") -> dict:
+    """A dataset folder in prepare_audio.py's format (shards + meta.json) of random ids of the layout's vocabulary,
+    as uint16 or uint32 shards. Returns meta.json's contents; `codec` is what it names (a codec folder, for
+    train.py's eval samples)."""
     os.makedirs(folder, exist_ok=True)
     rng, shards = np.random.default_rng(seed), []
     for split, sizes in (("train", train_sizes), ("val", val_sizes)):
         for i, n in enumerate(sizes):
             name = f"{split}_{i:03d}.bin"
-            rng.integers(0, layout.vocab_size, n, dtype=np.uint16).tofile(os.path.join(folder, name))
+            rng.integers(0, layout.vocab_size, n).astype("<u2" if dtype == "uint16" else "<u4").tofile(
+                os.path.join(folder, name))
             shards.append({"file": name, "split": split, "tokens": n, "sources": []})
     meta = {"codec": codec, "sample_rate": 24000, "frame_hop": 2048, "tokens_per_second": 24000 / 2048 * 7,
-            **layout.meta(), "dtype": "uint16", "dataset": "random", "shards": shards, "skipped": [], "splits": {}}
+            **layout.meta(), "dtype": dtype, "dataset": "random", "shards": shards, "skipped": [], "splits": {}}
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f)
     return meta

@@ -116,8 +116,10 @@ def export_files(state: dict[str, torch.Tensor], model_args: dict, meta: dict) -
     layout = Layout.from_meta(meta)
     ends = [layout.special_tokens[k] for k in ("audio_end", "text_end") if k in layout.special_tokens]
     config.update(bos_token_id=layout.boundary_id, eos_token_id=ends[0] if ends else None)
+    # pad is an end token: generate() reads a pad id in a prompt as padding unless it is also an eos id, and
+    # BOUNDARY opens every prompt
     generation = {"bos_token_id": layout.boundary_id, "eos_token_id": ends or None,
-                  "pad_token_id": layout.boundary_id, "do_sample": True, "top_k": 0,
+                  "pad_token_id": ends[0] if ends else None, "do_sample": True, "top_k": 0,
                   "max_length": model_args["block_size"]}
     return tensors, config, generation
 

@@ -1,5 +1,5 @@
-"""Audio files, or parquet files of audio or of SNAC codes -> SNAC tokens -> uint16 shards + meta.json, the dataset
-format train.py reads.
+"""Audio files, or parquet files of audio or of SNAC codes -> SNAC tokens -> shards + meta.json, the dataset format
+train.py reads (uint16 ids, or uint32 for a text encoding of more than 65k ids).
 
     python prepare_audio.py                                   # Sherlock Holmes chapters from the Hub -> data/sherlock/
     python prepare_audio.py --dataset=/path/to/my/audio --out_dir=data/mine
@@ -41,6 +41,7 @@ from codec import DEFAULT_CODEC, BadAudio, load_codec, read_audio, resampled_len
 from common import (Dist, UserError, atomic_write, hold_out_dir_lock, pick_device, run_main, user_errors,
                     write_json)
 from config import parse_config
+from dataset import shard_dtype
 from sources import (Columns, Dataset, Item, Source, audio_extensions, codes_to_tokens, fetch, open_dataset,
                      pick_columns, read_schema, rows_to_items)
 from tokenizer import DEFAULT_TEXT_ENCODING, Layout, load_text_encoding
@@ -66,7 +67,7 @@ class PrepareConfig:
     text_column: str = ""  # parquet transcripts (default: text, transcription, sentence, ... if present)
     keep_downloads: bool = False  # keep the Hub parquet files in out_dir/.downloads/ instead of deleting each when done
     strict: bool = False  # a bad file or row, or a missing/empty transcript in a transcribed set, stops the run
-    text_encoding: str = DEFAULT_TEXT_ENCODING  # tiktoken encoding for transcripts and text; "none" = audio-only layout
+    text_encoding: str = "auto"  # tiktoken encoding (gpt2, cl100k_base, ...); none = audio only; auto = gpt2 if text
     text_field: str = "normalized"  # where both exist (LJSpeech, LibriTTS): "normalized" or "raw" transcripts
     asr_fraction: float = 0.5  # share of transcribed documents written as transcription items [audio][text]
     text_corpus: str = ""  # a UTF-8 text file; each paragraph (blank-line separated) is a text-only train document
@@ -412,15 +413,16 @@ def report(group: Group, entry: dict, strict: bool) -> None:
 
 
 def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]:
-    """Concatenate documents (source name, uint16 array with its BOUNDARY first) into {split}_000.bin, ... of
-    shard_tokens tokens each."""
+    """Concatenate documents (source name, id array with its BOUNDARY first) into {split}_000.bin, ... of
+    shard_tokens tokens each, as raw little-endian ids of the documents' dtype (uint16 or uint32)."""
     shards: list[dict] = []
     parts: list[np.ndarray] = []
     sources: list[str] = []
     filled = 0
 
     def flush() -> None:
-        data = np.concatenate(parts).astype("<u2")  # raw little-endian uint16, no header
+        data = np.concatenate(parts)
+        data = data.astype(data.dtype.newbyteorder("<"))  # raw little-endian, no header
         name = f"{split}_{len(shards):03d}.bin"
         atomic_write(os.path.join(out_dir, name), lambda f: f.write(data.tobytes()), size=data.nbytes)
         shards.append({"file": name, "split": split, "tokens": int(len(data)), "sources": list(sources)})
@@ -522,6 +524,7 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
                                 "or .normalized.txt beside it, a metadata.csv row or a text cell), or run without "
                                 "--strict to keep it as audio only")
     corpus = [enc.encode_ordinary(p) for p in read_corpus(cfg.text_corpus)] if cfg.text_corpus else []
+    dtype = shard_dtype(layout.vocab_size)
     if os.path.exists(os.path.join(cfg.out_dir, "meta.json")):
         os.remove(os.path.join(cfg.out_dir, "meta.json"))  # the shards are about to change
     splits, shards, untranscribed = {}, [], []
@@ -549,13 +552,13 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
                 stats["text_tokens"] += 0 if ids is None else len(ids)
                 stats["paired"] += ids is not None
                 stats["transcription_items"] += asr
-                yield source.name, doc.astype(np.uint16)
+                yield source.name, doc.astype(dtype)
             for ids in corpus if split == "train" else []:
                 doc = layout.document(text=ids)
                 stats["tokens"] += len(doc)
                 stats["text_tokens"] += len(ids)
                 stats["text_documents"] += 1
-                yield cfg.text_corpus, doc.astype(np.uint16)
+                yield cfg.text_corpus, doc.astype(dtype)
         shards += write_split(cfg.out_dir, split, docs(), cfg.shard_tokens)
         splits[split] = {**stats, "seconds": round(stats["seconds"], 3)}
     keep = {s["file"] for s in shards}
@@ -563,7 +566,8 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
         if re.fullmatch(r"(train|val)_\d{3,}\.bin", name) and name not in keep:
             os.remove(os.path.join(cfg.out_dir, name))
     # the codec's meta, then the layout's (with text, it replaces the audio-only layout's keys)
-    meta = {**tok.meta(), **layout.meta(), "dtype": "uint16", "dataset": cfg.dataset, "shards": shards,
+    meta = {**tok.meta(), **layout.meta(), "dtype": dtype, "dataset": cfg.dataset,
+            "dataset_hub": not os.path.isdir(cfg.dataset), "shards": shards,
             "skipped": skipped, "splits": splits}
     if layout.text_vocab:
         meta.update(untranscribed=untranscribed, text_field=cfg.text_field, asr_fraction=cfg.asr_fraction,
@@ -662,9 +666,10 @@ def main() -> None:
                               ("asr_fraction", 0 <= cfg.asr_fraction <= 1, "a fraction in [0, 1]")):
         if not ok:
             raise UserError(f"{key}={getattr(cfg, key)!r}: must be {expected}")
-    with user_errors(hint="; or pass --text_encoding=none for audio-only data (no transcripts, no text)"):
-        enc = None if cfg.text_encoding in ("none", "") else load_text_encoding(cfg.text_encoding)
-    if enc is None and cfg.text_corpus:
+    enc_hint = "; or pass --text_encoding=none for audio-only data (no transcripts, no text)"
+    with user_errors(hint=enc_hint):
+        enc = None if cfg.text_encoding in ("none", "", "auto") else load_text_encoding(cfg.text_encoding)
+    if cfg.text_encoding in ("none", "") and cfg.text_corpus:
         raise UserError("text_corpus needs a text encoding; drop --text_encoding=none")
 
     start = time.perf_counter()
@@ -705,11 +710,17 @@ def main() -> None:
             pool, n_workers = None, 0
         if master:
             dist.barrier()
+        if cfg.text_encoding == "auto":  # text ids only where there is text: a plain audio folder needs no BPE
+            has_text = bool(cfg.text_corpus or columns.text or (ds.kind == "audio" and find_transcripts(
+                ds.root, [s.name for s in ds.sources], cfg.text_field)))
+            with user_errors(hint=enc_hint):
+                enc = load_text_encoding(DEFAULT_TEXT_ENCODING) if has_text else None
+            if master:
+                print("text_encoding=auto: " + (f"{enc.name} (the dataset has text)" if enc else
+                                                "none (no transcripts, no text_corpus: the audio-only layout)"),
+                      flush=True)
         # the cache holds audio-only-layout tokens (tok's); the shards the text+audio layout's
         layout = Layout(tok.layout.vq_strides, tok.layout.codebook_size, *((enc.name, enc.n_vocab) if enc else ()))
-        if layout.vocab_size > 1 << 16:
-            raise UserError(f"codec {cfg.codec} + text encoding {cfg.text_encoding}: vocab_size {layout.vocab_size} "
-                            "does not fit the uint16 shards; use a smaller text encoding (gpt2, r50k_base, p50k_base)")
         if master and ds.kind == "parquet":
             print(f"reading columns {', '.join(columns.codes) or columns.audio}"
                   f"{' (pre-tokenised SNAC codes: no codec runs)' if columns.codes else ''}", flush=True)

@@ -41,8 +41,7 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"  # ckpt.pt (latest), best.pt (lowest val loss), log.jsonl, config.json
     data_dir: str = "data/sherlock"  # written by prepare_audio.py: train_*.bin, val_*.bin, meta.json
-    init_from: str = "scratch"  # scratch, resume (out_dir/ckpt.pt), or weights to fine-tune: gpt2 (-medium, -large,
-    # -xl), a transformers GPT-2 folder or Hub id, or gpt2o's own (.pt, export.py folder, Hub id)
+    init_from: str = "scratch"  # scratch, resume, or weights: gpt2[-medium|-large|-xl], a Hub id, a .pt or a folder
     overwrite: bool = False  # allow a run from scratch to replace the checkpoints already in out_dir
     eval_interval: int = 250  # evaluate on val and write checkpoints every this many iterations (and at the end)
     eval_iters: int = 20  # val windows = eval_iters * batch_size, the same fixed windows at every eval

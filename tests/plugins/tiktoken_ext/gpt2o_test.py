@@ -66,3 +66,19 @@ def gpt2o_test_unreachable() -> dict:
 
 
 ENCODING_CONSTRUCTORS["gpt2o_test_unreachable"] = gpt2o_test_unreachable
+
+
+BIG_VOCAB = 70_000  # more ids than uint16 holds, as cl100k_base (100k) and o200k_base (200k) have
+
+
+def gpt2o_test_big() -> dict:
+    """gpt2o_test's BPE padded with tokens no merge can reach (two bytes no rank joins, then a counter) to
+    BIG_VOCAB ids, then <|endoftext|>: a vocabulary whose ids do not fit uint16 shards, built offline."""
+    ranks = _mergeable_ranks()
+    for i in range(BIG_VOCAB - len(ranks)):
+        ranks[b"\xff\xfe" + i.to_bytes(3, "big")] = len(ranks)
+    return {"name": "gpt2o_test_big", "pat_str": PAT_STR, "mergeable_ranks": ranks,
+            "special_tokens": {"<|endoftext|>": len(ranks)}}
+
+
+ENCODING_CONSTRUCTORS["gpt2o_test_big"] = gpt2o_test_big
