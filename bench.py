@@ -253,6 +253,70 @@ def bench_train(quick: bool) -> None:
         print(f"  MFU against {against}: train.py {mfu:.1%}, the plain loop {mfu * base / ours:.1%}", flush=True)
 
 
+# --- gpt2 ---------------------------------------------------------------------
+def train_log(args: list[str]) -> list[dict]:
+    """train.py with these flags in a temp out_dir -> its log rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, f"{ROOT}/train.py", f"--out_dir={tmp}/out", f"--device={DEVICE}",
+                            f"--compile={CUDA}", "--eval_samples=0", "--gradient_accumulation_steps=1", *args],
+                           cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"error: train.py failed: {r.stderr[-2000:]}")
+        with open(f"{tmp}/out/log.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+
+def bench_gpt2(quick: bool) -> None:
+    """What uint32 shards (text encodings past 65,535 ids) cost a training step: train.py's batch reads from
+    uint32 vs uint16 shards, over the step they feed (end to end the difference drowns in a shared machine's
+    noise); then fine-tuning from GPT-2's weights vs from scratch (the same architecture, data and steps; needs
+    the Hub and a dataset prepared with GPT-2's BPE)."""
+    from dataset import get_batch, load_dataset
+    n_layer, n_embd, block, batch = (2, 128, 256, 4) if quick else (12, 768, 1024, 8) if CUDA else (6, 384, 512, 8)
+    big = Layout((4, 2, 1), 4096, "cl100k_base", 100277)  # GPT-4's encoding: ids past 65,535, so uint32 shards
+    with tempfile.TemporaryDirectory() as tmp:
+        reads = {}
+        for dtype in ("uint16", "uint32"):
+            fixtures.random_dataset(f"{tmp}/{dtype}", LAYOUT, [20_000_000], [1000], dtype=dtype)
+            stream = load_dataset(f"{tmp}/{dtype}")[1]["train"]
+            starts = [np.random.default_rng(i).integers(0, len(stream) - block, batch) for i in range(20)]
+            reads[dtype] = timeit(lambda: [get_batch(stream, s, block, DEVICE, big.vocab_size) for s in starts]) / 20
+        model = fixtures.tiny_gpt(big.vocab_size, block, 0, n_embd, n_layer, n_layer).to(DEVICE).train()
+        optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), DEVICE)
+        data = np.memmap(f"{tmp}/uint32/train_000.bin", dtype="<u4", mode="r")
+        step = min(plain_step(model, optimizer, data, block, batch) for _ in range(3))
+    row(f"batch read ({batch} x {block}), uint32 shards vs uint16", reads["uint32"] * 1e3, reads["uint16"] * 1e3,
+        "ms", False)
+    extra = (reads["uint32"] - reads["uint16"]) / step
+    print(f"  a train step of a {n_layer}x{n_embd} GPT with cl100k_base's vocabulary takes {step * 1e3:.0f} ms: "
+          f"uint32 shards change its tokens/s by {-extra:+.3%}", flush=True)
+    data = os.environ.get("GPT2_BENCH_DATA", "data/ljspeech")
+    try:
+        from hf import load_model
+        load_model("gpt2")
+    except ValueError as e:
+        print(f"gpt2 vs scratch: needs GPT-2's weights from the Hugging Face Hub ({str(e)[:120]}...)", flush=True)
+        return
+    if not os.path.isfile(os.path.join(data, "meta.json")):
+        print(f"gpt2 vs scratch: needs a dataset prepared with GPT-2's BPE at {data} (configs/gpt2_speech.py says "
+              "how; GPT2_BENCH_DATA=<folder> for another)", flush=True)
+        return
+    n = 20 if quick else 200
+    common = [f"--data_dir={data}", "--block_size=1024", "--batch_size=8", f"--max_iters={n}", "--warmup_iters=10",
+              "--learning_rate=3e-4", "--min_lr=3e-5", f"--eval_interval={n}", "--eval_iters=10",
+              "--log_interval=10", "--dropout=0.0"]
+    tuned = [r for r in train_log(common + ["--init_from=gpt2"]) if "val_loss" in r]
+    scratch = [r for r in train_log(common + ["--n_layer=12", "--n_head=12", "--n_embd=768", "--bias=True",
+                                              "--gelu=tanh"]) if "val_loss" in r]
+    row("val loss at iteration 0: GPT-2 + mean-initialised audio rows vs random init", tuned[0]["val_loss"],
+        scratch[0]["val_loss"], "nats", False)
+    row(f"val loss after {n} iterations (8 x 1024 tokens each): from GPT-2 vs from scratch", tuned[-1]["val_loss"],
+        scratch[-1]["val_loss"], "nats", False)
+    if "val_text_loss" in tuned[-1] and "val_text_loss" in scratch[-1]:
+        row(f"val text loss after {n} iterations: from GPT-2 vs from scratch", tuned[-1]["val_text_loss"],
+            scratch[-1]["val_text_loss"], "nats", False)
+
+
 # --- generate -----------------------------------------------------------------
 def random_tokens(n_frames: int, seed: int = 0) -> torch.Tensor:
     """n_frames of valid audio ids, (n_frames * frame_size,)."""
@@ -372,6 +436,7 @@ PARTS = {  # name: (function, what it compares)
     "prepare": (bench_prepare, "prepare_audio.py end to end vs the bare batched SNAC encode"),
     "handoff": (bench_handoff, "CUDA only: codes back to the host, codes_to_host vs .cpu()"),
     "train": (bench_train, "train.py vs a plain nanoGPT loop on the same model and data, and MFU"),
+    "gpt2": (bench_gpt2, "uint32 vs uint16 shards in train.py; fine-tuning from GPT-2 vs scratch (needs the Hub)"),
     "generate": (bench_generate, "KV cache vs recompute; decode vs weight-streaming bound and real time; codec"),
     "graphs": (bench_graphs, "CUDA only: graph/static/compile decode, batch 64, attention backends, long stream"),
     "all": (None, "every part"),

@@ -27,7 +27,8 @@ SHARD_DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 
 
 def shard_dtype(vocab_size: int) -> str:
-    """The dtype name of the shards of a vocabulary: the smallest in SHARD_DTYPES that holds every id."""
+    """The dtype name prepare_audio.py writes for a vocabulary: the smallest in SHARD_DTYPES that holds every id
+    (the reader takes any that holds them)."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
@@ -98,7 +99,8 @@ def load_dataset(data_dir: str) -> tuple[dict, dict[str, TokenStream]]:
                              "prepare_audio.py")
     layout = Layout.from_meta(meta)
     dtype = meta.get("dtype", "uint16")
-    if meta["vocab_size"] != layout.vocab_size or dtype != shard_dtype(layout.vocab_size):
+    if meta["vocab_size"] != layout.vocab_size or dtype not in SHARD_DTYPES or \
+            np.iinfo(SHARD_DTYPES[dtype]).max < layout.vocab_size - 1:
         raise ValueError(f"{meta_path}: vocab_size {meta['vocab_size']} / dtype {meta.get('dtype')} do not match "
                         f"the layout (expected {layout.vocab_size} / {shard_dtype(layout.vocab_size)}); re-run "
                         "prepare_audio.py")

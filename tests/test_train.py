@@ -204,7 +204,7 @@ def test_trains_without_the_text_encoding(tmp_path):
 def test_configs_parse():
     from config import parse_config
     from train import TrainConfig, check_config
-    for name in ("tiny", "sherlock"):
+    for name in ("tiny", "gpt2_speech", "sherlock"):
         cfg = parse_config(TrainConfig, [os.path.join(ROOT, "configs", f"{name}.py")])
         check_config(cfg, world_size=1)
     assert cfg.block_size == 2048 and cfg.dropout > 0
