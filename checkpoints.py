@@ -5,7 +5,8 @@
     save_checkpoint("out/run/ckpt.pt", {"model": ..., "model_args": ..., "meta": ...})   # atomically
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, loaded with weights_only=True; an
-exported folder is safetensors + JSON. Neither is ever unpickled. Errors are ValueError naming the file.
+exported folder is safetensors + JSON in transformers' GPT-2 layout (to_gpt2 / from_gpt2 convert, both ways, the
+one place that knows it). Neither is ever unpickled. Errors are ValueError naming the file.
 """
 from __future__ import annotations
 
