@@ -234,3 +234,34 @@ def test_codes_come_back_while_the_next_files_encode(codec_dir):
     for codes, host in zip(first, got):
         assert all(np.array_equal(c.cpu().numpy(), h) for c, h in zip(codes, host))
         assert any(len(np.unique(h)) > 1 for h in host)  # codes, not a buffer that happens to match
+
+
+# -----------------------------------------------------------------------------
+# transformers on CUDA: an export's logits, and FrameValidLogits with the scores on the GPU
+
+def test_export_on_cuda_matches_and_generates_frame_valid_ids(tmp_path):
+    import json
+    import safetensors.torch
+    transformers = pytest.importorskip("transformers")
+    from conftest import TEXT_ENCODING
+    from hf import FrameValidLogits, export_files
+    from tokenizer import Layout, load_text_encoding
+    layout = Layout((4, 2, 1), 4096, TEXT_ENCODING, load_text_encoding(TEXT_ENCODING).n_vocab)
+    ours = tiny_gpt(layout.vocab_size, block_size=128, n_embd=64)
+    tensors, config, generation = export_files(ours.state_dict(), asdict(ours.config), layout.meta())
+    safetensors.torch.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).cuda().eval()
+    ours = ours.cuda()
+    ids = torch.randint(0, layout.vocab_size, (2, 64), device="cuda")
+    with torch.no_grad():
+        diff = (theirs(ids).logits - ours(ids, ids)[0][..., :layout.vocab_size]).abs().max()
+    assert diff <= 1e-4, diff  # TF32 may differ between the two kernels' orders; float32 matmuls here
+    context = torch.as_tensor(layout.audio_context(), device="cuda")[None].repeat(4, 1)
+    out = theirs.generate(context, max_new_tokens=10 * layout.frame_size,
+                          logits_processor=transformers.LogitsProcessorList([FrameValidLogits(layout.meta())]))
+    end = layout.special("audio_end")
+    for row in out[:, context.shape[1]:].cpu():
+        row = row[:int((row == end).nonzero()[0])] if (row == end).any() else row
+        layout.tokens_to_codes(row)  # raises unless whole frames of the right levels
