@@ -147,9 +147,9 @@ def model_card(cfg: ExportConfig, meta: dict, model_args: dict, n_params: int, s
               "model = AutoModelForCausalLM.from_pretrained(folder)",
               "layout = Layout.from_meta(meta)",
               *(['enc = load_text_encoding(meta["text_encoding"])'] if text else []),
-              f"ids = torch.tensor([{context}])",
-              "out = model.generate(ids, max_new_tokens=7 * 120, logits_processor=LogitsProcessorList("
-              "[FrameValidLogits(meta)]))",
+              f"ids = torch.as_tensor({context})[None]",
+              "out = model.generate(ids, max_new_tokens=model.config.n_positions - ids.shape[1],   # a context's worth",
+              "                     logits_processor=LogitsProcessorList([FrameValidLogits(meta)]))",
               "audio_ids = layout.repair(out[0, ids.shape[1]:].numpy())   # whole frames, ready for the codec",
               "```", ""]
     lines += ["## Model", "", "| | |", "|---|---|"]

@@ -34,8 +34,8 @@ def load_model(source: str) -> dict:
     if source.endswith(".pt") or os.path.isfile(source):
         return load_model_source(source)
     if os.path.isdir(source):
-        if os.path.isfile(os.path.join(source, "meta.json")):
-            return load_model_source(source)
+        if os.path.isfile(os.path.join(source, "meta.json")) or not os.path.isfile(os.path.join(source, "config.json")):
+            return load_model_source(source)  # gpt2o's own folder, or no model folder at all (its message says so)
         return load_gpt2_folder(source, os.path.basename(os.path.normpath(source)))
     if source.startswith((".", "/", "~")) or source.count("/") != 1 or not all(source.split("/")):
         raise ValueError(f"model {source}: not found; pass gpt2 (or gpt2-medium, -large, -xl), a Hub model id like "
@@ -67,9 +67,6 @@ def download(repo_id: str, files: list[str]) -> str:
 def load_gpt2_folder(folder: str, name: str) -> dict:
     """A transformers GPT-2 folder -> {"model", "model_args", "meta": None, "eos_token_id", "base_model": name}."""
     config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"model folder {folder}: has no config.json (nor meta.json), so it is neither a "
-                         "transformers GPT-2 folder nor one written by export.py")
     config = read_json(config_path, "model config")
     where = f"model config {config_path}"
     ckpt = from_gpt2(read_weights(folder), config, where)

@@ -570,7 +570,8 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
             "dataset_hub": not os.path.isdir(cfg.dataset), "shards": shards,
             "skipped": skipped, "splits": splits}
     if layout.text_vocab:
-        meta.update(untranscribed=untranscribed, text_field=cfg.text_field, asr_fraction=cfg.asr_fraction,
+        meta.update(text_eot=enc.eot_token, untranscribed=untranscribed, text_field=cfg.text_field,
+                    asr_fraction=cfg.asr_fraction,
                     seed=cfg.seed, text_corpus=cfg.text_corpus)
     write_json(os.path.join(cfg.out_dir, "meta.json"), meta)
     return meta

@@ -178,10 +178,12 @@ def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
         ckpt = load_model(cfg.init_from)
     except ValueError as e:
         raise UserError(f"init_from={cfg.init_from}: {e} (or scratch, or resume)") from None
-    if ckpt["meta"] is None:  # a transformers GPT-2: its text ids must be the dataset's
+    if "base_model" in ckpt:  # a transformers GPT-2: its text ids must be the dataset's
         try:
             layout = Layout.from_meta(meta)
-            eot = load_text_encoding(layout.text_encoding).eot_token if layout.text_vocab else None
+            eot = meta.get("text_eot")  # prepare_audio.py records it; else the encoding itself says
+            if eot is None and layout.text_vocab:
+                eot = load_text_encoding(layout.text_encoding).eot_token
             args, state = fit_to_layout(ckpt, meta, eot, cfg.block_size, cfg.seed)
         except ValueError as e:
             raise UserError(f"init_from={cfg.init_from}: {e}") from None

@@ -231,6 +231,12 @@ def test_model_card_metadata_and_no_absolute_path(tuned):
         ("transformers", "text-to-speech", "openai-community/gpt2", ["alice/speech"], "mit")
     assert "--text=" in card.text and "--transcribe=" in card.text and "FrameValidLogits(meta)" in card.text
     assert "fine-tuned from `openai-community/gpt2`" in card.text
+    # the card's transformers snippet runs as written, on the folder itself
+    code = card.text.split("```python\n")[1].split("```")[0]
+    code = code.replace('snapshot_download("alice/tiny-tts")', repr(tuned["exported"]))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["audio_ids"]) and len(scope["audio_ids"]) % LAYOUT.frame_size == 0
     for root, _, files in os.walk(tuned["exported"]):
         for name in files:
             if name.endswith((".json", ".md")):
