@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -172,6 +173,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # weight tying: the output projection is the token embedding (fewer parameters, better sample efficiency)
         self.transformer.wte.weight = self.lm_head.weight
+        # activation checkpointing: in training, keep only each Block's input and recompute the rest in backward
+        self.checkpoint_blocks = False
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds two of them to the stream
         for name, p in self.named_parameters():
@@ -237,7 +240,11 @@ class GPT(nn.Module):
         # (1, 1, C) activations viewed as (1, C) would get stride 0 on the size-1 dim, which ATen's matmul copies first
         x = x.view(B * T, -1)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, T, kv_cache, i, input_pos, mask)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                # the recomputation replays the same dropout masks (the RNG state is saved with the input)
+                x = torch.utils.checkpoint.checkpoint(block, x, T, use_reentrant=False)
+            else:
+                x = block(x, T, kv_cache, i, input_pos, mask)
         x = self.transformer.ln_f(x)
         if kv_cache is not None and input_pos is None:
             kv_cache.pos += T
