@@ -15,7 +15,7 @@ into place once state.pt, the last file, is in: a run killed mid-save leaves the
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 import pickle
 import shutil
@@ -25,7 +25,7 @@ import torch
 
 from checkpoints import check_weights, save_checkpoint
 from common import format_bytes
-from model import GPT, GPTConfig
+from model import GPT, Block, GPTConfig
 
 STATE = "state.pt"  # written last: a folder with it is complete
 USABLE = 0.9  # of a device's memory: the rest is for the CUDA context, NCCL buffers and the allocator's slack
@@ -69,10 +69,7 @@ def memory_plan(config: GPTConfig, batch_size: int, world_size: int, fsdp: bool,
     output, the MLP's 4 x n_embd pre- and post-GELU), 68 x n_embd in float32; with activation checkpointing a
     Block keeps its float32 input only and one Block at a time is recomputed. The head adds the logits, their
     float32 softmax and its gradient: 12 bytes (16 in float32) per token and padded vocabulary entry."""
-    with torch.device("meta"):  # shapes only
-        model = GPT(dataclasses.replace(config, dropout=0.0))
-    n = sum(p.numel() for p in model.parameters())
-    unit = sum(p.numel() for p in model.transformer.h[0].parameters())
+    n, unit = _param_counts(config.block_size, config.padded_vocab_size, config.n_layer, config.n_embd, config.bias)
     half = dtype in ("bfloat16", "float16")
     share = world_size if fsdp else 1
     params = 4 * n / share + (2 * unit * (2 if half else 4) if fsdp and world_size > 1 else 0)
@@ -84,6 +81,15 @@ def memory_plan(config: GPTConfig, batch_size: int, world_size: int, fsdp: bool,
     plan = {"parameters": params, "gradients": grads, "optimizer": 8 * n / share, "activations": body + head}
     plan["total"] = sum(plan.values())
     return plan
+
+
+@functools.lru_cache
+def _param_counts(block_size: int, vocab: int, n_layer: int, n_embd: int, bias: bool) -> tuple[int, int]:
+    """Parameters of the model (the tied embedding once) and of one Block, as GPT builds them."""
+    with torch.device("meta"):  # shapes only
+        block = Block(GPTConfig(n_embd=n_embd, n_head=1, bias=bias))
+    unit = sum(p.numel() for p in block.parameters())
+    return n_layer * unit + (vocab + block_size) * n_embd + n_embd * (1 + bias), unit
 
 
 def device_memory(device: str, local_world_size: int) -> int:
@@ -268,7 +274,9 @@ def load_consolidated(folder: str) -> dict:
     reader = _reader(folder)
     metadata = reader.read_metadata()
     flat = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in metadata.state_dict_metadata.items()}
-    dcp.load(flat, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # DCP notes that it loads in one process, which is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(flat, storage_reader=reader, no_dist=True)
     model = {k.removeprefix("model."): v for k, v in flat.items() if k.startswith("model.")}
     model["transformer.wte.weight"] = model["lm_head.weight"]  # tied, as in the model's own state_dict
     names = [name for group in state["param_groups"] for name in group["params"]]

@@ -113,6 +113,15 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                         f"number of processes ({world_size}); it counts the micro-steps of the whole job")
     if not cfg.out_dir:
         raise UserError("out_dir is empty: pass --out_dir=<folder for checkpoints and logs>")
+    if cfg.fsdp and cfg.dtype == "float16":
+        raise UserError(f"fsdp=True with dtype=float16: {FSDP_FLOAT16}")
+    if cfg.fsdp and cfg.device.startswith("mps"):
+        raise UserError(f"fsdp=True with device={cfg.device}: FSDP runs on CUDA (nccl) or the CPU (gloo); use "
+                        "--fsdp=False on mps")
+
+
+FSDP_FLOAT16 = ("float16 needs loss scaling, which is not sharded here; use --dtype=bfloat16 (Ampere or newer) or "
+                "float32, or --fsdp=False")
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -225,12 +234,8 @@ def main() -> None:
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device)
-    if cfg.fsdp and device_type == "mps":
-        raise UserError("fsdp=True: FSDP runs on CUDA (nccl) or the CPU (gloo), not on mps; use --fsdp=False")
-    if cfg.fsdp and dtype == "float16":
-        raise UserError(f"fsdp=True with dtype=float16{' (auto: this GPU has no bfloat16)' * (cfg.dtype == 'auto')}: "
-                        "float16's loss scaling is not sharded here; use --dtype=bfloat16 (Ampere or newer) or "
-                        "float32, or --fsdp=False")
+    if cfg.fsdp and (dtype == "float16" or device_type == "mps"):  # what auto chose (explicit values: check_config)
+        check_config(dataclasses.replace(cfg, dtype=dtype, device=device_type), dist.world_size)
 
     # data
     with user_errors():
