@@ -235,7 +235,8 @@ def is_sharded(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, STATE))
 
 
-def _read_state(folder: str) -> dict:
+def read_state(folder: str) -> dict:
+    """state.pt: everything of the checkpoint but the tensors in the shards."""
     try:
         return torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=True)
     except Exception as e:  # damaged, truncated: torch raises many types
@@ -249,7 +250,7 @@ def load_sharded(folder: str, model: GPT, optimizer: torch.optim.Optimizer) -> d
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
-    state = _read_state(folder)
+    state = read_state(folder)
     reader = _reader(folder)
     stepped = any(key.startswith("optimizer.") for key in reader.read_metadata().state_dict_metadata)
     # AdamW's zero state to load into (it is replaced whole, step count included); none if saved before a step
@@ -270,7 +271,7 @@ def load_consolidated(folder: str) -> dict:
     """A sharded checkpoint as one process's dict in ckpt.pt's form ({"model", "optimizer", "iter_num", ...}),
     without a process group: what export.py, generate.py and a run without --fsdp read."""
     import torch.distributed.checkpoint as dcp
-    state = _read_state(folder)
+    state = read_state(folder)
     reader = _reader(folder)
     metadata = reader.read_metadata()
     flat = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in metadata.state_dict_metadata.items()}

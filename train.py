@@ -31,7 +31,7 @@ from common import (Dist, UserError, atomic_write, autocast, format_duration, ho
                     pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
 from config import parse_config
 from distributed import (check_fits, device_memory, format_plan, full_weights, is_sharded, load_consolidated,
-                         load_sharded, recover, save_sharded, shard_model)
+                         load_sharded, read_state, recover, save_sharded, shard_model)
 from model import GPT, GPTConfig
 from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
 from samples import MAX_EVAL_SAMPLE_SECONDS, MAX_EVAL_SAMPLES, EvalSamples
@@ -263,16 +263,19 @@ def main() -> None:
             print(f"note: {note}", flush=True)
     ckpt, resume_shards = None, ""
     if cfg.init_from == "resume":
-        sharded = os.path.join(cfg.out_dir, "ckpt")
-        if cfg.fsdp and not is_sharded(sharded) and os.path.isfile(sharded + ".pt"):
-            raise UserError(f"init_from=resume: {cfg.out_dir} holds ckpt.pt, written without --fsdp; resume it "
-                            "with --fsdp=False, or start a sharded run in a new out_dir")
-        if not os.path.isfile(ckpt_path) and not is_sharded(sharded):
+        single, sharded = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "ckpt")
+        with user_errors():  # a file (a run without --fsdp), shards (with it), or both: the later one
+            found = {path: load_checkpoint(path) if path == single else read_state(path)
+                     for path in (single, sharded) if os.path.isfile(path) or is_sharded(path)}
+        if not found:
             raise UserError(f"init_from=resume: no checkpoint {ckpt_path}; train from scratch first or fix --out_dir")
-        with user_errors():  # a run without --fsdp resumes a sharded one whole (gathered into one process)
-            ckpt = load_checkpoint(ckpt_path) if os.path.isfile(ckpt_path) else \
-                torch.load(os.path.join(sharded, "state.pt"), weights_only=True) if cfg.fsdp else \
-                load_consolidated(sharded)
+        newest = max(found, key=lambda path: (found[path]["iter_num"], path == ckpt_path))
+        if cfg.fsdp and newest == single:
+            raise UserError(f"init_from=resume: {cfg.out_dir} holds ckpt.pt (iteration {found[single]['iter_num']}),"
+                            " written without --fsdp; resume it with --fsdp=False, or start a sharded run in a new "
+                            "out_dir")
+        with user_errors():  # a run without --fsdp resumes a sharded one whole, gathered into this process
+            ckpt = load_consolidated(sharded) if newest == sharded and not cfg.fsdp else found[newest]
         resume_shards = sharded if cfg.fsdp else ""
         check_resume(ckpt, ckpt_path, meta, model_config, cfg.data_dir)
     elif not cfg.overwrite and any(os.path.exists(os.path.join(cfg.out_dir, p)) for p in RUN_FILES[:4]):

@@ -3,6 +3,7 @@ the memory plan and its refusal."""
 import dataclasses
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,10 +85,14 @@ def test_kill_mid_save_resumes_exactly_reshards_and_exports(data, tmp_path):
            os.path.join(ROOT, "train.py"), *args, f"--out_dir={out}"]
     p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-    victim, killed = None, False
+    victim, killed, seen = None, False, set()  # seen: the ckpt/ folders committed so far (a new inode each)
     while p.poll() is None and not killed:
         victim = victim or rank_pid(p, 1)
-        if victim and os.path.isdir(f"{out}/ckpt.tmp") and os.path.isfile(f"{out}/ckpt/state.pt"):
+        try:
+            seen.add(os.stat(f"{out}/ckpt").st_ino)
+        except FileNotFoundError:
+            pass
+        if victim and len(seen) >= 2 and os.path.isdir(f"{out}/ckpt.tmp"):  # a checkpoint after a step exists
             os.kill(victim, signal.SIGKILL)
             killed = True
         time.sleep(0.0005)
@@ -97,6 +102,9 @@ def test_kill_mid_save_resumes_exactly_reshards_and_exports(data, tmp_path):
     last = torch.load(f"{out}/ckpt/state.pt", weights_only=True)["iter_num"]
     assert 2 <= last < 12
 
+    for fsdp in ("True", "False"):  # copies of the killed run, resumed on 1 process below
+        shutil.copytree(out, f"{out}{fsdp}")
+
     resumed = run_train(args + [f"--out_dir={out}", "--init_from=resume"], torchrun=2)
     assert resumed.returncode == 0, resumed.stderr
     assert f"removed {out}/ckpt.tmp" in resumed.stdout and not os.path.exists(f"{out}/ckpt.tmp")
@@ -104,19 +112,15 @@ def test_kill_mid_save_resumes_exactly_reshards_and_exports(data, tmp_path):
     a, b = weights(f"{tmp_path}/full/ckpt"), weights(f"{out}/ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # the same 2-rank checkpoint at iteration 6 resumes on 1 process, sharded (a one-rank group) or whole
-    half = f"{tmp_path}/half"
-    assert run_train(args[:-3] + ["--max_iters=6", "--eval_interval=2", "--fsdp=True", f"--out_dir={half}"],
-                     torchrun=2).returncode == 0
+    # the 2-rank checkpoint resumes on 1 process, sharded (a one-rank group) or whole
     for fsdp in ("True", "False"):
-        os.system(f"cp -r {half} {half}{fsdp}")
-        r = run_train(args[:-1] + [f"--fsdp={fsdp}", f"--out_dir={half}{fsdp}", "--init_from=resume"])
+        r = run_train(args[:-1] + [f"--fsdp={fsdp}", f"--out_dir={out}{fsdp}", "--init_from=resume"])
         assert r.returncode == 0, r.stderr
-        other = losses(f"{half}{fsdp}")
+        other = losses(f"{out}{fsdp}")
         assert len(other) == len(losses(out)) and max(abs(x - y) for x, y in zip(other, losses(out))) < TOL
-    assert os.path.isfile(f"{half}False/ckpt.pt")  # a run without --fsdp writes the single file
-    assert_one_line_error(run_train(args + [f"--out_dir={half}False", "--init_from=resume"]),
-                          "holds ckpt.pt, written without --fsdp")
+    assert os.path.isfile(f"{out}False/ckpt.pt")  # a run without --fsdp writes the single file, which is now the
+    assert_one_line_error(run_train(args + [f"--out_dir={out}False", "--init_from=resume"]),  # latest
+                          "holds ckpt.pt (iteration 12), written without --fsdp")
 
     # export.py gathers a sharded folder into the safetensors folder generate.py reads
     from checkpoints import load_exported
