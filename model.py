@@ -209,7 +209,8 @@ class GPT(nn.Module):
                 vocab_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> (logits, loss).
 
-        With targets (B, T): logits (B, T, padded_vocab_size) and the mean cross-entropy; targets of -1 are ignored.
+        With targets (B, T): logits (B, T, padded_vocab_size), -inf at the padded ids, and the mean cross-entropy;
+        targets of -1 are ignored.
         Without: logits (B, 1, vocab_size) for the last position only (sampling never needs the others, and padded
         ids are cut off so they can never be sampled); vocab_range=(lo, hi) computes the logits of ids lo..hi-1 only
         (B, 1, hi - lo): a sampler that may only pick among them reads a third of lm_head instead of all of it.
@@ -250,6 +251,8 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if targets is not None:
             logits = self.lm_head(x).view(B, T, -1)
+            # the loss is over the real vocabulary: padded ids get no probability (and their rows no gradient)
+            logits[..., self.config.vocab_size:].fill_(-math.inf)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
         lo, hi = vocab_range or (0, self.config.vocab_size)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from checkpoints import check_compatible, load_checkpoint, load_model_source, save_checkpoint
-from common import (Dist, UserError, atomic_write, autocast, format_duration, hold_out_dir_lock, move_aside,
-                    peak_flops,
+from common import (Dist, UserError, atomic_write, autocast, format_bytes, format_duration, hold_out_dir_lock,
+                    move_aside, peak_flops,
                     pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
 from config import parse_config
 from distributed import (check_fits, device_memory, format_plan, full_weights, is_sharded, load_consolidated,
@@ -474,7 +474,9 @@ def main() -> None:
         iter_num += 1
     if master:
         best = f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else "no eval (no val split)"
-        print(f"done: {iter_num} iterations, {best}, checkpoints in {cfg.out_dir}", flush=True)
+        mem = f", peak memory {format_bytes(torch.cuda.max_memory_allocated(device))} (planned " \
+            f"{format_bytes(plan['total'])})" if device_type == "cuda" else ""
+        print(f"done: {iter_num} iterations, {best}, checkpoints in {cfg.out_dir}{mem}", flush=True)
     # leave the group together, once rank 0 has written its last checkpoint and report: a rank that dies on its way
     # out (seen in CI: gloo aborting rank 1, cause unknown) has torchrun stop the others, and rank 0 not mid-write
     dist.barrier()
