@@ -63,7 +63,8 @@ def memory_plan(config: GPTConfig, batch_size: int, world_size: int, fsdp: bool,
     """Bytes per process at the peak of a training step: parameters, gradients, AdamW's state, activations.
     Weights, gradients and the two moments are float32 (16 bytes a parameter), divided among the ranks with FSDP,
     which also holds two units' weights gathered in the compute dtype and one unit's float32 gradients before
-    they are reduce-scattered; DDP keeps a second copy of the gradients in its buckets. Activations, per token and
+    they are reduce-scattered; without FSDP, bf16 autocast keeps a bf16 copy of each weight for backward and DDP
+    a second copy of the gradients in its buckets. Activations, per token and
     layer, are what autograd saves in a Block: 38 x n_embd bytes with bfloat16 autocast and flash attention
     (the float32 residual at both LayerNorms, the bfloat16 inputs of the four matmuls, q/k/v and the attention
     output, the MLP's 4 x n_embd pre- and post-GELU), 68 x n_embd in float32; with activation checkpointing a
@@ -72,8 +73,9 @@ def memory_plan(config: GPTConfig, batch_size: int, world_size: int, fsdp: bool,
     n, unit = _param_counts(config.block_size, config.padded_vocab_size, config.n_layer, config.n_embd, config.bias)
     half = dtype in ("bfloat16", "float16")
     share = world_size if fsdp else 1
-    params = 4 * n / share + (2 * unit * (2 if half else 4) if fsdp and world_size > 1 else 0)
-    grads = 4 * n / share + (4 * unit if fsdp and world_size > 1 else 4 * n if world_size > 1 else 0)
+    # FSDP: two units gathered in the compute dtype; autocast without FSDP: a bf16 copy of every weight for backward
+    params = 4 * n / share + (2 * unit * (2 if half else 4) if fsdp else 2 * n if half else 0)
+    grads = 4 * n / share + (4 * unit if fsdp else 4 * n if world_size > 1 else 0)
     tokens, c = batch_size * config.block_size, config.n_embd
     layer = (38 if half else 68) * c * tokens
     body = config.n_layer * 4 * c * tokens + layer if activation_checkpointing else config.n_layer * layer

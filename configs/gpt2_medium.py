@@ -14,7 +14,7 @@ its transcript. Data: 1,000 h is ~295M audio tokens plus ~15M of text.
 Batch. 16 x 1024 tokens per micro-step, 32 micro-steps for the job (4 per GPU on 8): 524k tokens per iteration,
 GPT-2's and GPT-3 medium's batch; ~590 iterations per epoch, so 2,000 iterations is ~3.4 epochs (1.05B tokens),
 about where a model this size stops gaining from repeats of 300M tokens (Muennighoff et al., 2023: up to ~4
-epochs are nearly as good as new data). The memory plan at start says what a card holds: ~34 GB per process here.
+epochs are nearly as good as new data). The memory plan at start says what a card holds: ~36 GB per process here.
 
 Learning rate. GPT-3's 3e-4 for this size with its batch of 0.5M tokens, warmup 200 iterations (the new audio
 rows start from noise and their first gradients are large), cosine to 3e-5 at max_iters; AdamW's beta2 0.95 and

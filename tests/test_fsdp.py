@@ -186,7 +186,7 @@ def test_memory_plan_and_what_would_fit():
     xl = GPTConfig(block_size=2048, vocab_size=12289, n_layer=48, n_head=25, n_embd=1600)
     n = 48 * 12 * 1600 ** 2 + 12352 * 1600 + 2048 * 1600 + (48 * 2 + 1) * 1600  # weights: 1.50e9
     one = memory_plan(xl, 4, 1, False, False, "bfloat16")
-    assert one["parameters"] == 4 * n and one["optimizer"] == 8 * n and one["gradients"] == 4 * n
+    assert one["parameters"] == 6 * n and one["optimizer"] == 8 * n and one["gradients"] == 4 * n  # + bf16 copy
     ddp = memory_plan(xl, 4, 8, False, False, "bfloat16")
     assert ddp["gradients"] == 8 * n  # DDP's buckets: a second copy
     fsdp = memory_plan(xl, 4, 8, True, False, "bfloat16")
@@ -197,7 +197,7 @@ def test_memory_plan_and_what_would_fit():
     with pytest.raises(ValueError) as e:  # a 24 GB card
         check_fits(xl, 4, 16, 8, False, False, "bfloat16", 24 * 2 ** 30, "cuda:0")
     msg = str(e.value)
-    assert msg.startswith("memory plan per process: parameters 6.0 GB") and "of 25.8 GB on cuda:0" in msg
+    assert msg.startswith("memory plan per process: parameters 9.0 GB") and "of 25.8 GB on cuda:0" in msg
     assert "would fit: --fsdp=True --activation_checkpointing=True on 16 processes" in msg
     h200 = 141 * 10 ** 9  # one H200: XL fits with FSDP's one-rank group and activation checkpointing
     assert check_fits(xl, 4, 16, 1, True, True, "bfloat16", h200, "cuda:0")["total"] < 0.9 * h200
@@ -219,3 +219,23 @@ def test_refusals_are_one_line(data, tmp_path):
     line = assert_one_line_error(run_train(TINY + [f"--data_dir={data}", f"--out_dir={out}", "--n_layer=64",
                                                    "--n_embd=8192", "--n_head=64"]), "memory plan per process")
     assert "would fit: --fsdp=True --activation_checkpointing=True on" in line and not os.path.exists(out)
+
+
+def test_gpt2_configs_parse_and_fit_where_they_say():
+    from config import parse_config
+    from distributed import check_fits
+    from model import GPTConfig
+    from train import TrainConfig, check_config
+    fits = {"gpt2_medium": (8, 40e9), "gpt2_large": (8, 48e9), "gpt2_xl": (8, 24 * 2 ** 30)}  # their docstrings
+    for name, (ranks, memory) in fits.items():
+        cfg = parse_config(TrainConfig, [os.path.join(ROOT, "configs", f"{name}.py")])
+        check_config(cfg, world_size=ranks)
+        assert cfg.init_from == name.replace("_", "-") and cfg.block_size == 1024  # GPT-2's positions
+        model = GPTConfig(block_size=cfg.block_size, vocab_size=62550, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd)  # the text+audio layout of GPT-2's BPE
+        args = (cfg.batch_size, cfg.gradient_accumulation_steps, ranks, cfg.fsdp, cfg.activation_checkpointing,
+                "bfloat16")
+        check_fits(model, *args, int(memory), "cuda")
+        with pytest.raises(ValueError, match="what would fit"):  # the control: half that memory does not
+            check_fits(model, *args, int(memory / 2), "cuda")
+    check_fits(model, cfg.batch_size, cfg.gradient_accumulation_steps, 1, True, True, "bfloat16", int(141e9), "cuda")
