@@ -38,9 +38,12 @@ def weights(path: str) -> dict:
 
 
 @pytest.mark.slow
-def test_fsdp_ddp_and_one_process_train_the_same_model(data, tmp_path):
-    args = ARGS + [f"--data_dir={data}", "--max_iters=6"]
-    runs = {"one": ([], 0), "ddp": ([], 2), "fsdp": (["--fsdp=True"], 2),
+def test_fsdp_ddp_and_one_process_train_the_same_model(data, tmp_path, codec_dir):
+    # 3 val windows of 1: rank 0 evaluates two batches, rank 1 one (and FSDP's ranks must run as many forwards)
+    args = ARGS + [f"--data_dir={data}", "--max_iters=6", "--batch_size=1", "--gradient_accumulation_steps=8",
+                   "--eval_iters=3"]
+    samples = ["--eval_samples=1", "--eval_sample_seconds=0.5", f"--codec={codec_dir}"]  # from a gathered copy
+    runs = {"one": ([], 0), "ddp": ([], 2), "fsdp": (["--fsdp=True", *samples], 2),
             "fsdp_ac": (["--fsdp=True", "--activation_checkpointing=True"], 2)}
     for name, (extra, n) in runs.items():
         r = run_train(args + extra + [f"--out_dir={tmp_path}/{name}"], torchrun=n)
@@ -51,6 +54,7 @@ def test_fsdp_ddp_and_one_process_train_the_same_model(data, tmp_path):
     for name in ("ddp", "fsdp", "fsdp_ac"):
         other = losses(f"{tmp_path}/{name}")
         assert max(abs(a - b) for a, b in zip(one, other)) < TOL and len(other) == len(one), (name, one, other)
+    assert sorted(os.listdir(f"{tmp_path}/fsdp/samples"))[0] == "iter000000_uncond0.wav"
     a, b = weights(f"{tmp_path}/one/ckpt.pt"), weights(f"{tmp_path}/fsdp/ckpt")
     assert a.keys() == b.keys()
     for k in a:
