@@ -1,6 +1,7 @@
 """Bigger models on more GPUs: FSDP2 wrapping, the memory plan, and sharded checkpoints (torch.distributed.checkpoint).
 
     shard_model(model, param_dtype=torch.bfloat16, compile=True)     # one FSDP unit per Block, then the root
+    whole = gathered_model(model, "cuda")                  # every rank: a plain copy on rank 0 (eval samples)
     plan = memory_plan(model.config, batch_size=8, world_size=4, fsdp=True, activation_checkpointing=False,
                        dtype="bfloat16")                              # bytes per process, before anything is built
     save_sharded("out/xl/ckpt", model, optimizer, state)   # every rank: the folder is complete or absent
@@ -49,10 +50,18 @@ def shard_model(model: GPT, param_dtype: torch.dtype | None, compile: bool = Fal
     fully_shard(model, mp_policy=policy)
 
 
-def full_weights(model: GPT) -> dict[str, torch.Tensor]:
-    """Every rank calls it (the shards are gathered): the whole state_dict on the CPU on rank 0, {} elsewhere."""
+def gathered_model(model: GPT, device: str) -> GPT | None:
+    """Every rank calls it (the shards are gathered): on rank 0 a plain GPT on device with the whole weights, to
+    sample from; None elsewhere."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building it draws init weights: not from training's RNG
+        whole = GPT(model.config)
+    whole.load_state_dict(weights)
+    return whole.to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from common import (Dist, UserError, atomic_write, autocast, format_bytes, forma
                     move_aside, peak_flops,
                     pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
 from config import parse_config
-from distributed import (check_fits, device_memory, format_plan, full_weights, is_sharded, load_consolidated,
+from distributed import (check_fits, device_memory, format_plan, gathered_model, is_sharded, load_consolidated,
                          load_sharded, read_state, recover, save_sharded, shard_model)
 from model import GPT, GPTConfig
 from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
@@ -143,17 +143,16 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
 def save_state(paths: list[str], model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                cfg: TrainConfig, meta: dict, iter_num: int, best_val_loss: float) -> None:
     """One process writes ckpt.pt (and best.pt); with --fsdp every rank writes its shards of the ckpt/ folder."""
-    sharded = cfg.fsdp
-    ckpt = {"model": {} if sharded else model.state_dict(), "model_args": dataclasses.asdict(model.config),
-            "optimizer": {} if sharded else optimizer.state_dict(), "scaler": scaler.state_dict(),
+    ckpt = {"model": {} if cfg.fsdp else model.state_dict(), "model_args": dataclasses.asdict(model.config),
+            "optimizer": {} if cfg.fsdp else optimizer.state_dict(), "scaler": scaler.state_dict(),
             "iter_num": iter_num, "best_val_loss": best_val_loss,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []},
             "data": {"seed": cfg.seed, "next_iter": iter_num},
             "config": dataclasses.asdict(cfg), "meta": meta}
-    if sharded:  # the tensors go to DCP's shards, the rest to state.pt
+    if cfg.fsdp:  # the tensors go to DCP's shards, the rest to state.pt
         save_sharded(paths[0], model, optimizer, {k: v for k, v in ckpt.items() if k != "model"}, copies=paths[1:])
-    for path in [] if sharded else paths:
+    for path in [] if cfg.fsdp else paths:
         save_checkpoint(path, ckpt)
 
 
@@ -397,14 +396,8 @@ def main() -> None:
                                         cfg.batch_size, meta, device, dtype, dist.ddp, text_bytes, steps))
             improved = row.get("val_loss", float("inf")) < best_val_loss  # the same on every rank (all-reduced)
             best_val_loss = min(best_val_loss, row.get("val_loss", float("inf")))
-            sample_model = raw_model
-            if cfg.fsdp and cfg.eval_samples:  # every rank gathers; rank 0 samples from a whole copy
-                weights = full_weights(raw_model)
-                with torch.random.fork_rng(devices=[]):  # building it draws init weights: not from training's RNG
-                    sample_model = GPT(model_config).to(device) if master else None
-                if master:
-                    sample_model.load_state_dict(weights)
-                weights = None
+            # with FSDP every rank gathers the weights and rank 0 samples from a whole copy
+            sample_model = gathered_model(raw_model, device) if cfg.fsdp and cfg.eval_samples else raw_model
             if master:
                 row.update(samples(sample_model, iter_num, last=iter_num == cfg.max_iters))  # {"sample_s": ...}
                 if "val_loss" in row:
