@@ -224,23 +224,33 @@ def plain_step(model, optimizer, data: np.ndarray, block: int, batch: int) -> fl
     return time.perf_counter() - t0
 
 
+def train_run(tmp: str, name: str, args: list[str], torchrun: int = 0) -> tuple[list[dict], str]:
+    """train.py on tmp/data into tmp/<name> (torchrun: that many processes); its log rows and stdout."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    r = subprocess.run(cmd + [f"{ROOT}/train.py", f"--data_dir={tmp}/data", f"--out_dir={tmp}/{name}",
+                              f"--device={DEVICE}", f"--compile={CUDA}", "--log_interval=1", "--eval_interval=1000",
+                              "--eval_iters=1", "--eval_samples=0", *args],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"} if torchrun
+                       else None)
+    if r.returncode:
+        raise SystemExit(f"error: train.py failed: {r.stderr[-2000:]}")
+    with open(f"{tmp}/{name}/log.jsonl") as f:
+        return [x for x in map(json.loads, f) if "ms" in x], r.stdout
+
+
 def bench_train(quick: bool) -> None:
-    """train.py's tokens/s and MFU vs a plain nanoGPT-style loop's, same model and data (compile + bf16 on CUDA)."""
+    """train.py's tokens/s and MFU vs a plain nanoGPT-style loop's, same model and data (compile + bf16 on CUDA);
+    FSDP vs DDP on 2 gloo ranks (CPU), or GPT-2 XL sharded with activation checkpointing on one GPU (CUDA)."""
     n_layer, n_head, n_embd, block, batch, iters, warm = (
         (12, 12, 768, 1024, 16, 30, 10) if CUDA else (2, 2, 128, 256, 4, 8, 2) if quick else (6, 6, 384, 512, 8, 6, 1))
     with tempfile.TemporaryDirectory() as tmp:
         fixtures.random_dataset(f"{tmp}/data", LAYOUT, [3_000_000], [50_000])
         peak = 0.0 if CUDA else measure_matmul_flops("cpu", n=2048)  # 0: train.py looks up the GPU's data sheet
-        r = subprocess.run([sys.executable, f"{ROOT}/train.py", f"--data_dir={tmp}/data", f"--out_dir={tmp}/out",
-                            f"--device={DEVICE}", f"--compile={CUDA}", f"--n_layer={n_layer}", f"--n_head={n_head}",
-                            f"--n_embd={n_embd}", f"--block_size={block}", f"--batch_size={batch}",
-                            f"--max_iters={iters}", f"--peak_flops={peak}", "--gradient_accumulation_steps=1",
-                            "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--eval_samples=0"],
-                           cwd=ROOT, capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(f"error: train.py failed: {r.stderr[-2000:]}")
-        with open(f"{tmp}/out/log.jsonl") as f:
-            rows = [x for x in map(json.loads, f) if "ms" in x and x["iter"] >= warm]
+        size = [f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}", f"--block_size={block}",
+                f"--batch_size={batch}", f"--max_iters={iters}", f"--peak_flops={peak}",
+                "--gradient_accumulation_steps=1"]
+        rows = [x for x in train_run(tmp, "out", size)[0] if x["iter"] >= warm]
         ours = batch * block / (np.median([x["ms"] for x in rows]) / 1000)
         model = fixtures.tiny_gpt(LAYOUT.vocab_size, block, 0, n_embd, n_layer, n_head).to(DEVICE).train()
         optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), DEVICE)
@@ -251,6 +261,25 @@ def bench_train(quick: bool) -> None:
         mfu = np.median([x["mfu"] for x in rows])
         against = "the data-sheet peak" if CUDA else f"a float32 2048x2048 matmul here, {peak / 1e9:.0f} GFLOP/s"
         print(f"  MFU against {against}: train.py {mfu:.1%}, the plain loop {mfu * base / ours:.1%}", flush=True)
+        del model, optimizer, step
+        if CUDA:  # the 124M model at T=2048; GPT-2 XL on this one card, sharded (a one-rank group) + checkpointing
+            long = [x for x in train_run(tmp, "t2048", size + ["--block_size=2048", f"--batch_size={batch // 2}"])[0]
+                    if x["iter"] >= warm]
+            print(f"  same at block 2048, batch {batch // 2}: MFU {np.median([x['mfu'] for x in long]):.1%}")
+            xl, out = train_run(tmp, "xl", ["--n_layer=48", "--n_head=25", "--n_embd=1600", "--block_size=1024",
+                                            "--batch_size=8", "--gradient_accumulation_steps=1",
+                                            f"--max_iters={6 if quick else 12}", "--fsdp=True",
+                                            "--activation_checkpointing=True"])
+            done = out.strip().splitlines()[-1]
+            print(f"  GPT-2 XL shape, FSDP + activation checkpointing, 8 x 1024: MFU "
+                  f"{np.median([x['mfu'] for x in xl[3:]]):.1%} | {done.split(', ', 2)[-1]}", flush=True)
+            return
+        # FSDP vs DDP, 2 processes over gloo, the same model and batch (tokens/s of the whole job)
+        two = size + ["--gradient_accumulation_steps=2", "--max_iters=" + str(iters)]
+        ddp = np.median([x["ms"] for x in train_run(tmp, "ddp", two, torchrun=2)[0][warm:]])
+        fsdp = np.median([x["ms"] for x in train_run(tmp, "fsdp", two + ["--fsdp=True"], torchrun=2)[0][warm:]])
+        row("train.py on 2 gloo ranks: --fsdp=True vs DDP", 2 * batch * block / fsdp * 1000,
+            2 * batch * block / ddp * 1000, "tok/s")
 
 
 # --- gpt2 ---------------------------------------------------------------------
@@ -435,7 +464,7 @@ PARTS = {  # name: (function, what it compares)
     "tokenizer": (bench_tokenizer, "codes <-> tokens: the layout vs the seed's per-token loops"),
     "prepare": (bench_prepare, "prepare_audio.py end to end vs the bare batched SNAC encode"),
     "handoff": (bench_handoff, "CUDA only: codes back to the host, codes_to_host vs .cpu()"),
-    "train": (bench_train, "train.py vs a plain nanoGPT loop on the same model and data, and MFU"),
+    "train": (bench_train, "train.py vs a plain nanoGPT loop on the same model and data, MFU; FSDP vs DDP"),
     "gpt2": (bench_gpt2, "uint32 vs uint16 shards in train.py; fine-tuning from GPT-2 vs scratch (needs the Hub)"),
     "generate": (bench_generate, "KV cache vs recompute; decode vs weight-streaming bound and real time; codec"),
     "graphs": (bench_graphs, "CUDA only: graph/static/compile decode, batch 64, attention backends, long stream"),

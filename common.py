@@ -383,16 +383,18 @@ class Dist:
     def master(self) -> bool:
         return self.rank == 0
 
-    def init(self, device: str) -> str:
+    def init(self, device: str, group: bool = False) -> str:
         """Join the process group (nccl on CUDA, gloo on CPU); on CUDA each process takes its local rank's GPU.
+        group: a one-rank group for a plain process too (FSDP and its sharded checkpoints need one).
         Returns the device this process uses."""
-        if not self.ddp:
+        if not self.ddp and not group:
             return device
         import torch
         if device.startswith("cuda"):
             device = f"cuda:{self.local_rank}"
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        one = {} if self.ddp else dict(store=torch.distributed.HashStore(), rank=0, world_size=1)  # no rendezvous
+        torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", **one)
         return device
 
     def barrier(self) -> None:
@@ -403,7 +405,7 @@ class Dist:
 
     def close(self) -> None:
         import torch
-        if self.ddp and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

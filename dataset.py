@@ -151,11 +151,13 @@ def get_batch(stream: TokenStream, starts: np.ndarray, block: int, device: str,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, block: int, batch_size: int,
-             meta: dict, device: str, dtype: str, ddp: bool, text_bytes: torch.Tensor | None = None) -> dict:
+             meta: dict, device: str, dtype: str, ddp: bool, text_bytes: torch.Tensor | None = None,
+             steps: int = 0) -> dict:
     """Val loss over this rank's share of the fixed windows; the sums are all-reduced, so every rank and every
     world size get the same figures. Tokens are grouped by their TARGET id (Layout.groups): each audio level,
     text, special. Bits per second count audio targets only; bits per byte count text targets, over the bytes
-    of those targets (text_bytes: (vocab_size,) bytes per id, from the text encoding)."""
+    of those targets (text_bytes: (vocab_size,) bytes per id, from the text encoding). steps: run at least this
+    many forward passes (a sharded model's ranks must run as many), the ones past this rank's windows discarded."""
     layout = Layout.from_meta(meta)
     n_groups = len(layout.group_names)
     acc = torch.float32 if device == "mps" else torch.float64  # MPS has no float64
@@ -171,6 +173,9 @@ def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, bl
         sums[1].index_add_(0, group, torch.ones_like(loss, dtype=acc))
         if text_bytes is not None:
             sums[2].index_add_(0, group, text_bytes[y.reshape(-1)].to(acc))
+    for _ in range(steps - -(-len(starts) // batch_size)):
+        with torch.autocast("cuda", getattr(torch, dtype)) if dtype != "float32" else nullcontext():
+            model(torch.zeros(1, block, dtype=torch.long, device=device))
     model.train()
     if ddp:
         torch.distributed.all_reduce(sums)

@@ -1,6 +1,7 @@
 """Export a trained checkpoint as a folder anyone can load without pickle, and optionally publish it on the Hub.
 
     python export.py --ckpt=out/sherlock/best.pt --out=exported/sherlock
+    python export.py --ckpt=out/xl/best --out=exported/xl     # a --fsdp run's sharded folder, gathered here
     python export.py --ckpt=out/sherlock/best.pt --out=exported/sherlock --repo_id=you/gpt2o-sherlock --push --overwrite
     python generate.py --ckpt=exported/sherlock          # or --ckpt=you/gpt2o-sherlock once it is pushed
     python export.py --help
@@ -29,6 +30,7 @@ from checkpoints import check_compatible, load_checkpoint, tokenizer_meta
 from common import UserError, atomic_write, run_main, user_errors, write_json
 from config import parse_config
 from hf import GPT2_SIZES, export_files
+from distributed import is_sharded, load_consolidated
 from report import list_samples, read_log
 from tokenizer import Layout
 
@@ -38,7 +40,7 @@ EXPORT_MARK = "gpt2o export.py"  # meta.json's "export": {"by": EXPORT_MARK, "fi
 
 @dataclass
 class ExportConfig:
-    ckpt: str = "out/sherlock/best.pt"  # a checkpoint written by train.py
+    ckpt: str = "out/sherlock/best.pt"  # a checkpoint written by train.py (best.pt, or a --fsdp run's best/)
     out: str = "exported/sherlock"  # the folder to write: new, empty, or an earlier export (with --overwrite=True)
     overwrite: bool = False  # replace the files of an earlier export in out (files you added there are kept)
     license: str = "mit"  # the model card's license (a Hub license id: mit, apache-2.0, cc-by-4.0, ...)
@@ -59,7 +61,8 @@ def training_summary(ckpt: dict, ckpt_path: str) -> dict:
     rows = [r for r in read_log(os.path.join(run_dir, "log.jsonl")) if r.get("iter") == it and "val_loss" in r]
     if rows:
         out.update({k: rows[-1][k] for k in ("val_loss", "val_bps", "val_loss_levels") if k in rows[-1]})
-    elif os.path.basename(ckpt_path) == "best.pt" and math.isfinite(ckpt.get("best_val_loss", math.inf)):
+    elif os.path.basename(os.path.normpath(ckpt_path)) in ("best.pt", "best") and \
+            math.isfinite(ckpt.get("best_val_loss", math.inf)):
         out["val_loss"] = ckpt["best_val_loss"]
         out["val_bps"] = out["val_loss"] * float(ckpt["meta"]["tokens_per_second"]) / math.log(2)
     return out
@@ -324,7 +327,7 @@ def main() -> None:
     if not cfg.out or not cfg.license:
         raise UserError("out and license must not be empty: pass --out=<folder> and --license=<id, e.g. mit>")
     with user_errors():
-        ckpt = load_checkpoint(cfg.ckpt)
+        ckpt = load_consolidated(cfg.ckpt) if is_sharded(cfg.ckpt) else load_checkpoint(cfg.ckpt)
         meta = tokenizer_meta(ckpt, cfg.ckpt)
         layout = Layout.from_meta(meta)
         # meta.json tells every user of the folder what the ids mean: it must be the layout it names

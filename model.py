@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -177,6 +178,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # weight tying: the output projection is the token embedding (fewer parameters, better sample efficiency)
         self.transformer.wte.weight = self.lm_head.weight
+        # activation checkpointing: in training, keep only each Block's input and recompute the rest in backward
+        self.checkpoint_blocks = False
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds two of them to the stream
         for name, p in self.named_parameters():
@@ -211,7 +214,8 @@ class GPT(nn.Module):
                 vocab_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> (logits, loss).
 
-        With targets (B, T): logits (B, T, padded_vocab_size) and the mean cross-entropy; targets of -1 are ignored.
+        With targets (B, T): logits (B, T, padded_vocab_size), -inf at the padded ids, and the mean cross-entropy;
+        targets of -1 are ignored.
         Without: logits (B, 1, vocab_size) for the last position only (sampling never needs the others, and padded
         ids are cut off so they can never be sampled); vocab_range=(lo, hi) computes the logits of ids lo..hi-1 only
         (B, 1, hi - lo): a sampler that may only pick among them reads a third of lm_head instead of all of it.
@@ -242,12 +246,18 @@ class GPT(nn.Module):
         # (1, 1, C) activations viewed as (1, C) would get stride 0 on the size-1 dim, which ATen's matmul copies first
         x = x.view(B * T, -1)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, T, kv_cache, i, input_pos, mask)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                # the recomputation replays the same dropout masks (the RNG state is saved with the input)
+                x = torch.utils.checkpoint.checkpoint(block, x, T, use_reentrant=False)
+            else:
+                x = block(x, T, kv_cache, i, input_pos, mask)
         x = self.transformer.ln_f(x)
         if kv_cache is not None and input_pos is None:
             kv_cache.pos += T
         if targets is not None:
             logits = self.lm_head(x).view(B, T, -1)
+            # the loss is over the real vocabulary: padded ids get no probability (and their rows no gradient)
+            logits[..., self.config.vocab_size:].fill_(-math.inf)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
         lo, hi = vocab_range or (0, self.config.vocab_size)

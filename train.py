@@ -4,6 +4,7 @@
     python train.py configs/sherlock.py --batch_size=4 --gradient_accumulation_steps=16   # a 16 GB card
     python train.py configs/sherlock.py --init_from=resume                # continue out_dir/ckpt.pt exactly
     torchrun --standalone --nproc_per_node=4 train.py configs/sherlock.py # 4 GPUs, same model as 1 GPU
+    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_xl.py  # 1.5B, sharded (FSDP2), out/xl/ckpt/
     python train.py configs/tiny.py --data_dir=data/mine                  # CPU smoke run, about a minute
     python train.py --help                                                # every key with its default
 
@@ -25,10 +26,12 @@ import numpy as np
 import torch
 
 from checkpoints import check_compatible, load_checkpoint, save_checkpoint
-from common import (Dist, UserError, atomic_write, autocast, format_duration, hold_out_dir_lock, move_aside,
-                    peak_flops,
+from common import (Dist, UserError, atomic_write, autocast, format_bytes, format_duration, hold_out_dir_lock,
+                    move_aside, peak_flops,
                     pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
 from config import parse_config
+from distributed import (check_fits, device_memory, format_plan, gathered_model, is_sharded, load_consolidated,
+                         load_sharded, read_state, recover, save_sharded, shard_model)
 from model import GELU_FORMS, GPT, GPTConfig
 from hf import fit_to_layout, load_model
 from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
@@ -79,6 +82,8 @@ class TrainConfig:
     compile: bool = True  # torch.compile the model; only used on CUDA (slow to start and little gain elsewhere)
     peak_flops: float = 0.0  # the device's peak FLOP/s for the MFU figure; 0 = look up the GPU, or measure a matmul
     seed: int = 1337  # model init, data order and dropout all derive from it
+    fsdp: bool = False  # shard weights, gradients and AdamW's state across the ranks (FSDP2); ckpt/ and best/ folders
+    activation_checkpointing: bool = False  # recompute each Block's activations in backward: less memory, ~1/3 slower
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
@@ -113,6 +118,15 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                         f"number of processes ({world_size}); it counts the micro-steps of the whole job")
     if not cfg.out_dir:
         raise UserError("out_dir is empty: pass --out_dir=<folder for checkpoints and logs>")
+    if cfg.fsdp and cfg.dtype == "float16":
+        raise UserError(f"fsdp=True with dtype=float16: {FSDP_FLOAT16}")
+    if cfg.fsdp and cfg.device.startswith("mps"):
+        raise UserError(f"fsdp=True with device={cfg.device}: FSDP runs on CUDA (nccl) or the CPU (gloo); use "
+                        "--fsdp=False on mps")
+
+
+FSDP_FLOAT16 = ("float16 needs loss scaling, which is not sharded here; use --dtype=bfloat16 (Ampere or newer) or "
+                "float32, or --fsdp=False")
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -133,22 +147,29 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
 
 def save_state(paths: list[str], model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                cfg: TrainConfig, meta: dict, iter_num: int, best_val_loss: float) -> None:
-    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    """One process writes ckpt.pt (and best.pt); with --fsdp every rank writes its shards of the ckpt/ folder."""
+    ckpt = {"model": {} if cfg.fsdp else model.state_dict(), "model_args": dataclasses.asdict(model.config),
+            "optimizer": {} if cfg.fsdp else optimizer.state_dict(), "scaler": scaler.state_dict(),
             "iter_num": iter_num, "best_val_loss": best_val_loss,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []},
             "data": {"seed": cfg.seed, "next_iter": iter_num},
             "config": dataclasses.asdict(cfg), "meta": meta}
-    for path in paths:
+    if cfg.fsdp:  # the tensors go to DCP's shards, the rest to state.pt
+        save_sharded(paths[0], model, optimizer, {k: v for k, v in ckpt.items() if k != "model"}, copies=paths[1:])
+    for path in [] if cfg.fsdp else paths:
         save_checkpoint(path, ckpt)
 
 
 def restore_state(ckpt: dict, model: GPT, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler) -> tuple[int, float]:
-    """Load what save_state wrote; returns (iter_num, best_val_loss)."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+                  scaler: torch.amp.GradScaler, sharded: str = "") -> tuple[int, float]:
+    """Load what save_state wrote (sharded: the ckpt/ folder whose state.pt is ckpt); returns (iter_num,
+    best_val_loss)."""
+    if sharded:  # every rank: the shards, resharded to this run's ranks
+        load_sharded(sharded, model, optimizer)
+    else:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"] and scaler.is_enabled():  # empty when the checkpoint's run did not scale (bf16, fp32)
         scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -196,7 +217,8 @@ def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
     return dataclasses.replace(cfg, **arch), ckpt["model"]
 
 
-RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl", "config.json", "report.html", "samples")  # a run's own, in out_dir
+# a run's own files in out_dir (ckpt/ and best/: --fsdp's folders)
+RUN_FILES = ("ckpt.pt", "best.pt", "ckpt", "best", "log.jsonl", "config.json", "report.html", "samples")
 
 
 def trim_log(path: str, iter_num: int) -> None:
@@ -227,6 +249,8 @@ def main() -> None:
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.fsdp and (dtype == "float16" or device_type == "mps"):  # what auto chose (explicit values: check_config)
+        check_config(dataclasses.replace(cfg, dtype=dtype, device=device_type), dist.world_size)
 
     # data
     with user_errors():
@@ -247,20 +271,38 @@ def main() -> None:
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
                              gelu=cfg.gelu)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+    # --fsdp writes folders of shards (ckpt/, best/), a run without it files (ckpt.pt, best.pt)
+    ckpt_path, best_path = (os.path.join(cfg.out_dir, name + ("" if cfg.fsdp else ".pt")) for name in ("ckpt", "best"))
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    ckpt = None
+    if master:  # before any rank looks: finish or undo a sharded save that was killed
+        for note in recover(os.path.join(cfg.out_dir, "ckpt")) + recover(os.path.join(cfg.out_dir, "best")):
+            print(f"note: {note}", flush=True)
+    ckpt, resume_shards = None, ""
     if cfg.init_from == "resume":
-        if not os.path.isfile(ckpt_path):
+        single, sharded = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "ckpt")
+        with user_errors():  # a file (a run without --fsdp), shards (with it), or both: the later one
+            found = {path: load_checkpoint(path) if path == single else read_state(path)
+                     for path in (single, sharded) if os.path.isfile(path) or is_sharded(path)}
+        if not found:
             raise UserError(f"init_from=resume: no checkpoint {ckpt_path}; train from scratch first or fix --out_dir")
-        with user_errors():
-            ckpt = load_checkpoint(ckpt_path)
+        newest = max(found, key=lambda path: (found[path]["iter_num"], path == ckpt_path))
+        if cfg.fsdp and newest == single:
+            raise UserError(f"init_from=resume: {cfg.out_dir} holds ckpt.pt (iteration {found[single]['iter_num']}),"
+                            " written without --fsdp; resume it with --fsdp=False, or start a sharded run in a new "
+                            "out_dir")
+        with user_errors():  # a run without --fsdp resumes a sharded one whole, gathered into this process
+            ckpt = load_consolidated(sharded) if newest == sharded and not cfg.fsdp else found[newest]
+        resume_shards = sharded if cfg.fsdp else ""
         check_resume(ckpt, ckpt_path, meta, model_config, cfg.data_dir)
-    elif not cfg.overwrite and any(os.path.exists(p) for p in (ckpt_path, best_path)):
+    elif not cfg.overwrite and any(os.path.exists(os.path.join(cfg.out_dir, p)) for p in RUN_FILES[:4]):
         raise UserError(f"out_dir {cfg.out_dir}: already holds a checkpoint; continue it with --init_from=resume, "
                         "train into a new --out_dir, or pass --overwrite=True to replace it")
 
-    device = dist.init(device)  # torchrun: join the process group; on CUDA each rank takes its local GPU
+    device = dist.init(device, group=cfg.fsdp)  # torchrun: join the group; on CUDA each rank takes its local GPU
+    with user_errors():  # before anything is built: the plan, or a refusal naming the options that would fit
+        plan = check_fits(model_config, cfg.batch_size, cfg.gradient_accumulation_steps, dist.world_size, cfg.fsdp,
+                          cfg.activation_checkpointing, dtype, budget := device_memory(
+                              device, int(os.environ.get("LOCAL_WORLD_SIZE", 1))), device)
     try:  # for bits per byte of text; training and the other figures need no text encoding
         text_bytes = text_bytes_table(meta, device) if len(val_starts) else None
     except ValueError as e:
@@ -271,6 +313,7 @@ def main() -> None:
         print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
         print(f"device {device} | dtype {dtype} | processes {dist.world_size} | train {len(train_data):,} tokens | "
               f"val {len(val_data):,} tokens | {meta['tokens_per_second']:.2f} tokens per second of audio", flush=True)
+        print(format_plan(plan, budget, device), flush=True)
         os.makedirs(cfg.out_dir, exist_ok=True)
         for name in remove_stale_temp_files(cfg.out_dir, ("ckpt.pt", "best.pt", "log.jsonl", "config.json")):
             print(f"note: removed {name}, a partial file left by a run that was killed while writing it", flush=True)
@@ -289,18 +332,25 @@ def main() -> None:
 
     # model and optimizer, from scratch or restored
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw_model = GPT(model_config).to(device)  # uncompiled, unwrapped: its state_dict is what checkpoints hold
+    raw_model = GPT(model_config)  # uncompiled, unwrapped: its state_dict is what checkpoints hold
+    if init_weights:
+        raw_model.load_state_dict(init_weights)
+    raw_model.checkpoint_blocks = cfg.activation_checkpointing
+    if cfg.fsdp:  # built on the CPU, whole: each rank moves only its shards to the device
+        shard_model(raw_model, None if dtype == "float32" else getattr(torch, dtype),
+                    compile=cfg.compile and device_type == "cuda")
+    else:
+        raw_model.to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                device_type)
     # fp16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
-    if init_weights:
-        raw_model.load_state_dict(init_weights)
-    iter_num, best_val_loss = restore_state(ckpt, raw_model, optimizer, scaler) if ckpt else (0, float("inf"))
+    iter_num, best_val_loss = restore_state(ckpt, raw_model, optimizer, scaler, resume_shards) if ckpt \
+        else (0, float("inf"))
     resumed_at = iter_num if ckpt else -1
     ckpt = None  # free the memory
-    model = torch.compile(raw_model) if cfg.compile and device_type == "cuda" else raw_model
-    if dist.ddp:
+    model = torch.compile(raw_model) if cfg.compile and device_type == "cuda" and not cfg.fsdp else raw_model
+    if dist.ddp and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
 
@@ -356,11 +406,17 @@ def main() -> None:
             flush_losses()  # never checkpoint weights that came from a NaN step
             row = {"iter": iter_num}
             if len(val_starts):
+                # FSDP gathers each unit's weights in every forward, so every rank runs as many as the busiest
+                steps = -(-len(val_starts[::dist.world_size]) // cfg.batch_size) if cfg.fsdp else 0
                 with user_errors():  # a token id the model does not know: the shards do not match meta.json
                     row.update(evaluate(model, val_data, val_starts[dist.rank::dist.world_size], val_block,
-                                        cfg.batch_size, meta, device, dtype, dist.ddp, text_bytes))
+                                        cfg.batch_size, meta, device, dtype, dist.ddp, text_bytes, steps))
+            improved = row.get("val_loss", float("inf")) < best_val_loss  # the same on every rank (all-reduced)
+            best_val_loss = min(best_val_loss, row.get("val_loss", float("inf")))
+            # with FSDP every rank gathers the weights and rank 0 samples from a whole copy
+            sample_model = gathered_model(raw_model, device) if cfg.fsdp and cfg.eval_samples else raw_model
             if master:
-                row.update(samples(raw_model, iter_num, last=iter_num == cfg.max_iters))  # {"sample_s": ...}
+                row.update(samples(sample_model, iter_num, last=iter_num == cfg.max_iters))  # {"sample_s": ...}
                 if "val_loss" in row:
                     levels = " ".join(f"{k} {v:.3f}" for k, v in row["val_loss_levels"].items())
                     text = f"text {row['val_text_loss']:.3f} nats/token " if "val_text_loss" in row else ""
@@ -368,10 +424,11 @@ def main() -> None:
                     print(f"iter {iter_num} | val loss {row['val_loss']:.4f} | {row['val_bps']:.0f} bits/s | "
                           f"{text}per level {levels}", flush=True)
                     log(row)
-                improved = row.get("val_loss", float("inf")) < best_val_loss
-                best_val_loss = min(best_val_loss, row.get("val_loss", float("inf")))
+            sample_model = None
+            if master or cfg.fsdp:  # with FSDP every rank writes its shards
                 save_state([ckpt_path, best_path] if improved else [ckpt_path], raw_model, optimizer, scaler, cfg,
                            meta, iter_num, best_val_loss)
+            if master:
                 samples.report()  # out_dir/report.html, in the same time budget as the samples
             t0, iters_timed = time.perf_counter(), 0  # eval time is not training time
         if iter_num >= cfg.max_iters:
@@ -392,7 +449,8 @@ def main() -> None:
             with user_errors():  # a token id the model does not know: the shards do not match meta.json
                 x, y = get_batch(train_data, starts[job_step], cfg.block_size, device, model_config.vocab_size)
             # gradients are all-reduced only after the last micro-step of the iteration
-            sync = model.no_sync() if dist.ddp and micro_step < micro_steps - 1 else nullcontext()
+            # (FSDP reduce-scatters every micro-step: holding whole gradients until the last would undo the sharding)
+            sync = model.no_sync() if dist.ddp and not cfg.fsdp and micro_step < micro_steps - 1 else nullcontext()
             with sync:
                 with autocast(device, dtype):
                     _, loss = model(x, y)
@@ -426,7 +484,9 @@ def main() -> None:
         iter_num += 1
     if master:
         best = f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else "no eval (no val split)"
-        print(f"done: {iter_num} iterations, {best}, checkpoints in {cfg.out_dir}", flush=True)
+        mem = f", peak memory {format_bytes(torch.cuda.max_memory_allocated(device))} (planned " \
+            f"{format_bytes(plan['total'])})" if device_type == "cuda" else ""
+        print(f"done: {iter_num} iterations, {best}, checkpoints in {cfg.out_dir}{mem}", flush=True)
     # leave the group together, once rank 0 has written its last checkpoint and report: a rank that dies on its way
     # out (seen in CI: gloo aborting rank 1, cause unknown) has torchrun stop the others, and rank 0 not mid-write
     dist.barrier()

@@ -3,7 +3,8 @@
     python -m pytest -q tests/test_gpu.py
 
 Sampling: the captured CUDA-graph step gives the eager step's tokens, bf16 generation decodes to WAV, and no decode
-step runs cuDNN attention. Training: bf16 + compile, fp16 + GradScaler, and resume, through train.py. Eval samples
+step runs cuDNN attention. Training: bf16 + compile, fp16 + GradScaler, and resume, through train.py; FSDP with
+activation checkpointing and compile, and GPT-2 XL on one GPU within 10% of its memory plan. Eval samples
 leave training's RNG alone. Timings are in bench.py (`python bench.py generate`, `python bench.py watch`).
 """
 import subprocess
@@ -190,6 +191,40 @@ def test_resume_continues_the_run(data, tmp_path):
     b = [row["loss"] for row in read_log(f"{tmp_path}/half") if "loss" in row]
     assert len(a) == len(b) == 12
     np.testing.assert_allclose(b, a, rtol=2e-2)
+
+
+def test_fsdp_with_checkpointing_and_compile_trains_like_ddp_and_resumes(data, tmp_path):
+    """bf16: FSDP's one-rank group with activation checkpointing and per-Block compile logs the losses of the plain
+    compiled run (to bf16 noise), and its sharded checkpoint resumes."""
+    args = [f"--data_dir={data}", "--dtype=bfloat16", "--compile=True", "--eval_interval=3", "--lr_decay_iters=12"]
+    plain = run_train(args + ["--max_iters=12", f"--out_dir={tmp_path}/plain"])
+    sharded = args + ["--fsdp=True", "--activation_checkpointing=True"]
+    half = run_train(sharded + ["--max_iters=6", f"--out_dir={tmp_path}/fsdp"])
+    assert plain.returncode == 0 and half.returncode == 0, plain.stderr + half.stderr
+    rest = run_train(sharded + ["--max_iters=12", f"--out_dir={tmp_path}/fsdp", "--init_from=resume"])
+    assert rest.returncode == 0, rest.stderr
+    a = [row["loss"] for row in read_log(f"{tmp_path}/plain") if "loss" in row]
+    b = [row["loss"] for row in read_log(f"{tmp_path}/fsdp") if "loss" in row]
+    assert len(a) == len(b) == 12
+    np.testing.assert_allclose(b, a, rtol=2e-2)
+    assert (tmp_path / "fsdp" / "ckpt" / "state.pt").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 60e9,
+                    reason="GPT-2 XL with FSDP + activation checkpointing plans ~35 GB at batch 8")
+def test_gpt2_xl_trains_on_one_gpu_within_the_memory_plan(tmp_path):
+    import re
+    data = write_dataset(str(tmp_path / "data"), train_tokens=[40_000], val_tokens=[4_000])
+    r = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path}/xl", "--n_layer=48", "--n_head=25",
+                   "--n_embd=1600", "--block_size=1024", "--batch_size=8", "--gradient_accumulation_steps=1",
+                   "--fsdp=True", "--activation_checkpointing=True", "--max_iters=4", "--eval_interval=4",
+                   "--eval_iters=1", "--eval_samples=0", "--log_interval=1", timeout=900)
+    assert r.returncode == 0, r.stderr
+    peak, planned = (float(x) for x in re.search(r"peak memory ([\d.]+) GB \(planned ([\d.]+) GB\)",
+                                                  r.stdout).groups())
+    print(f"GPT-2 XL shape, FSDP + checkpointing, 8 x 1024 on {torch.cuda.get_device_name()}: peak {peak} GB, "
+          f"planned {planned} GB; {r.stdout.strip().splitlines()[-2]}")
+    assert abs(peak - planned) <= 0.1 * planned, (peak, planned)
 
 
 def test_text_audio_layout_graph_equals_static():
