@@ -39,18 +39,38 @@ class Stream:
     that stopped it; it is called from the scheduler's thread and must not block."""
 
     def __init__(self, context: torch.Tensor, n_frames: int, emit: Callable[[object], None],
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0):
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_ahead: int = 0):
+        """max_ahead: frames emitted and not yet taken (took()) after which the stream waits for its consumer,
+        so a row is held as long as its listener listens; 0 = never wait."""
         if n_frames < 1:
             raise ValueError(f"n_frames={n_frames}: a stream needs at least one frame")
         self.context = torch.as_tensor(context, dtype=torch.long).reshape(-1).cpu()
-        self.n_frames, self.emit = n_frames, emit
+        self.n_frames, self.emit, self.max_ahead = n_frames, emit, max_ahead
         self.knobs, self.seed = (temperature, top_k, top_p), seed
         self.cancelled = False
         self.frames = 0  # frames emitted so far
+        self.taken = 0  # frames the consumer has taken
+        self.wake: threading.Condition | None = None  # the scheduler's, set by submit()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether it is too far ahead of its consumer to be given another frame now."""
+        return self.max_ahead > 0 and self.frames - self.taken >= self.max_ahead
+
+    def took(self, n: int) -> None:
+        """The consumer has taken n more frames."""
+        self.taken += n
+        self._notify()
 
     def cancel(self) -> None:
         """Stop at the next frame boundary (a client that went away)."""
         self.cancelled = True
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.wake is not None:
+            with self.wake:
+                self.wake.notify()
 
 
 class Row:
@@ -126,6 +146,7 @@ class Scheduler:
                 raise Busy("the server is shutting down")
             if len(self.waiting) >= self.max_queue + sum(r is None for r in self.rows):
                 raise Busy(f"{len(self.waiting)} requests are waiting for one of {self.max_batch} rows")
+            stream.wake = self.wake
             self.waiting.append(stream)
             self.wake.notify()
 
@@ -148,6 +169,10 @@ class Scheduler:
         """Streams in the batch now."""
         return sum(r is not None for r in self.rows)
 
+    def runnable(self) -> bool:
+        """Whether a step has work: a row that may take a frame, or one to let go."""
+        return any(r is not None and (r.stream.cancelled or not r.stream.waiting) for r in self.rows)
+
     # -- the loop ---------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -155,7 +180,7 @@ class Scheduler:
         """The scheduler's loop: run queued jobs, admit waiting streams into free rows, step the batch."""
         while True:
             with self.wake:
-                while not (self.stopping or self.jobs or self.waiting or self.active):
+                while not (self.stopping or self.jobs or (self.waiting and None in self.rows) or self.runnable()):
                     self.wake.wait()
                 if self.stopping:
                     break
@@ -237,11 +262,19 @@ class Scheduler:
         for i, row in enumerate(self.rows):
             if row is not None and row.stream.cancelled:
                 self.leave(i)
-        busy = [i for i, r in enumerate(self.rows) if r is not None]
+        held = [i for i, r in enumerate(self.rows) if r is not None]
+        busy = [i for i in held if not self.rows[i].stream.waiting]
         if not busy:
             return
-        b = next(n for n in buckets(self.max_batch) if n > busy[-1])
+        b = next(n for n in buckets(self.max_batch) if n > max(held))
         tok, pos, state = torch.zeros(b, 1, dtype=torch.long), torch.zeros(b, 1, dtype=torch.long), [0] * b
+        for i in held:
+            # a row waiting for its consumer is stepped too (the bucket's shape) and its frame dropped: it redoes its
+            # last frame start, which rewrites what its cache holds there; at the end of its window it will slide
+            # and re-prefill, so position 0 is as good
+            row = self.rows[i]
+            at = len(row.window) - 1 if len(row.window) + fs - 1 <= block_size else 0
+            tok[i, 0], pos[i, 0], state[i] = row.window[at], at, row.state
         for i in busy:
             row = self.rows[i]
             if len(row.window) + fs - 1 > block_size:  # slide at a frame start, as sample_frames does

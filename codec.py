@@ -426,6 +426,18 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu", weights: bool = 
     return AudioTokenizer(model.to(device).eval(), name, text)
 
 
+def wav_stream_header(sample_rate: int) -> bytes:
+    """The header of a 16-bit mono WAV of unknown length: both sizes at their maximum, as sox and ffmpeg write to
+    pipes; players read until the stream ends."""
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 0xFFFFFFFF, b"WAVE", b"fmt ", 16, 1, 1, sample_rate,
+                       2 * sample_rate, 2, 16, b"data", 0xFFFFFFFF)
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    """Float samples -> little-endian 16-bit PCM as libsndfile 1.2 writes PCM_16: floor(x * 32768), clipped."""
+    return np.clip(np.floor(audio * 32768), -32768, 32767).astype("<i2").tobytes()
+
+
 class WavWriters:
     """16-bit mono WAV files written as audio arrives: one per sample (and per continuation when there is a
     prompt), appended to under temp names beside the final ones and renamed into place by close(); on any error
@@ -446,10 +458,7 @@ class WavWriters:
                 raise write_failed(path, e) from None
         self.written = 0  # samples written to each sample_<i>.wav so far
         if pipe is not None:
-            # 16-bit mono WAV of unknown length: both sizes at their maximum, as sox and ffmpeg write to pipes;
-            # players read until the stream ends
-            pipe.write(struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 0xFFFFFFFF, b"WAVE", b"fmt ", 16, 1, 1,
-                                   sample_rate, 2 * sample_rate, 2, 16, b"data", 0xFFFFFFFF))
+            pipe.write(wav_stream_header(sample_rate))
 
     def write(self, audio: np.ndarray, limits: list[int] | None = None) -> None:
         """Audio (B, samples) that follows what was written; the continuation files skip the prompt's samples.
@@ -465,8 +474,7 @@ class WavWriters:
                 raise write_failed(self.paths[i], e, 2 * len(row)) from None
         self.written += audio.shape[1]
         if self.pipe is not None:
-            # PCM_16 as libsndfile 1.2 writes the files: floor(x * 32768), clipped to the int16 range
-            self.pipe.write(np.clip(np.floor(rows[0] * 32768), -32768, 32767).astype("<i2").tobytes())
+            self.pipe.write(pcm16(rows[0]))
             self.pipe.flush()
 
     def __enter__(self) -> "WavWriters":

@@ -9,6 +9,15 @@ from conftest import tiny_gpt
 from sampling import sample_frames
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models' steps are a few small ops: on a busy 2-core machine a second thread only waits for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def alone(model, layout, context, n_frames, knobs=(0.0, 0, 1.0), seed=0) -> torch.Tensor:
     """What sample_frames gives one request by itself, as (k, frame_size) frames."""
     gen = torch.Generator().manual_seed(seed)
@@ -140,3 +149,27 @@ def test_scheduler_thread_jobs_and_stop(tok):
     thread.join(30)
     assert not thread.is_alive() and done.is_set() and isinstance(items[-1], RuntimeError)
     assert buckets(8) == [1, 2, 4, 8] and buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
+
+
+def test_a_stream_waits_for_its_consumer_and_still_matches_alone(tok):
+    layout = tok.layout
+    model = tiny_gpt(layout.vocab_size, block_size=64)
+    sched = Scheduler(model, layout, max_batch=2)
+    slow_out, slow_emit = collect()
+    fast_out, fast_emit = collect()
+    slow = Stream(audio_context(layout, 2, 0), 12, slow_emit, temperature=0.0, max_ahead=2)
+    fast = Stream(audio_context(layout, 1, 1), 12, fast_emit, temperature=1.0, seed=3)
+    sched.submit(slow)
+    sched.submit(fast)
+    sched.admit()
+    for _ in range(4):
+        sched.step()
+    assert len(slow_out) == 2 and len(fast_out) == 4 and sched.runnable()
+    for k in range(100):  # the consumer takes a frame every other step
+        if not sched.active:
+            break
+        slow.took(k % 2)
+        sched.step()
+        assert slow.frames - slow.taken <= 2
+    assert torch.equal(frames_of(slow_out), alone(model, layout, audio_context(layout, 2, 0), 12))
+    assert torch.equal(frames_of(fast_out), alone(model, layout, audio_context(layout, 1, 1), 12, (1.0, 0, 1.0), 3))
