@@ -109,7 +109,8 @@ def _read_audio(source: str | bytes, last_seconds: float) -> tuple[np.ndarray, i
         raise BadAudio(f"cannot be decoded ({reason})") from None
     # a truncated WAV/AIFF reads "fine" (libsndfile shortens it silently) but its header log says so
     m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)
-    if m and int(m.group(3)) < int(m.group(2)):
+    # (but for 0xFFFFFFFF, the size a WAV streamed to a pipe declares: "until the stream ends")
+    if m and int(m.group(3)) < int(m.group(2)) != 0xFFFFFFFF:
         raise BadAudio(f"truncated: its header declares {m.group(2)} bytes of audio, only {m.group(3)} are present")
     if declared > 0 and end < 0.99 * declared:  # mp3 lengths are estimates: allow 1%
         raise BadAudio(f"truncated or corrupt: decodes to {end} of the {declared} samples its header declares")

@@ -9,7 +9,7 @@
     curl -s localhost:8000/v1/audio/continuations -F file=@voice.flac -F model=gpt2o -F seconds=10 > more.wav
     python serve.py --help
 
-Routes: POST /v1/audio/speech (OpenAI's body; wav, pcm or flac streamed as it is made, or SSE events),
+Routes: POST /v1/audio/speech (OpenAI's body; wav or pcm streamed as made, flac when whole, or SSE events),
 POST /v1/audio/transcriptions (multipart; json or text), POST /v1/audio/continuations (gpt2o's own: continue an
 uploaded recording, or babble unconditionally, for audio-only models too), GET /v1/models, GET /health, GET / (the
 page). Errors are OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}. Concurrent requests share
@@ -20,10 +20,12 @@ SIGTERM stops accepting, lets running streams finish for up to --drain_seconds, 
 import asyncio
 import base64
 import dataclasses
+import io
 import json
 import math
 import os
 import secrets
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -110,64 +112,30 @@ def resolve_voice(voice: object, voices: tuple[str, ...] = ("default",)) -> str:
 # -----------------------------------------------------------------------------
 # audio out: each format as bytes that can be sent as soon as they are made
 
-class _Tap:
-    """A write-only file libsndfile writes a FLAC stream into; its bytes go out as they come. At close libsndfile
-    seeks back to fill in the header's length, which has left already: the stream keeps "length unknown" there."""
-
-    def __init__(self):
-        self.buf, self.sent, self.pos = bytearray(), 0, 0
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        at = self.pos - self.sent
-        if at >= 0:
-            self.buf[at:at + len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        end = self.sent + len(self.buf)
-        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else end + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        return b""
-
-    def take(self) -> bytes:
-        out = bytes(self.buf)
-        self.sent += len(out)
-        self.buf.clear()
-        return out
-
-
 class AudioEncoder:
-    """Float audio chunks -> the bytes of one response_format, chunk by chunk: wav (16-bit, an open-ended header as
-    generate.py --stream_to=- writes), pcm (raw 16-bit little-endian, as OpenAI's pcm), flac."""
+    """Float audio chunks -> the bytes of one response_format: wav (16-bit, an open-ended header as generate.py
+    --stream_to=- writes) and pcm (raw 16-bit little-endian, as OpenAI's pcm) chunk by chunk, as they come; flac
+    whole at the end, as its header holds the length (libsndfile cannot read a FLAC stream of unknown length)."""
 
     def __init__(self, fmt: str, sample_rate: int):
-        self.fmt, self.file, self.tap = fmt, None, None
+        self.fmt, self.sample_rate, self.parts = fmt, sample_rate, []
         self.first = wav_stream_header(sample_rate) if fmt == "wav" else b""
-        if fmt == "flac":
-            import soundfile as sf
-            self.tap = _Tap()
-            self.file = sf.SoundFile(self.tap, "w", samplerate=sample_rate, channels=1, format="FLAC",
-                                     subtype="PCM_16")
 
     def chunk(self, audio: np.ndarray) -> bytes:
+        if self.fmt == "flac":
+            self.parts.append(audio)
+            return b""
         head, self.first = self.first, b""
-        if self.file is None:
-            return head + pcm16(audio)
-        self.file.write(audio)
-        return self.tap.take()
+        return head + pcm16(audio)
 
     def end(self) -> bytes:
-        if self.file is None:
+        if self.fmt != "flac":
             return self.first
-        self.file.close()
-        return self.tap.take()
+        import soundfile as sf
+        out = io.BytesIO()
+        sf.write(out, np.concatenate(self.parts or [np.zeros(0, np.float32)]), self.sample_rate, format="FLAC",
+                 subtype="PCM_16")
+        return out.getvalue()
 
 
 # -----------------------------------------------------------------------------
@@ -209,8 +177,10 @@ class Engine:
     def open(self, context: torch.Tensor, seconds: float, knobs: tuple[float, int, float], seed: int):
         """Queue a stream (429 when the queue is full); -> (the stream, the asyncio queue its frames arrive on)."""
         loop, frames = asyncio.get_running_loop(), asyncio.Queue()
+        # a row is held while its listener listens: the stream runs at most about two chunks ahead of its decoding
+        ahead = 2 * (self.cfg.stream_frames + CODEC_CONTEXT_FRAMES)
         stream = Stream(context, self.n_frames(seconds), lambda x: loop.call_soon_threadsafe(frames.put_nowait, x),
-                        *knobs, seed=seed)
+                        *knobs, seed=seed, max_ahead=ahead)
         try:
             self.sched.submit(stream)
         except Busy as e:
@@ -236,6 +206,7 @@ class Engine:
                 while not frames.empty():
                     items.append(frames.get_nowait())
                 new = [x for x in items if isinstance(x, torch.Tensor)]
+                stream.took(len(new))
                 last = items[-1]
                 if isinstance(last, Exception):
                     raise last
@@ -317,6 +288,7 @@ class SpeechRequest(BaseModel):
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    max_seconds: float | None = Field(None, description="at most this much audio (the server's --max_seconds at most)")
 
 
 
@@ -337,10 +309,11 @@ def check_format(fmt: str, stream_format: str) -> None:
         raise APIError(400, f"stream_format '{stream_format}': expected audio or sse", "stream_format")
 
 
-def check_knobs(temperature: float, top_k: int, top_p: float, seconds: float, cfg: ServeConfig) -> None:
+def check_knobs(temperature: float, top_k: int, top_p: float, seconds: float, cfg: ServeConfig,
+                seconds_field: str = "seconds") -> None:
     for ok, field, want in ((temperature >= 0, "temperature", ">= 0 (0 = greedy)"), (top_k >= 0, "top_k", ">= 0"),
                             (0 < top_p <= 1, "top_p", "in (0, 1]"),
-                            (0 < seconds <= cfg.max_seconds, "seconds", f"in (0, {cfg.max_seconds}]")):
+                            (0 < seconds <= cfg.max_seconds, seconds_field, f"in (0, {cfg.max_seconds}] here")):
         if not ok:
             raise APIError(400, f"{field}: must be {want}", field)
 
@@ -356,8 +329,8 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
         err = e.errors()[0]
-        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "form")]
-        param = loc[-1] if loc else None
+        names = [x for x in err.get("loc", ()) if isinstance(x, str) and x not in ("body", "query", "form")]
+        param = names[-1] if names and err.get("type") != "json_invalid" else None
         return error_response(APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid')}", param))
 
     @app.exception_handler(HTTPException)
@@ -408,13 +381,14 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
         check_format(req.response_format, req.stream_format)
         knobs = (cfg.temperature if req.temperature is None else req.temperature,
                  cfg.top_k if req.top_k is None else req.top_k, cfg.top_p if req.top_p is None else req.top_p)
-        check_knobs(*knobs, cfg.max_seconds, cfg)
+        seconds = cfg.max_seconds if req.max_seconds is None else req.max_seconds
+        check_knobs(*knobs, seconds, cfg, "max_seconds")
         context = torch.from_numpy(engine.layout.speech_context(engine.tok.encode_text(req.input)))
         if len(context) + 2 * engine.layout.frame_size > engine.model.config.block_size:
             raise APIError(400, f"input: {len(context) - 4} text tokens leave no room for audio in the model's "
                                 f"context of {engine.model.config.block_size} tokens", "input", "input_too_long")
         seed = seed_of(req.seed)
-        stream, frames = engine.open(context, cfg.max_seconds, knobs, seed)
+        stream, frames = engine.open(context, seconds, knobs, seed)
         return respond_audio(engine, engine.audio(stream, frames, seed), req.response_format, req.stream_format)
 
     async def read_upload(request: Request, file: UploadFile | None, allowed: set[str]) -> bytes | None:
@@ -564,6 +538,10 @@ def main() -> None:
         state["draining"] = True
         handle_exit(sig, frame)
     server.handle_exit = draining
+    # uvicorn drains on SIGTERM and Ctrl-C, then raises the signal again for the handler it found: a drained
+    # server is a clean exit, so that handler does nothing
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     try:
         server.run()
     finally:
