@@ -222,6 +222,9 @@ class Engine:
                     end = dec.ends[0] * hop if dec.ends and dec.ends[0] is not None else len(audio) + done
                     audio = audio[max(0, skip - done):max(0, end - done)]
                     done += piece.shape[1]
+                    # a small first chunk for an early first audio, then larger ones: each chunk decodes
+                    # CODEC_CONTEXT_FRAMES more on each side, a cost that larger chunks spread thinner
+                    dec.chunk = 4 * self.cfg.stream_frames
                     if len(audio):
                         yield audio
                 if last is None:

@@ -171,10 +171,12 @@ def test_concurrent_clients_disconnect_and_queue_limit(server):
     # two long streams hold both rows, a third waits, a fourth is refused with Retry-After
     long = {"model": "tiny", "seconds": str(MAX_SECONDS), "response_format": "pcm"}
     with httpx.Client(timeout=120, headers=auth()) as h:
-        streams = [h.stream("POST", f"{url}/v1/audio/continuations", data=long) for _ in range(3)]
+        streams = [h.stream("POST", f"{url}/v1/audio/continuations", data={**long, "seed": str(s)})
+                   for s in (11, 12, 13)]
         responses = [s.__enter__() for s in streams]
         assert [r.status_code for r in responses] == [200, 200, 200]
-        next(responses[0].iter_raw())  # audio is flowing
+        flowing = responses[0].iter_raw()  # kept: a dropped iterator would close its response
+        assert next(flowing)  # audio is flowing
         wait_for(url, lambda s: s["active"] == 2 and s["waiting"] == 1)
         with pytest.raises(openai.RateLimitError):
             client(url).audio.speech.create(model="gpt2o", voice="alloy", input="hi")
