@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -524,6 +525,11 @@ def main() -> None:
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.decode == "graph" and not device.startswith("cuda"):
         raise UserError(f"decode=graph captures CUDA graphs, the device is {device}: use auto, eager or static")
+    try:  # before the minutes of loading: is the address ours to take?
+        with socket.create_server((cfg.host, cfg.port)):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); pass another --port or --host")
     with user_errors():
         model, tok = load_model(cfg.ckpt, cfg.codec, device, dtype, text_for="the speech and transcription routes")
     engine = Engine(model, tok, cfg, cfg.model_name or model_name(cfg.ckpt))
@@ -549,8 +555,6 @@ def main() -> None:
         server.run()
     finally:
         engine.stop()
-    if not server.started:
-        raise UserError(f"could not listen on {cfg.host}:{cfg.port} (in use? pass another --port)")
     print("stopped", flush=True)
 
 

@@ -229,7 +229,13 @@ def test_malformed_requests_get_4xx_and_the_server_goes_on(server):
 def test_bad_settings_are_one_line(tmp_path):
     from conftest import assert_one_line_error, run_script
     assert_one_line_error(run_script("serve.py", "--max_batch=0"), "max_batch=0")
-    assert_one_line_error(run_script("serve.py", f"--ckpt={tmp_path / 'none.pt'}", "--device=cpu"), "none.pt")
+    assert_one_line_error(run_script("serve.py", f"--ckpt={tmp_path / 'none.pt'}", "--device=cpu",
+                                     f"--port={free_port()}"), "none.pt")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(run_script("serve.py", f"--port={port}", "--device=cpu"), f"127.0.0.1:{port}")
 
 
 # -----------------------------------------------------------------------------
