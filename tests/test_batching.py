@@ -173,3 +173,17 @@ def test_a_stream_waits_for_its_consumer_and_still_matches_alone(tok):
         assert slow.frames - slow.taken <= 2
     assert torch.equal(frames_of(slow_out), alone(model, layout, audio_context(layout, 2, 0), 12))
     assert torch.equal(frames_of(fast_out), alone(model, layout, audio_context(layout, 1, 1), 12, (1.0, 0, 1.0), 3))
+
+
+def test_sample_rows_equals_sample_next_row_by_row():
+    from sampling import sample_next, sample_rows
+    knobs = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 50, 1.0), (1.3, 0, 0.9), (0.9, 20, 0.8), (1.0, 600, 1.0)]
+    t, k, p = (torch.tensor([[kn[i]] for kn in knobs]) for i in range(3))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        logits, u = torch.randn(len(knobs), 500, generator=g) * 3, torch.rand(len(knobs), 500, generator=g)
+        want = torch.cat([sample_next(logits[i:i + 1], *kn, u[i:i + 1].clone()) for i, kn in enumerate(knobs)])
+        assert torch.equal(sample_rows(logits, t, k, p, u.clone()), want)
+        greedy_and_plain = [0, 1]  # rows that use neither filter give the same ids without them
+        assert torch.equal(sample_rows(logits[greedy_and_plain], t[:2], k[:2], p[:2], u[:2].clone(), filters=False),
+                           want[greedy_and_plain])
