@@ -14,6 +14,7 @@ random (speed does not depend on them). Parts that need CUDA (graphs, the codes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -460,6 +461,104 @@ def bench_graphs(quick: bool) -> None:
     row(f"{minutes} min streamed: allocated memory after the last minute vs the first", mem[-1], mem[0], "MiB", False)
 
 
+# --- serve -------------------------------------------------------------------
+def serve_requests(url: str, n: int, seconds: float, seed: int = 0) -> list[tuple[float, float, float]]:
+    """n clients at once, each a continuation from nothing of `seconds` (pcm, streamed): per request (seconds to
+    first audio, seconds of audio, wall seconds)."""
+    import threading
+
+    import httpx
+    out: list = [None] * n
+
+    def one(k: int) -> None:
+        t0 = time.perf_counter()
+        first, nbytes = None, 0
+        with httpx.stream("POST", f"{url}/v1/audio/continuations", timeout=600,
+                          data={"model": "gpt2o", "seconds": str(seconds), "response_format": "pcm",
+                                "seed": str(seed + k)}) as r:
+            r.raise_for_status()
+            for chunk in r.iter_raw():
+                first = first or time.perf_counter()
+                nbytes += len(chunk)
+        out[k] = (first - t0, nbytes / 2 / 24000, time.perf_counter() - t0)
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(o is None for o in out):
+        raise RuntimeError(f"{sum(o is None for o in out)} of {n} requests failed")
+    return out
+
+
+def resident_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
+
+
+def bench_serve(quick: bool) -> None:
+    """serve.py with configs/sherlock.py's model (random weights) and the random SNAC on this machine, over loopback:
+    aggregate seconds of audio per second for 1, 2, 4, 8 concurrent clients (and 64 on CUDA) vs the same requests
+    one after another; each level's slowest stream vs real time; time to first audio p50/p95; then a bounded load
+    run (a fixed count of mixed requests): failures, rows left busy, resident memory after vs before."""
+    import httpx
+
+    from checkpoints import save_checkpoint
+    levels = (1, 2, 4, 8, 64) if CUDA else (1, 2, 4, 8)
+    seconds = 2.0 if quick else 4.0
+    with tempfile.TemporaryDirectory() as d:
+        codec = fixtures.save_random_snac(os.path.join(d, "snac"), fixtures.SNAC_24KHZ_CONFIG)
+        model = fixtures.tiny_gpt(LAYOUT.vocab_size, **model_args("sherlock"))
+        ckpt = os.path.join(d, "ckpt.pt")
+        save_checkpoint(ckpt, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                               "meta": {**load_codec(codec, weights=False).meta(), "codec": codec}, "iter_num": 0})
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}",
+                                 f"--device={DEVICE}", f"--max_batch={max(levels)}", "--max_queue=256"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(1200):
+                try:
+                    if httpx.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"serve.py exited: {proc.stderr.read()}") from None
+                time.sleep(0.25)
+            serve_requests(url, 1, 0.5)  # warm
+            t0 = time.perf_counter()
+            serial = [serve_requests(url, 1, seconds, seed=k)[0] for k in range(4)]
+            serial_rate = sum(r[1] for r in serial) / (time.perf_counter() - t0)
+            ttfa1 = float(np.median([r[0] for r in serial]))
+            for n in levels:
+                t0 = time.perf_counter()
+                res = serve_requests(url, n, seconds, seed=100 * n)
+                wall = time.perf_counter() - t0
+                ttfa = np.array([r[0] for r in res]) * 1000
+                row(f"serve {n:>2} clients x {seconds:g} s: audio s/s vs the same one after another",
+                    sum(r[1] for r in res) / wall, serial_rate, "x")
+                row(f"serve {n:>2} clients: the slowest stream vs real time", min(r[1] / r[2] for r in res), 1.0, "x")
+                row(f"serve {n:>2} clients: time to first audio p50 (p95 {np.percentile(ttfa, 95):.0f} ms) vs 1 alone",
+                    float(np.median(ttfa)), ttfa1 * 1000, "ms", False)
+            # the load run: a fixed count of mixed lengths, 4 clients at a time
+            before = resident_mib(proc.pid)
+            count, done = (16 if quick else 48), 0
+            for k in range(0, count, 4):
+                done += len(serve_requests(url, 4, [0.5, 1.0, 2.0, 3.0][k % 4], seed=1000 + k))
+            h = httpx.get(f"{url}/health").json()
+            after = resident_mib(proc.pid)
+            row(f"serve load run: {done} of {count} requests complete, rows busy after: {h['active']}",
+                done, count, "requests")
+            row("serve load run: resident memory after vs before", after, before, "MiB", False)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
 PARTS = {  # name: (function, what it compares)
     "tokenizer": (bench_tokenizer, "codes <-> tokens: the layout vs the seed's per-token loops"),
     "prepare": (bench_prepare, "prepare_audio.py end to end vs the bare batched SNAC encode"),
@@ -468,6 +567,7 @@ PARTS = {  # name: (function, what it compares)
     "gpt2": (bench_gpt2, "uint32 vs uint16 shards in train.py; fine-tuning from GPT-2 vs scratch (needs the Hub)"),
     "generate": (bench_generate, "KV cache vs recompute; decode vs weight-streaming bound and real time; codec"),
     "graphs": (bench_graphs, "CUDA only: graph/static/compile decode, batch 64, attention backends, long stream"),
+    "serve": (bench_serve, "serve.py: 1-8 (64 on CUDA) concurrent clients vs serial, time to first audio, load run"),
     "all": (None, "every part"),
 }
 

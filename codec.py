@@ -109,7 +109,8 @@ def _read_audio(source: str | bytes, last_seconds: float) -> tuple[np.ndarray, i
         raise BadAudio(f"cannot be decoded ({reason})") from None
     # a truncated WAV/AIFF reads "fine" (libsndfile shortens it silently) but its header log says so
     m = re.search(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.MULTILINE)
-    if m and int(m.group(3)) < int(m.group(2)):
+    # (but for 0xFFFFFFFF, the size a WAV streamed to a pipe declares: "until the stream ends")
+    if m and int(m.group(3)) < int(m.group(2)) != 0xFFFFFFFF:
         raise BadAudio(f"truncated: its header declares {m.group(2)} bytes of audio, only {m.group(3)} are present")
     if declared > 0 and end < 0.99 * declared:  # mp3 lengths are estimates: allow 1%
         raise BadAudio(f"truncated or corrupt: decodes to {end} of the {declared} samples its header declares")
@@ -426,6 +427,18 @@ def load_codec(codec: str = DEFAULT_CODEC, device: str = "cpu", weights: bool = 
     return AudioTokenizer(model.to(device).eval(), name, text)
 
 
+def wav_stream_header(sample_rate: int) -> bytes:
+    """The header of a 16-bit mono WAV of unknown length: both sizes at their maximum, as sox and ffmpeg write to
+    pipes; players read until the stream ends."""
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 0xFFFFFFFF, b"WAVE", b"fmt ", 16, 1, 1, sample_rate,
+                       2 * sample_rate, 2, 16, b"data", 0xFFFFFFFF)
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    """Float samples -> little-endian 16-bit PCM as libsndfile 1.2 writes PCM_16: floor(x * 32768), clipped."""
+    return np.clip(np.floor(audio * 32768), -32768, 32767).astype("<i2").tobytes()
+
+
 class WavWriters:
     """16-bit mono WAV files written as audio arrives: one per sample (and per continuation when there is a
     prompt), appended to under temp names beside the final ones and renamed into place by close(); on any error
@@ -446,10 +459,7 @@ class WavWriters:
                 raise write_failed(path, e) from None
         self.written = 0  # samples written to each sample_<i>.wav so far
         if pipe is not None:
-            # 16-bit mono WAV of unknown length: both sizes at their maximum, as sox and ffmpeg write to pipes;
-            # players read until the stream ends
-            pipe.write(struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 0xFFFFFFFF, b"WAVE", b"fmt ", 16, 1, 1,
-                                   sample_rate, 2 * sample_rate, 2, 16, b"data", 0xFFFFFFFF))
+            pipe.write(wav_stream_header(sample_rate))
 
     def write(self, audio: np.ndarray, limits: list[int] | None = None) -> None:
         """Audio (B, samples) that follows what was written; the continuation files skip the prompt's samples.
@@ -465,8 +475,7 @@ class WavWriters:
                 raise write_failed(self.paths[i], e, 2 * len(row)) from None
         self.written += audio.shape[1]
         if self.pipe is not None:
-            # PCM_16 as libsndfile 1.2 writes the files: floor(x * 32768), clipped to the int16 range
-            self.pipe.write(np.clip(np.floor(rows[0] * 32768), -32768, 32767).astype("<i2").tobytes())
+            self.pipe.write(pcm16(rows[0]))
             self.pipe.flush()
 
     def __enter__(self) -> "WavWriters":

@@ -30,18 +30,15 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
-from checkpoints import CODEC_KEYS, LAYOUT_KEYS, check_compatible, load_model_source, tokenizer_meta
-from codec import (ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, WavWriters, load_codec, read_audio,
-                   read_audio_tail)
+from codec import ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, WavWriters, read_audio, read_audio_tail
 from common import UserError, pick_device, pick_dtype, run_main, user_errors
 from config import command_line_keys, parse_config
 from model import GPT
-from sampling import (CODEC_CONTEXT_FRAMES, DECODE_FRAMES, DECODE_MODES, StreamDecoder, keep_frames, sample_frames,
-                      transcribe)
-from tokenizer import Layout, load_text_encoding
+from sampling import CODEC_CONTEXT_FRAMES, DECODE_FRAMES, DECODE_MODES, StreamDecoder, keep_frames, sample_frames
+import speech
+from speech import transcribe_tokens
 
 
 @dataclass
@@ -119,35 +116,9 @@ def check_audio_path(path: str, kind: str) -> None:
 
 
 def load_model(cfg: GenerateConfig, device: str, dtype: str):
+    text_for = "--text" if cfg.text else "--transcribe" if cfg.transcribe else ""
     with user_errors():
-        ckpt = load_model_source(cfg.ckpt)
-        meta = tokenizer_meta(ckpt, cfg.ckpt)
-        layout = Layout.from_meta(meta)
-    codec = cfg.codec or meta.get("codec")
-    if not codec:
-        raise UserError(f"checkpoint {cfg.ckpt}: its meta names no codec; pass --codec=<Hub id or local folder>")
-    # only what encodes or decodes text needs the text encoding: audio from a text+audio model runs without it
-    text_encoding = layout.text_encoding if cfg.text or cfg.transcribe else ""
-    if text_encoding:
-        with user_errors(f" (needed for --{'text' if cfg.text else 'transcribe'})"):
-            load_text_encoding(text_encoding)  # its own error first (tiktoken keeps it loaded for load_codec)
-    hint = "" if cfg.codec else (" (the codec the checkpoint was trained with; pass --codec=<Hub id, or a folder with "
-                                 "config.json + pytorch_model.bin> to use a copy of it)")
-    with user_errors(hint):
-        tok = load_codec(codec, device=device, text_encoding=text_encoding)
-    # the prompt's and the samples' ids are the codec's: they must be the ones the model was trained on
-    with user_errors("; pass the checkpoint's codec with --codec"):
-        ours = f"codec {codec}" + (f" + text encoding '{text_encoding}'" if text_encoding else "")
-        # without its text encoding a text+audio model's codes are still checked, and its own layout is taken
-        audio_only = bool(layout.text_encoding) and not text_encoding
-        check_compatible(meta, tok.meta(), f"checkpoint {cfg.ckpt}", ours, CODEC_KEYS if audio_only else LAYOUT_KEYS)
-        if audio_only:
-            tok.layout = layout  # with text, audio ids come after the text ids
-    tok.noise_seed = cfg.seed  # SNAC's decoder adds noise: seeded, so the same seed writes the same WAV bytes
-    model = GPT.from_checkpoint(ckpt).to(device).eval()
-    if dtype != "float32":
-        model = model.to(getattr(torch, dtype))  # inference only: half-precision weights, no per-step autocast casts
-    return model, tok
+        return speech.load_model(cfg.ckpt, cfg.codec, device, dtype, text_for, cfg.seed)
 
 
 def warm_up(model, tok: AudioTokenizer, cfg: GenerateConfig, chunk_frames: int) -> None:
@@ -230,22 +201,15 @@ def speech_context(text: str, tok: AudioTokenizer, block_size: int) -> torch.Ten
 
 def transcribe_files(cfg: GenerateConfig, model: GPT, tok: AudioTokenizer, device: str) -> None:
     """--transcribe: one line per file, `<file>: <text>`, the text the model writes after the file's audio."""
-    layout, fs, block_size = tok.layout, tok.layout.frame_size, model.config.block_size
-    text_ok = torch.from_numpy(tok.text_bytes > 0)
-    min_text = min(64, block_size // 4)  # text tokens the context must leave room for
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     for path in transcribe_paths(cfg):
         audio = load_prompt(path, tok, 0.0, kind="transcribe")
-        fit = (block_size - len(layout.transcript_context(np.zeros(0, np.int64))) - min_text) // fs * fs
-        if len(audio) > fit:  # the window must not slide, or the model would lose the audio it transcribes
-            audio = audio[:fit]
-            print(f"warning: transcribe {path}: longer than the model's context ({block_size} tokens); "
-                  f"transcribing its first {fit // fs * tok.frame_hop / tok.sample_rate:.2f} s", file=sys.stderr,
-                  flush=True)
-        max_tokens = block_size - len(layout.transcript_context(audio.numpy()))
-        ids = transcribe(model, layout, audio, max_tokens, text_ok, temperature=cfg.text_temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-        text = " ".join(tok.decode_text(ids).split())
+        text, heard = transcribe_tokens(model, tok, audio, temperature=cfg.text_temperature, top_k=cfg.top_k,
+                                        top_p=cfg.top_p, generator=generator)
+        if heard < len(audio):
+            print(f"warning: transcribe {path}: longer than the model's context ({model.config.block_size} tokens); "
+                  f"transcribing its first {heard // tok.layout.frame_size * tok.frame_hop / tok.sample_rate:.2f} s",
+                  file=sys.stderr, flush=True)
         print(f"{path}: {text}", flush=True)
         if not text:
             print(f"note: transcribe {path}: the model wrote no text for it", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@
     logits, _ = model(token, kv_cache=cache)             # then one token a step (attends to the filled positions)
     logits, _ = model(token, kv_cache=cache, input_pos=pos)  # or with static shapes, for CUDA graphs (see forward)
     logits, _ = model(token, kv_cache=cache, input_pos=pos, attend=n)  # the same over cache positions 0..n-1 only
+    logits, _ = model(tokens, kv_cache=cache, input_pos=pos_bt)  # pos_bt (B, T): each row at its own positions
 """
 from __future__ import annotations
 
@@ -75,6 +76,14 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Batch rows start..stop-1 of this cache, as views (what is written there lands here), with pos 0: a
+        batched server prefills one row, or steps the first few, through them."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.max_len, view.pos = self.max_len, 0
+        return view
+
 
 class CausalSelfAttention(nn.Module):
 
@@ -101,8 +110,13 @@ class CausalSelfAttention(nn.Module):
             # static shapes: new keys written by index, attention over the mask's L cache positions (all max_len,
             # or the first `attend`), the mask hiding the ones not written yet and the causal future
             L = mask.size(-1)
-            k = kv_cache.k[layer].index_copy_(2, input_pos, k)[:, :, :L]  # (B, nh, L, hs)
-            v = kv_cache.v[layer].index_copy_(2, input_pos, v)[:, :, :L]
+            if input_pos.dim() == 1:
+                k = kv_cache.k[layer].index_copy_(2, input_pos, k)[:, :, :L]  # (B, nh, L, hs)
+                v = kv_cache.v[layer].index_copy_(2, input_pos, v)[:, :, :L]
+            else:  # (B, T): each row at its own positions
+                where = input_pos[:, None, :, None].expand(B, self.n_head, T, C // self.n_head)
+                k = kv_cache.k[layer].scatter_(2, where, k)[:, :, :L]
+                v = kv_cache.v[layer].scatter_(2, where, v)[:, :, :L]
         elif kv_cache is not None:
             # dynamic shapes: attend to the positions filled so far only (the least memory to read on a CPU)
             pos, cache_k, cache_v = kv_cache.pos, kv_cache.k[layer], kv_cache.v[layer]  # (B, nh, max_len, hs)
@@ -121,7 +135,9 @@ class CausalSelfAttention(nn.Module):
             # cuBLAS spreads the keys over the chip (docs/benchmarks.md).
             # The scale and the mask are applied in the matmul's epilogue, softmax accumulates in float32
             hs = C // self.n_head
-            att = torch.baddbmm(mask[0], q.reshape(B * self.n_head, T, hs), k.flatten(0, 1).transpose(1, 2),
+            # one mask for every row (1, 1, T, L), or a row's own (B, 1, T, L) repeated over its heads
+            add = mask[0] if mask.size(0) == 1 else mask.expand(B, self.n_head, T, L).reshape(B * self.n_head, T, L)
+            att = torch.baddbmm(add, q.reshape(B * self.n_head, T, hs), k.flatten(0, 1).transpose(1, 2),
                                 alpha=1.0 / math.sqrt(hs))  # (B * nh, T, L)
             y = torch.bmm(att.softmax(dim=-1), v.flatten(0, 1)).view(B, self.n_head, T, hs)  # (B, nh, T, hs)
         else:
@@ -222,20 +238,21 @@ class GPT(nn.Module):
         With kv_cache, idx continues the kv_cache.pos positions filled so far, and attention reads just those.
         With kv_cache and input_pos, a (T,) tensor of positions on idx's device, idx is written at those positions
         and attention runs over the whole cache with a mask: every shape and every kernel is the same at any
-        position, so one step can be captured as a CUDA graph and replayed (kv_cache.pos is left alone). attend=L
+        position, so one step can be captured as a CUDA graph and replayed (kv_cache.pos is left alone); a (B, T)
+        input_pos puts each row at its own positions (rows of a batch that joined at different times). attend=L
         (>= the last position + 1) reads only the first L cache positions instead: on a CPU, where each byte read
         counts, with L a dynamic size of one compiled step; on CUDA, a graph captured per L.
         """
         B, T = idx.size()
         mask = None
         if input_pos is not None:
-            assert kv_cache is not None and input_pos.shape == (T,), f"input_pos {tuple(input_pos.shape)}, T {T}"
+            assert kv_cache is not None and input_pos.shape in ((T,), (B, T)), f"input_pos {tuple(input_pos.shape)}"
             pos = input_pos
-            # additive mask (1, 1, T, L): query at position p sees the cached positions 0..p
+            # additive mask (1, 1, T, L), or (B, 1, T, L) per row: query at position p sees the cached positions 0..p
             L = attend or kv_cache.max_len
-            seen = torch.arange(L, device=idx.device)[None, :] <= input_pos[:, None]  # (T, L)
+            seen = torch.arange(L, device=idx.device) <= input_pos[..., None]  # (T, L) or (B, T, L)
             mask = torch.zeros(seen.shape, device=idx.device, dtype=kv_cache.k[0].dtype).masked_fill(~seen, -math.inf)
-            mask = mask[None, None]
+            mask = mask[None, None] if input_pos.dim() == 1 else mask[:, None]
         else:
             pos0 = kv_cache.pos if kv_cache is not None else 0
             if pos0 + T > self.config.block_size:

@@ -162,6 +162,28 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return (probs / e).argmax(dim=-1, keepdim=True)
 
 
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                uniform: torch.Tensor, filters: bool = True) -> torch.Tensor:
+    """sample_next with each row's own knobs, (B, 1) tensors (temperature 0 = greedy, top_k 0 and top_p 1 = off):
+    row by row the ids sample_next picks with that row's knobs and draws, with no read back to the host (a CUDA
+    graph holds it for any mix of requests). filters=False skips top-k and top-p (no row uses them): two sorts less.
+    """
+    greedy = logits.argmax(dim=-1, keepdim=True)
+    logits = logits / torch.where(temperature > 0, temperature, 1.0)
+    if filters:
+        # the k-th largest logit of each row, as topk's v[:, -1:] (k = 0: the row keeps all of them)
+        v = torch.sort(logits, dim=-1, descending=True).values
+        kth = v.gather(-1, (torch.where(top_k > 0, top_k, logits.size(-1)).clamp(max=logits.size(-1)) - 1))
+        logits = logits.masked_fill((logits < kth) & (top_k > 0), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if filters:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs > top_p) & (top_p < 1.0)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    e = uniform.clamp_min(torch.finfo(uniform.dtype).tiny).log_().neg_()
+    return torch.where(temperature > 0, (probs / e).argmax(dim=-1, keepdim=True), greedy)
+
+
 def decode_context(device_type: str) -> contextlib.AbstractContextManager:
     """What every model call of sampling runs under: the attention kernels it may use, and no autocast.
 

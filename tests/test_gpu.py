@@ -300,3 +300,32 @@ def test_export_on_cuda_matches_and_generates_frame_valid_ids(tmp_path):
     for row in out[:, context.shape[1]:].cpu():
         row = row[:int((row == end).nonzero()[0])] if (row == end).any() else row
         layout.tokens_to_codes(row)  # raises unless whole frames of the right levels
+
+
+# -----------------------------------------------------------------------------
+# continuous batching: a CUDA graph per batch-size bucket, each row as the request alone
+
+def test_batched_graph_rows_equal_each_request_alone(tok):
+    from batching import Scheduler, Stream, buckets
+    layout = tok.layout
+    model = cuda_gpt(layout, block_size=128)
+    sched = Scheduler(model, layout, max_batch=4)
+    sched.warm_up()
+    assert set(sched.graphs) == {(b, n) for b in buckets(4) for n in sched.lengths}
+    contexts = [torch.cat([torch.as_tensor(layout.audio_context()),
+                           torch.as_tensor(layout.frame_lo).repeat(k) + 7 * k]) for k in range(3)]
+    outs = [[] for _ in contexts]
+    knobs = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.9, 40, 0.95)]
+    for k, c in enumerate(contexts):  # joining one step apart: buckets 1, 2 and 4 all run
+        sched.submit(Stream(c, 30, outs[k].append, *knobs[k], seed=k))
+        sched.admit()
+        sched.step()
+    while sched.active:
+        sched.step()
+    for k, c in enumerate(contexts):
+        gen = torch.Generator(device="cuda").manual_seed(k)
+        want = torch.cat(list(sampling.sample_frames(model, layout, None, 30, temperature=knobs[k][0],
+                                                     top_k=knobs[k][1], top_p=knobs[k][2], generator=gen,
+                                                     context=c, decode="static")))
+        got = torch.stack(outs[k][:-1]).to(want.device)
+        assert outs[k][-1] is None and torch.equal(got, want), k
