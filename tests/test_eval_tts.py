@@ -174,6 +174,7 @@ def test_speak_with_and_without_a_reference(text_model, text_tok):
         speak(text_model, tok, "word " * 300, max_seconds=0.5)
 
 
+@pytest.mark.slow
 def test_eval_tts_end_to_end(ckpt, whisper_dir, sv_dir, text_tok, tmp_path):
     lst = seedtts_list(tmp_path / "seedtts")
     out = tmp_path / "eval"
@@ -242,6 +243,7 @@ def test_eval_tts_errors_are_one_line(ckpt, tok, codec_dir, tmp_path):
     assert_one_line_error(r, "trained on audio only", "text+audio")
 
 
+@pytest.mark.slow
 def test_eval_asr_during_training_logs_wer(whisper_dir, sv_dir, text_tok, codec_dir, tmp_path):
     """train.py's eval_asr: each eval speaks the rows, and log.jsonl and report.html carry their WER (and SIM)."""
     data = tmp_path / "data"
