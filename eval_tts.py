@@ -45,6 +45,7 @@ class EvalConfig:
     audio_root: str = ""  # LibriSpeech-PC: the test-clean folder (<spk>/<chapter>/<utt>.flac); "" = the list's
     asr: str = DEFAULT_ASR  # Hub id or local folder of a Whisper (or other transformers ASR) model
     language: str = "en"  # the ASR's language (multilingual Whisper); the normaliser is English
+    asr_beams: int = 1  # the ASR's beam search: 1 = greedy, as Seed-TTS-eval; F5-TTS's faster-whisper uses 5
     sv: str = DEFAULT_SV  # Hub id or local folder of a speaker-verification model (WavLM x-vectors); "" = no SIM
     utmos: bool = True  # UTMOS where the utmosv2 package is installed (skipped with a note where it is not)
     ceiling: bool = True  # the same figures on the reference audio after a codec encode/decode round trip
@@ -74,6 +75,7 @@ def check_config(cfg: EvalConfig) -> None:
     if not 0 < cfg.max_seconds <= 600:
         raise UserError(f"max_seconds={cfg.max_seconds}: must be > 0 and at most 600")
     for key, ok, rule in (("max_rows", cfg.max_rows >= 0, ">= 0 (0 = all)"),
+                          ("asr_beams", 1 <= cfg.asr_beams <= 16, "in 1 .. 16 (1 = greedy)"),
                           ("temperature", cfg.temperature >= 0, ">= 0 (0 = greedy)"),
                           ("top_k", cfg.top_k >= 0, ">= 0 (0 = off)"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
                           ("seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32)")):
@@ -117,7 +119,7 @@ def load_scorers(cfg: EvalConfig, device: str) -> tuple[Asr, SpeakerEmbedder | N
         if source and not is_local_or_cached(source):
             print(f"downloading the {what} model {source} into the Hugging Face cache (once)", flush=True)
     with user_errors():
-        asr = Asr(cfg.asr, device, cfg.language)
+        asr = Asr(cfg.asr, device, cfg.language, cfg.asr_beams)
         sv = SpeakerEmbedder(cfg.sv, device) if cfg.sv else None
     utmos = None
     if cfg.utmos:
@@ -236,8 +238,8 @@ def main() -> None:
     rows_per_minute = len(results) / wall * 60
     write_json(os.path.join(cfg.out_dir, "eval.json"), {
         "ckpt": cfg.ckpt, "list": cfg.list, "format": fmt, "config": dataclasses.asdict(cfg),
-        "models": {"asr": cfg.asr, "sv": cfg.sv or None, "utmos": "utmosv2" if utmos else None,
-                   "normaliser": norm.name, "codec": tok.name, "device": device},
+        "models": {"asr": cfg.asr, "asr_beams": cfg.asr_beams, "sv": cfg.sv or None,
+                   "utmos": "utmosv2" if utmos else None, "normaliser": norm.name, "codec": tok.name, "device": device},
         "notes": notes, "summary": summary, "rows": results, "bad_rows": bad,
         "wall_s": wall, "rows_per_minute": rows_per_minute})
     print_table(summary, rows_per_minute)

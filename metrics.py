@@ -84,9 +84,10 @@ def load_failed(what: str, source: str, flag: str, e: Exception) -> ValueError:
 
 class Asr:
     """Speech -> text with transformers' automatic-speech-recognition pipeline (a Whisper model, or any CTC or
-    seq2seq ASR model it runs). language is passed to multilingual Whisper models only."""
+    seq2seq ASR model it runs). language is passed to multilingual Whisper models only; beams to seq2seq models
+    (1, greedy, as Seed-TTS-eval decodes; the pipeline's own default is 5, as F5-TTS's faster-whisper)."""
 
-    def __init__(self, source: str = DEFAULT_ASR, device: str = "cpu", language: str = "en"):
+    def __init__(self, source: str = DEFAULT_ASR, device: str = "cpu", language: str = "en", beams: int = 1):
         quiet_transformers()
         from transformers import pipeline
         try:
@@ -98,6 +99,8 @@ class Asr:
         gen = getattr(self.pipe.model, "generation_config", None)
         multilingual = bool(getattr(gen, "lang_to_id", None)) and getattr(gen, "is_multilingual", True)
         self.generate_kwargs = {"language": language, "task": "transcribe"} if multilingual and language else {}
+        if getattr(self.pipe.model.config, "is_encoder_decoder", False):
+            self.generate_kwargs["num_beams"] = beams
         # Whisper's tokenizer files carry the normaliser's spelling map
         self.spelling = getattr(self.pipe.tokenizer, "english_spelling_normalizer", None) or None
 

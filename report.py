@@ -49,7 +49,7 @@ def list_samples(out_dir: str) -> dict[int, list[str]]:
 
 NUMBERS = ("loss", "lr", "ms", "tok_s", "mfu", "val_loss", "val_bps", "val_audio_loss", "val_text_loss",
            "val_text_bpb", "sample_s", "eval_wer", "eval_cer",
-           "eval_sim")  # the figures a row may hold (mfu may be null: no figure)
+           "eval_sim", "asr_s")  # the figures a row may hold (mfu may be null: no figure)
 
 
 def read_log(path: str, warnings: list[str] | None = None) -> list[dict]:

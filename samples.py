@@ -94,7 +94,7 @@ class EvalSamples:
         self.cost = time.perf_counter() - t0
         self.spent += self.cost
         said = "".join(f" | {k[5:].upper()} {v * 100:.1f}%" if k != "eval_sim" else f" | SIM {v:.3f}"
-                       for k, v in figures.items())
+                       for k, v in figures.items() if k.startswith("eval_"))
         print(f"iter {it} | samples {len(paths)} x {self.seconds:g} s in {self.cost:.1f} s -> "
               f"{os.path.join(self.out_dir, 'samples')}{said}", flush=True)
         return {"sample_s": self.cost, **figures}
@@ -156,7 +156,7 @@ class EvalSamples:
         from metrics import error_rates, similarity
         tok, (asr, sv, norm) = self.tok, self.scorers
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        was_training, paths, scores = model.training, [], []
+        was_training, paths, scores, scoring = model.training, [], [], 0.0
         model.eval()
         try:
             for i, row in enumerate(self.rows):
@@ -164,14 +164,17 @@ class EvalSamples:
                 ref_tokens = audio_tokens(tok, *ref).to(self.device) if ref else None
                 audio = speak(model, tok, row.text, ref_tokens, row.ref_text, self.seconds, generator=generator)
                 paths.append(self.save(sample_path(self.out_dir, it, f"tts{i}"), audio, tok.sample_rate))
+                t0 = time.perf_counter()
                 rates = error_rates(row.text, asr(audio, tok.sample_rate), norm)
                 if sv is not None and ref is not None:
                     rates["sim"] = similarity(sv(audio, tok.sample_rate), sv(*ref))
+                scoring += time.perf_counter() - t0
                 scores.append(rates)
         finally:
             model.train(was_training)
         keys = [k for k in ("wer", "cer", "sim") if any(k in r for r in scores)]
-        return paths, {f"eval_{k}": sum(r[k] for r in scores if k in r) / sum(k in r for r in scores) for k in keys}
+        means = {f"eval_{k}": sum(r[k] for r in scores if k in r) / sum(k in r for r in scores) for k in keys}
+        return paths, {**means, "asr_s": scoring}  # asr_s: the scoring's share of sample_s
 
     @staticmethod
     def save(path: str, audio, sample_rate: int) -> str:
