@@ -53,8 +53,8 @@ class EvalConfig:
     max_rows: int = 0  # evaluate the first N good rows; 0 = all
     max_seconds: float = 20.0  # audio per row at most (the model ends its audio earlier)
     temperature: float = 1.0  # audio sampling, as generate.py's
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 0  # keep only the k most likely codes; 0 = off
+    top_p: float = 1.0  # nucleus sampling; 1 = off
     seed: int = 1337  # one generator for the whole list: the same seed, the same audio
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (the model, the codec, the ASR and SV models)
     dtype: str = "auto"  # the model's weights: auto, float32, bfloat16, float16

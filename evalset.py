@@ -149,19 +149,20 @@ def voice_context(tok: AudioTokenizer, text: str, ref_tokens: torch.Tensor | Non
 def speak(model, tok: AudioTokenizer, text: str, ref_tokens: torch.Tensor | None = None, ref_text: str = "",
           max_seconds: float = 20.0, **kwargs) -> np.ndarray:
     """The model's speech for text (float32 at tok.sample_rate), until it ends its audio or max_seconds, within
-    its context (no sliding window, which would drop the text). kwargs: sample_frames' (temperature, top_k, top_p,
-    generator, decode). A text too long for the context is a ValueError."""
+    its context (no sliding window, which would drop the text; a reference that leaves too little room keeps its
+    last frames). kwargs: sample_frames' (temperature, top_k, top_p, generator, decode). A text too long for the
+    context is a ValueError."""
     fs, hop, block = tok.layout.frame_size, tok.frame_hop, model.config.block_size
     context, prompt = voice_context(tok, text, ref_tokens, ref_text)
-    if prompt is not None:  # the reference may use at most half of what the text leaves
-        keep = max(1, (block - len(context)) // 2 // fs)
-        prompt = prompt[-keep * fs:]
-    p_len = 0 if prompt is None else len(prompt)
-    room = (block - len(context) - p_len) // fs
+    room = (block - len(context)) // fs  # frames the text leaves
     if room < 2:
         raise ValueError(f"{len(context) - 4} text tokens leave no room for audio in the model's context of "
                          f"{block} tokens")
-    n_frames = min(room, max(1, round(max_seconds * tok.sample_rate / hop)))
+    wanted = max(1, round(max_seconds * tok.sample_rate / hop))
+    if prompt is not None:  # the reference keeps its last frames that leave max_seconds (or half the room) to speak
+        prompt = prompt[-(room - min(wanted, room // 2)) * fs:]
+        room -= len(prompt) // fs
+    n_frames = min(room, wanted)
     device = model.lm_head.weight.device
     frames = list(sample_frames(model, tok.layout, None if prompt is None else prompt.to(device), n_frames,
                                 context=context, **kwargs))
@@ -169,7 +170,8 @@ def speak(model, tok: AudioTokenizer, text: str, ref_tokens: torch.Tensor | None
     p = torch.zeros(0, dtype=torch.long) if prompt is None else prompt
     # decoded after the reference, so the codec sees the frames before the first new one
     tokens = torch.cat([p.to(generated.device)[None], generated], dim=1)
-    audio = decode_in_chunks(tok, tokens)[0, p_len // fs * hop:(p_len // fs + int(kept[0])) * hop]
+    start = len(p) // fs * hop
+    audio = decode_in_chunks(tok, tokens)[0, start:start + int(kept[0]) * hop]
     return audio.cpu().numpy()
 
 
