@@ -107,6 +107,8 @@ class Asr:
     @torch.no_grad()
     def __call__(self, audio: np.ndarray, sample_rate: int) -> str:
         wav = to_mono(audio, sample_rate, self.rate)
+        if not len(wav):  # a model that ended its audio at once said nothing
+            return ""
         kwargs = {"generate_kwargs": self.generate_kwargs} if self.generate_kwargs else {}
         return str(self.pipe({"raw": wav, "sampling_rate": self.rate}, **kwargs)["text"]).strip()
 
@@ -129,6 +131,7 @@ class SpeakerEmbedder:
     @torch.no_grad()
     def __call__(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
         wav = to_mono(audio, sample_rate, self.rate)
+        wav = np.pad(wav, (0, max(0, self.rate // 4 - len(wav))))  # the convolutions need a few frames: pad silence
         inputs = self.features(wav, sampling_rate=self.rate, return_tensors="pt").to(self.device)
         emb = self.model(**inputs).embeddings[0].float()  # (xvector_output_dim,)
         return torch.nn.functional.normalize(emb, dim=0).cpu()
@@ -146,12 +149,15 @@ class Utmos:
         try:
             import utmosv2
         except ImportError:
-            raise ValueError("UTMOS: the utmosv2 package is not installed (pip install utmosv2), or pass "
-                             "--utmos=False") from None
+            raise ValueError("UTMOS: the utmosv2 package is not installed (UTMOSv2 from its repository, or "
+                             "pip install hyperion-utmosv2); or pass --utmos=False") from None
         try:
             self.model = utmosv2.create_model(pretrained=True, device=device)
-        except Exception as e:
-            raise load_failed("UTMOS model", "utmosv2", "--utmos", e) from None
+        except Exception as e:  # its weights download on first use
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"UTMOS: utmosv2 cannot load its model ({type(e).__name__}: {first}); run it once "
+                             "with internet to fetch its weights, or pass --utmos=False") from None
 
     def __call__(self, audio: np.ndarray, sample_rate: int) -> float:
-        return float(self.model.predict(data=to_mono(audio, sample_rate, MODEL_RATE), sr=MODEL_RATE))
+        mos = self.model.predict(data=to_mono(audio, sample_rate, MODEL_RATE), sr=MODEL_RATE, verbose=False)
+        return float(np.asarray(mos).reshape(-1)[0])

@@ -87,9 +87,10 @@ class EvalSamples:
                 return {}
             if self.rows and self.scorers is None and not self.load_scorers():
                 return {}
+            from codec import BadAudio
             try:
                 paths, figures = self.speak(model, it) if self.rows else (self.write(model, it), {})
-            except ValueError as e:  # a model that cannot sample (a context shorter than 2 frames)
+            except (ValueError, BadAudio) as e:  # a model that cannot sample, a row's reference that cannot be read
                 return self.off(str(e))
         self.cost = time.perf_counter() - t0
         self.spent += self.cost
@@ -174,7 +175,7 @@ class EvalSamples:
             model.train(was_training)
         keys = [k for k in ("wer", "cer", "sim") if any(k in r for r in scores)]
         means = {f"eval_{k}": sum(r[k] for r in scores if k in r) / sum(k in r for r in scores) for k in keys}
-        return paths, {**means, "asr_s": scoring}  # asr_s: the scoring's share of sample_s
+        return paths, {**means, "asr_s": scoring}  # asr_s: the seconds of sample_s spent scoring
 
     @staticmethod
     def save(path: str, audio, sample_rate: int) -> str:

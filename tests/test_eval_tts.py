@@ -96,6 +96,7 @@ def test_sim_of_a_clip_with_itself_is_one(sv_dir):
     assert similarity(ea, sv(a, 24000)) == pytest.approx(1.0, abs=1e-5)
     assert similarity(ea, sv(b, 24000)) < 1 - 1e-4
     assert similarity(ea, -ea) == pytest.approx(-1.0, abs=1e-5)
+    assert sv(a[:10], 24000).shape == (16,)  # a clip shorter than the convolutions' window still has an embedding
 
 
 def test_asr_transcribes_offline_and_names_a_folder_it_cannot_load(whisper_dir, tmp_path):
@@ -104,6 +105,7 @@ def test_asr_transcribes_offline_and_names_a_folder_it_cannot_load(whisper_dir, 
     audio = synth_audio(1.0, 24000)
     text = asr(audio, 24000)
     assert isinstance(text, str) and text == asr(audio, 24000)  # greedy: the same text for the same audio
+    assert asr(audio[:0], 24000) == ""  # no audio, no words
     with pytest.raises(ValueError, match=f"ASR model {tmp_path}: cannot be loaded"):
         Asr(str(tmp_path))  # a folder with no model in it
 
