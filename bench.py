@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import fixtures
 import sampling
+from checkpoints import save_checkpoint
 from codec import load_codec
 from common import measure_matmul_flops
 from config import read_config_file
@@ -558,6 +559,81 @@ def bench_serve(quick: bool) -> None:
             proc.terminate()
             proc.wait(60)
 
+# --- eval ---------------------------------------------------------------------
+def bench_eval(quick: bool) -> None:
+    """eval_tts.py's rows per minute vs generating them alone, and the share of training time that eval_asr's
+    WER takes. Random models of real sizes: Whisper-large-v3's on CUDA, Whisper-tiny's on a CPU."""
+    import soundfile as sf
+    from evalset import SENTENCES, speak
+    from samples import SAMPLE_SHARE
+    from tokenizer import load_text_encoding
+    encoding = next((e for e in ("gpt2", "gpt2o_test") if _loads(load_text_encoding, e)), None)
+    if encoding is None:
+        print("eval: needs a text encoding: tiktoken's gpt2 (downloaded once), or the tests' offline one with "
+              "PYTHONPATH=tests/plugins; skipped", flush=True)
+        return
+    sizes, n_rows, seconds = (fixtures.WHISPER_LARGE_V3, 8, 5.0) if CUDA else \
+        (fixtures.WHISPER_TINY, 2, 1.0) if quick else (fixtures.WHISPER_TINY, 4, 3.0)
+    n_layer, n_embd, block = (8, 512, 1024) if CUDA or not quick else (2, 64, 512)  # configs/ljspeech.py's shape
+    with tempfile.TemporaryDirectory() as tmp:
+        codec = fixtures.save_random_snac(f"{tmp}/snac", fixtures.SNAC_24KHZ_CONFIG)
+        tok = load_codec(codec, DEVICE, text_encoding=encoding)
+        asr = fixtures.save_tiny_whisper(f"{tmp}/asr", sizes=sizes, max_length=32)  # a sentence's worth of tokens
+        sv = fixtures.save_tiny_wavlm_sv(f"{tmp}/sv", base=True)
+        model = fixtures.tiny_gpt(tok.layout.vocab_size, block, 0, n_embd, n_layer, n_head=n_layer)
+        ckpt = f"{tmp}/ckpt.pt"
+        save_checkpoint(ckpt, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                               "meta": {**tok.meta(), "codec": codec}, "iter_num": 0})
+        os.makedirs(f"{tmp}/list/wavs")
+        lines = []
+        for i, sentence in enumerate(SENTENCES[:n_rows]):  # Seed-TTS rows: with a voice, so SIM and the ceiling run
+            sf.write(f"{tmp}/list/wavs/{i}.wav", fixtures.synth_audio(2.0, 16000, seed=i), 16000)
+            lines.append(f"r{i}|{SENTENCES[-1 - i].text}|wavs/{i}.wav|{sentence.text}")
+        with open(f"{tmp}/list/meta.lst", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        r = subprocess.run([sys.executable, f"{ROOT}/eval_tts.py", f"--ckpt={ckpt}", f"--list={tmp}/list/meta.lst",
+                            f"--out_dir={tmp}/eval", f"--asr={asr}", f"--sv={sv}", f"--max_seconds={seconds}",
+                            f"--device={DEVICE}", "--utmos=False"], cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"error: eval_tts.py failed: {r.stderr[-2000:]}")
+        with open(f"{tmp}/eval/eval.json") as f:
+            ours = json.load(f)["rows_per_minute"]
+        model = model.to(DEVICE)
+        g = torch.Generator(DEVICE).manual_seed(0)
+        t0 = time.perf_counter()
+        for i, sentence in enumerate(SENTENCES[:n_rows]):  # the same rows, with the same voice prompts
+            wav = torch.from_numpy(tok.encode(fixtures.synth_audio(2.0, 16000, seed=i), 16000)).to(DEVICE)
+            speak(model, tok, sentence.text, wav, SENTENCES[-1 - i].text, max_seconds=seconds, generator=g)
+        sync()
+        base = n_rows / (time.perf_counter() - t0) * 60
+        row(f"eval_tts.py rows/min ({seconds:g} s each, + ASR, SV, ceiling) vs generating them alone", ours, base,
+            "rows/min")
+
+        # train.py with eval_asr: the scoring's time per eval against the training time between two evals
+        interval = 20 if quick else 100  # configs/tiny.py's eval_interval
+        fixtures.random_dataset(f"{tmp}/data", tok.layout, [200_000], [20_000], codec=codec)
+        r = subprocess.run([sys.executable, f"{ROOT}/train.py", f"{ROOT}/configs/tiny.py", f"--data_dir={tmp}/data",
+                            f"--out_dir={tmp}/out", f"--device={DEVICE}", f"--max_iters={interval}",
+                            f"--eval_interval={interval}", "--log_interval=1", f"--eval_asr={asr}",
+                            f"--eval_sv={sv}"], cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"error: train.py failed: {r.stderr[-2000:]}")
+        with open(f"{tmp}/out/log.jsonl") as f:
+            rows = list(map(json.loads, f))
+        step_s = np.median([x["ms"] for x in rows if "ms" in x and x["iter"] > 0]) / 1000
+        scoring = np.median([x["asr_s"] for x in rows if "asr_s" in x])
+        share = scoring / (interval * step_s)
+        row(f"eval_asr's WER of 2 spoken samples: share of {interval} training iterations (configs/tiny.py)",
+            share * 100, SAMPLE_SHARE * 100, "%", higher_is_better=False)
+
+
+def _loads(load, name: str) -> bool:
+    try:
+        load(name)
+        return True
+    except Exception:  # offline without the encoding's files
+        return False
+
 
 PARTS = {  # name: (function, what it compares)
     "tokenizer": (bench_tokenizer, "codes <-> tokens: the layout vs the seed's per-token loops"),
@@ -566,6 +642,7 @@ PARTS = {  # name: (function, what it compares)
     "train": (bench_train, "train.py vs a plain nanoGPT loop on the same model and data, MFU; FSDP vs DDP"),
     "gpt2": (bench_gpt2, "uint32 vs uint16 shards in train.py; fine-tuning from GPT-2 vs scratch (needs the Hub)"),
     "generate": (bench_generate, "KV cache vs recompute; decode vs weight-streaming bound and real time; codec"),
+    "eval": (bench_eval, "eval_tts.py rows/min vs generation alone; eval_asr's share of training time (budget 10%)"),
     "graphs": (bench_graphs, "CUDA only: graph/static/compile decode, batch 64, attention backends, long stream"),
     "serve": (bench_serve, "serve.py: 1-8 (64 on CUDA) concurrent clients vs serial, time to first audio, load run"),
     "all": (None, "every part"),

@@ -121,3 +121,72 @@ def nocache_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames:
         yield x[:, -fs:]
         if grammar.can_end and bool(grammar.ended(state).all()):
             return
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols byte-level BPE (GPT-2's, Whisper's) writes bytes as, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+WHISPER_SPECIALS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                    "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
+
+
+WHISPER_TINY = dict(d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
+                    decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536)  # openai/whisper-tiny's
+WHISPER_LARGE_V3 = dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
+                        decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120, num_mel_bins=128)
+
+
+def save_tiny_whisper(folder: str, seed: int = 0, sizes: dict | None = None, max_length: int = 12) -> str:
+    """A random-weight Whisper (1 + 1 layers of width 32, or `sizes`: WHISPER_TINY, WHISPER_LARGE_V3) with a
+    byte-level tokenizer of 256 symbols and a few merges, saved as the Hub ships one: transformers' ASR pipeline
+    loads the folder offline. Random weights never end a transcript: max_length tokens each."""
+    import transformers as tf
+    os.makedirs(folder, exist_ok=True)
+    symbols = _byte_symbols()
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    vocab = {s: i for i, s in enumerate(symbols)} | {a + b: 256 + i for i, (a, b) in enumerate(merges)}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = tf.WhisperTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                              unk_token=WHISPER_SPECIALS[0], bos_token=WHISPER_SPECIALS[0],
+                              eos_token=WHISPER_SPECIALS[0])
+    tok.add_special_tokens({"additional_special_tokens": list(WHISPER_SPECIALS[1:])})
+    ids = {s: tok.convert_tokens_to_ids(s) for s in WHISPER_SPECIALS}
+    end = ids["<|endoftext|>"]
+    special = dict(decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=end, pad_token_id=end,
+                   bos_token_id=end)
+    torch.manual_seed(seed)
+    sizes = sizes or dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    model = tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+        vocab_size=len(tok), **{"num_mel_bins": 80, **sizes}, max_target_positions=64, **special))
+    model.generation_config = tf.GenerationConfig(
+        **special, begin_suppress_tokens=[vocab["Ġ"]], max_length=max_length,
+        no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=True, lang_to_id={"<|en|>": ids["<|en|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]})
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    tf.WhisperFeatureExtractor(feature_size=model.config.num_mel_bins).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_wavlm_sv(folder: str, seed: int = 0, base: bool = False) -> str:
+    """A random-weight WavLM for speaker verification (x-vectors of 16; base=True: WavLM-base-plus-sv's sizes),
+    with its feature extractor."""
+    import transformers as tf
+    torch.manual_seed(seed)
+    model = tf.WavLMForXVector(tf.WavLMConfig(xvector_output_dim=512) if base else tf.WavLMConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(32, 32),
+        conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        tdnn_dim=(32, 32, 64), tdnn_kernel=(5, 3, 1), tdnn_dilation=(1, 2, 1), xvector_output_dim=16,
+        num_buckets=32, max_bucket_distance=100))
+    model.save_pretrained(folder)
+    tf.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True
+                                ).save_pretrained(folder)
+    return folder

@@ -48,7 +48,8 @@ def list_samples(out_dir: str) -> dict[int, list[str]]:
 # the report
 
 NUMBERS = ("loss", "lr", "ms", "tok_s", "mfu", "val_loss", "val_bps", "val_audio_loss", "val_text_loss",
-           "val_text_bpb", "sample_s")  # the figures a row may hold (mfu may be null: no figure)
+           "val_text_bpb", "sample_s", "eval_wer", "eval_cer",
+           "eval_sim", "asr_s")  # the figures a row may hold (mfu may be null: no figure)
 
 
 def read_log(path: str, warnings: list[str] | None = None) -> list[dict]:
@@ -140,6 +141,18 @@ def plots(train: list[dict], evals: list[dict], tokens_per_iter: int) -> list[tu
         k = float(np.mean(ratio)) * 1e3 * 100
         ax.secondary_yaxis("right", functions=(lambda t: t * k, lambda m: m / k)).set_ylabel("MFU %")
     out.append(("throughput and MFU", png(fig)))
+    if any(r.get("eval_wer") is not None for r in evals):  # train.py's eval_asr: the spoken samples' figures
+        fig, ax = axes("spoken samples: ASR error rates", "%")
+        for key in ("eval_wer", "eval_cer"):
+            its, rates = col(evals, key)
+            ax.plot(its, [x * 100 for x in rates], "o-", label=key[5:].upper(), ms=3)
+        its, sims = col(evals, "eval_sim")
+        if sims:  # a cosine, on its own scale on the right
+            right = ax.twinx()
+            right.plot(its, sims, "s--", color="C4", ms=3)
+            right.set_ylabel("SIM (dashed)")
+        ax.legend(fontsize=8)
+        out.append(("spoken samples: WER", png(fig)))
     return out
 
 
@@ -235,6 +248,11 @@ def build_report(out_dir: str, meta: dict | None = None) -> str:
         best = min(evals, key=lambda r: r["val_loss"])
         bps = f" ({best['val_bps']:.0f} bits/s)" if best.get("val_bps") is not None else ""
         summary.append(f"best val loss {best['val_loss']:.4f}{bps} at iteration {best['iter']:,}")
+        spoken = [r for r in evals if r.get("eval_wer") is not None]
+        if spoken:
+            sim = f", SIM {spoken[-1]['eval_sim']:.3f}" if spoken[-1].get("eval_sim") is not None else ""
+            summary.append(f"spoken samples: WER {spoken[-1]['eval_wer'] * 100:.1f}%{sim} at iteration "
+                           f"{spoken[-1]['iter']:,}")
     summary.append("updated " + time.strftime("%Y-%m-%d %H:%M:%S"))
 
     body = [f"<h1>gpt2o run: {html.escape(os.path.abspath(out_dir))}</h1>",

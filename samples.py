@@ -3,6 +3,11 @@
     samples = EvalSamples(out_dir, meta, n=2, seconds=5.0, device="cuda", seed=1337)   # rank 0 only
     row.update(samples(raw_model, iter_num, last=iter_num == max_iters))   # out_dir/samples/iter000500_uncond0.wav
     samples.report()                                       # then out_dir/report.html, in the same time budget
+    EvalSamples(..., asr="openai/whisper-large-v3", sv="", rows=read_list(path)[0])   # speak rows, log their WER
+
+With an ASR model (train.py's eval_asr) the samples of a text+audio dataset are rows spoken by the model (the first
+eval_samples rows of eval_list, or SENTENCES), and each eval logs their WER and CER (metrics.py), and their SIM to
+the row's reference voice when there is an SV model (eval_sv); the ASR's time counts in the samples' budget.
 
 The files are named and found by report.py (sample_path, list_samples), which renders them.
 """
@@ -42,10 +47,18 @@ class EvalSamples:
     and last evals never skip).
     """
 
-    def __init__(self, out_dir: str, meta: dict, n: int, seconds: float, device: str, seed: int, codec: str = ""):
+    def __init__(self, out_dir: str, meta: dict, n: int, seconds: float, device: str, seed: int, codec: str = "",
+                 asr: str = "", sv: str = "", rows: list | None = None):
         self.out_dir, self.meta, self.seconds, self.device, self.seed = out_dir, meta, seconds, device, seed
         self.codec = codec or meta.get("codec") or ""  # a Hub id or local folder; by default the dataset's
         self.specs = sample_specs(meta, n)
+        self.asr_source, self.sv_source = asr, sv
+        if asr and n:  # with an ASR model the samples are spoken rows, not unconditional audio
+            from evalset import SENTENCES
+            self.rows = (rows or SENTENCES)[:n]
+        else:
+            self.rows = []
+        self.scorers = None  # (Asr, SpeakerEmbedder or None, Normaliser), loaded at the first eval
         self.tok = None  # the codec, loaded at the first eval
         self.on = bool(self.specs)
         self.t_start, self.spent, self.cost, self.calls = time.perf_counter(), 0.0, 0.0, 0
@@ -72,15 +85,20 @@ class EvalSamples:
         with torch.random.fork_rng(devices=cuda):
             if self.tok is None and not self.load_codec():
                 return {}
+            if self.rows and self.scorers is None and not self.load_scorers():
+                return {}
+            from codec import BadAudio
             try:
-                paths = self.write(model, it)
-            except ValueError as e:  # a model that cannot sample (a context shorter than 2 frames)
+                paths, figures = self.speak(model, it) if self.rows else (self.write(model, it), {})
+            except (ValueError, BadAudio) as e:  # a model that cannot sample, a row's reference that cannot be read
                 return self.off(str(e))
         self.cost = time.perf_counter() - t0
         self.spent += self.cost
+        said = "".join(f" | {k[5:].upper()} {v * 100:.1f}%" if k != "eval_sim" else f" | SIM {v:.3f}"
+                       for k, v in figures.items() if k.startswith("eval_"))
         print(f"iter {it} | samples {len(paths)} x {self.seconds:g} s in {self.cost:.1f} s -> "
-              f"{os.path.join(self.out_dir, 'samples')}", flush=True)
-        return {"sample_s": self.cost}
+              f"{os.path.join(self.out_dir, 'samples')}{said}", flush=True)
+        return {"sample_s": self.cost, **figures}
 
     def report(self) -> None:
         """Rebuild report.html after an eval whose samples were due: its time counts in the same budget (drawing
@@ -101,8 +119,9 @@ class EvalSamples:
         """The codec, with the dataset's own layout; False (samples off, one warning) when it cannot decode them."""
         from codec import load_codec
         from tokenizer import Layout
-        try:
-            tok = load_codec(self.codec, device=self.device)
+        try:  # spoken rows need the text encoding; audio samples do not
+            tok = load_codec(self.codec, device=self.device, text_encoding=self.meta["text_encoding"] if self.rows
+                             else "")
         except ValueError as e:
             return bool(self.off(str(e)))
         # the samples are audio: the codec must make the dataset's codes (CODEC_KEYS), and their ids are the
@@ -119,9 +138,55 @@ class EvalSamples:
         self.tok = tok
         return True
 
+    def load_scorers(self) -> bool:
+        """The ASR (and SV) models; False (samples off, one warning) when one cannot be loaded."""
+        from metrics import Asr, Normaliser, SpeakerEmbedder
+        try:
+            asr = Asr(self.asr_source, self.device)
+            sv = SpeakerEmbedder(self.sv_source, self.device) if self.sv_source else None
+        except ValueError as e:
+            return bool(self.off(str(e)))
+        self.scorers = (asr, sv, Normaliser(asr.spelling))
+        return True
+
+    @torch.no_grad()
+    def speak(self, model: torch.nn.Module, it: int) -> tuple[list[str], dict[str, float]]:
+        """Speak each row, write it as a sample, and score it: ({"eval_wer", "eval_cer"[, "eval_sim"]} means)."""
+        from codec import read_audio
+        from evalset import audio_tokens, speak
+        from metrics import error_rates, similarity
+        tok, (asr, sv, norm) = self.tok, self.scorers
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        was_training, paths, scores, scoring = model.training, [], [], 0.0
+        model.eval()
+        try:
+            for i, row in enumerate(self.rows):
+                ref = read_audio(row.ref_wav) if row.ref_wav else None
+                ref_tokens = audio_tokens(tok, *ref).to(self.device) if ref else None
+                audio = speak(model, tok, row.text, ref_tokens, row.ref_text, self.seconds, generator=generator)
+                paths.append(self.save(sample_path(self.out_dir, it, f"tts{i}"), audio, tok.sample_rate))
+                t0 = time.perf_counter()
+                rates = error_rates(row.text, asr(audio, tok.sample_rate), norm)
+                if sv is not None and ref is not None:
+                    rates["sim"] = similarity(sv(audio, tok.sample_rate), sv(*ref))
+                scoring += time.perf_counter() - t0
+                scores.append(rates)
+        finally:
+            model.train(was_training)
+        keys = [k for k in ("wer", "cer", "sim") if any(k in r for r in scores)]
+        means = {f"eval_{k}": sum(r[k] for r in scores if k in r) / sum(k in r for r in scores) for k in keys}
+        return paths, {**means, "asr_s": scoring}  # asr_s: the seconds of sample_s spent scoring
+
+    @staticmethod
+    def save(path: str, audio, sample_rate: int) -> str:
+        import soundfile as sf
+        wav = io.BytesIO()  # encoded first: the write to disk is then plain bytes, with plain errors
+        sf.write(wav, audio, sample_rate, format="WAV", subtype="PCM_16")
+        atomic_write(path, lambda f: f.write(wav.getbuffer()), size=wav.getbuffer().nbytes)
+        return path
+
     @torch.no_grad()
     def write(self, model: torch.nn.Module, it: int) -> list[str]:
-        import soundfile as sf
         from sampling import decode_in_chunks, generate_tokens
         tok = self.tok
         n_frames = math.ceil(self.seconds * tok.sample_rate / tok.frame_hop)
@@ -140,11 +205,7 @@ class EvalSamples:
                 start = 0 if prompt is None else len(prompt)
                 audio = decode_in_chunks(tok, tokens[:, start:]).cpu().numpy()  # (B, n_frames * frame_hop)
                 for name, a in zip(names, audio):
-                    path = sample_path(self.out_dir, it, name)
-                    wav = io.BytesIO()  # encoded first: the write to disk is then plain bytes, with plain errors
-                    sf.write(wav, a, tok.sample_rate, format="WAV", subtype="PCM_16")
-                    atomic_write(path, lambda f: f.write(wav.getbuffer()), size=wav.getbuffer().nbytes)
-                    paths.append(path)
+                    paths.append(self.save(sample_path(self.out_dir, it, name), a, tok.sample_rate))
         finally:
             model.train(was_training)
         return paths

@@ -52,6 +52,9 @@ class TrainConfig:
     eval_samples: int = 2  # audio samples written to out_dir/samples/ at every eval (then report.html); 0 = off
     eval_sample_seconds: float = 5.0  # the length of each eval sample
     codec: str = ""  # decodes the eval samples: Hub id or local folder; "" = the one in the dataset's meta.json
+    eval_asr: str = ""  # an ASR model (Hub id or folder, e.g. openai/whisper-large-v3): log the WER of spoken samples
+    eval_sv: str = ""  # with eval_asr: a speaker-verification model for the SIM of rows with a reference voice
+    eval_list: str = ""  # with eval_asr: the rows to speak (as eval_tts.py's --list); "" = built-in sentences
     wandb_log: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "gpt2o"
     wandb_run_name: str = "run"
@@ -217,6 +220,27 @@ def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
     return dataclasses.replace(cfg, **arch), ckpt["model"]
 
 
+def eval_rows(cfg: TrainConfig, meta: dict) -> list | None:
+    """eval_asr's rows to speak (None: the built-in sentences), checked before training starts."""
+    if not cfg.eval_asr:
+        return None
+    if not meta.get("text_encoding"):
+        raise UserError(f"eval_asr={cfg.eval_asr}: {cfg.data_dir} holds audio only; spoken samples need a text+audio "
+                        "dataset (prepare_audio.py with transcripts), or drop eval_asr")
+    if not cfg.eval_list:
+        return None
+    from evalset import read_list
+    if not os.path.isfile(cfg.eval_list):
+        raise UserError(f"eval_list {cfg.eval_list}: not found (a list as eval_tts.py reads, or '' for the built-in "
+                        "sentences)")
+    rows, bad, fmt = read_list(cfg.eval_list)
+    for line in bad:
+        print(f"warning: {line}; skipped", file=sys.stderr, flush=True)
+    if not rows:
+        raise UserError(f"eval_list {cfg.eval_list}: no good row ({len(bad)} bad, said above; read as {fmt})")
+    return rows
+
+
 # a run's own files in out_dir (ckpt/ and best/: --fsdp's folders)
 RUN_FILES = ("ckpt.pt", "best.pt", "ckpt", "best", "log.jsonl", "config.json", "report.html", "samples")
 
@@ -256,6 +280,7 @@ def main() -> None:
     with user_errors():
         meta, streams = load_dataset(cfg.data_dir)
     train_data, val_data = streams["train"], streams["val"]
+    spoken_rows = eval_rows(cfg, meta)
     init_weights = None
     if cfg.init_from not in ("scratch", "resume"):  # fine-tune: the architecture comes with the weights
         cfg, init_weights = load_pretrained(cfg, meta)
@@ -398,7 +423,7 @@ def main() -> None:
         return losses
 
     samples = EvalSamples(cfg.out_dir, meta, cfg.eval_samples if master else 0, cfg.eval_sample_seconds, device,
-                          cfg.seed, cfg.codec)
+                          cfg.seed, cfg.codec, cfg.eval_asr, cfg.eval_sv, spoken_rows)
     t0, iters_timed = time.perf_counter(), 0
     while True:
         # eval + checkpoint (skipped right after a resume: that checkpoint was written after this very eval)

@@ -329,3 +329,25 @@ def test_batched_graph_rows_equal_each_request_alone(tok):
                                                      context=c, decode="static")))
         got = torch.stack(outs[k][:-1]).to(want.device)
         assert outs[k][-1] is None and torch.equal(got, want), k
+
+# eval_tts.py on CUDA: the model in bf16, the ASR and SV models on the GPU
+
+def test_eval_tts_on_cuda(text_tok, codec_dir, tmp_path):
+    import json
+    model = tiny_gpt(text_tok.layout.vocab_size, 192)
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint(ckpt, {"model": model.state_dict(), "model_args": asdict(model.config),
+                           "meta": {**text_tok.meta(), "codec": codec_dir}, "iter_num": 0})
+    (tmp_path / "wavs").mkdir()
+    sf.write(tmp_path / "wavs" / "a.wav", fixtures.synth_audio(1.0, 16000), 16000)
+    (tmp_path / "meta.lst").write_text("a|A prompt.|wavs/a.wav|The birch canoe slid.\n")
+    asr = fixtures.save_tiny_whisper(str(tmp_path / "asr"))
+    sv = fixtures.save_tiny_wavlm_sv(str(tmp_path / "sv"))
+    run_script("eval_tts.py", f"--ckpt={ckpt}", f"--list={tmp_path}/meta.lst", f"--out_dir={tmp_path}/eval",
+               f"--asr={asr}", f"--sv={sv}", "--max_seconds=1", "--device=cuda", "--transcribe=True",
+               env={"HF_HUB_OFFLINE": "1"}, check=True)
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["models"]["device"] == "cuda" and report["config"]["dtype"] == "auto"
+    row = report["rows"][0]
+    assert row["wer"] >= 0 and -1 <= row["sim"] <= 1 and row["ceiling"]["wer"] >= 0 and "model_asr" in row
+    print(f"eval_tts.py on {torch.cuda.get_device_name()}: {report['rows_per_minute']:.1f} rows/min")
