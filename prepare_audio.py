@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from chats import read_jsonl
 from codec import DEFAULT_CODEC, BadAudio, load_codec, read_audio, resampled_length, to_mono
 from common import (Dist, UserError, atomic_write, hold_out_dir_lock, pick_device, run_main, user_errors,
                     write_json)
@@ -270,6 +271,8 @@ def read_groups(ds: Dataset, sources: list[Source], folder: str, columns: Column
             yield from (Group(source, i, n, entry_path(folder, source, i, ds.kind), None) for i in range(n))
         elif ds.kind == "audio":
             yield Group(source, 0, 1, entry_path(folder, source, 0, ds.kind), [Item(-1, source.path)])
+        elif ds.kind == "chat":
+            yield Group(source, 0, 1, entry_path(folder, source, 0, ds.kind), chat_items(source))
         else:
             with user_errors():
                 path = fetch(ds, source, cfg.out_dir)
@@ -278,6 +281,30 @@ def read_groups(ds: Dataset, sources: list[Source], folder: str, columns: Column
             finally:
                 if ds.repo and not cfg.keep_downloads and os.path.exists(path):
                     os.remove(path)
+
+
+def chat_lines(source: Source) -> Iterator[tuple[int, list | None, str]]:
+    try:
+        yield from read_jsonl(source.path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source.name}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def chat_items(source: Source) -> list[Item]:
+    """A .jsonl file's items, one per audio turn of each conversation, in order; a line that cannot be read is one
+    bad item (its row: the line number), so it is reported and skipped as a bad row is."""
+    items = []
+    for n, turns, error in chat_lines(source):
+        if turns is None:
+            items.append(Item(n, None, error=error))
+        for turn in turns or ():
+            if turn.audio is not None:
+                kind, payload = turn.audio
+                missing = kind == "file" and not os.path.isfile(payload)
+                error = f"audio file {os.path.relpath(payload, os.path.dirname(source.path))}: not found" \
+                    if missing else ""
+                items.append(Item(n, None if missing else payload, error=error, codes=kind == "codes"))
+    return items
 
 
 def parquet_groups(path: str, source: Source, folder: str, columns: Columns) -> Iterator[Group]:
@@ -398,7 +425,7 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
             for j, item in enumerate(g.items or ()):
                 if item.error:
                     yield (g, item), None, {"status": "bad", "reason": item.error, "seconds": 0.0}
-                elif codes:  # cheap: done here
+                elif codes or item.codes:  # cheap: done here
                     yield (g, item), None, check_codes(item.payload, layout, hop / rate)
                 elif pool is None:
                     yield (g, item), decode_audio, (item.payload, rate, hop)
@@ -470,11 +497,13 @@ def report(group: Group, entry: dict, strict: bool) -> None:
 # shards
 
 
-def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]:
-    """Concatenate documents (source name, uint16 array with its BOUNDARY first) into {split}_000.bin, ... of
-    shard_tokens tokens each."""
+def write_split(out_dir: str, split: str, docs, shard_tokens: int, masked: bool = False) -> list[dict]:
+    """Concatenate documents (source name, uint16 array with its BOUNDARY first[, its uint8 loss mask]) into
+    {split}_000.bin, ... of shard_tokens tokens each; masked: each shard's loss mask beside it in
+    {split}_000.mask (one byte per token, 1 = the loss counts that target)."""
     shards: list[dict] = []
     parts: list[np.ndarray] = []
+    mask_parts: list[np.ndarray] = []
     sources: list[str] = []
     filled = 0
 
@@ -483,18 +512,25 @@ def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]
         name = f"{split}_{len(shards):03d}.bin"
         atomic_write(os.path.join(out_dir, name), lambda f: f.write(data.tobytes()), size=data.nbytes)
         shards.append({"file": name, "split": split, "tokens": int(len(data)), "sources": list(sources)})
+        if masked:
+            mask = np.concatenate(mask_parts).astype(np.uint8)
+            atomic_write(os.path.join(out_dir, name[:-4] + ".mask"), lambda f: f.write(mask.tobytes()),
+                         size=mask.nbytes)
+            shards[-1]["mask"] = name[:-4] + ".mask"
 
-    for rel, doc in docs:
+    for rel, doc, *mask in docs:
         pos = 0
         while pos < len(doc):
             take = min(len(doc) - pos, shard_tokens - filled)
             parts.append(doc[pos:pos + take])
+            if masked:
+                mask_parts.append(mask[0][pos:pos + take])
             if not sources or sources[-1] != rel:
                 sources.append(rel)
             pos, filled = pos + take, filled + take
             if filled == shard_tokens:
                 flush()
-                parts, sources, filled = [], [], 0
+                parts, mask_parts, sources, filled = [], [], [], 0
     if filled:
         flush()
     return shards
@@ -531,6 +567,72 @@ def select(cfg: PrepareConfig, ds: Dataset, folder: str) -> tuple[list[tuple[Sou
             kept.append((source, path, len(entry["status"])))
             i += 1
     return kept, skipped, count
+
+
+def assemble_chats(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: str) -> dict:
+    """assemble() for conversations: each usable .jsonl line is one document (Layout.conversation) with its loss
+    mask beside it; a line with a bad audio turn is skipped (it was warned about)."""
+    skipped: list[dict] = []
+
+    def conversations():  # (source name, ids, mask) of every usable conversation, in order
+        for source in ds.sources:
+            entry = load_entry(entry_path(folder, source, 0, ds.kind))
+            assert entry is not None, f"{source.name}: not cached after encoding"
+            ends, k = np.cumsum(entry["length"]), 0
+            for n, turns, error in chat_lines(source):
+                m = 1 if turns is None else sum(t.audio is not None for t in turns)
+                bad = [j for j in range(k, k + m) if entry["status"][j] != "ok"]
+                k += m
+                if bad:
+                    if collect:
+                        skipped.append({"file": source.name, "row": n, "reason": str(entry["reason"][bad[0]])})
+                    continue
+                built, j = [], k - m
+                for t in turns:
+                    audio = None
+                    if t.audio is not None:
+                        audio = entry["tokens"][ends[j] - entry["length"][j]:ends[j]].astype(np.int64) + \
+                            layout.audio_offset
+                        j += 1
+                    built.append((t.role, enc.encode_ordinary(t.text) if t.text else None, audio))
+                yield (source.name, float(entry["seconds"][k - m:k].sum()), *layout.conversation(built))
+
+    collect = True
+    n_usable = sum(1 for _ in conversations())
+    collect = False
+    if not n_usable:
+        raise UserError(f"dataset {cfg.dataset}: none of the conversations of its {len(ds.sources)} .jsonl files "
+                        "could be used (see the warnings above)")
+    if cfg.val_files and cfg.val_files >= n_usable:
+        raise UserError(f"val_files={cfg.val_files}: the dataset has only {n_usable} usable conversations, so "
+                        "nothing is left to train on; use a smaller --val_files (0 = no val split)")
+    if os.path.exists(os.path.join(cfg.out_dir, "meta.json")):
+        os.remove(os.path.join(cfg.out_dir, "meta.json"))  # the shards are about to change
+    splits, shards = {}, []
+    for split, start, stop in (("train", cfg.val_files, n_usable), ("val", 0, cfg.val_files)):
+        stats = {"tokens": 0, "seconds": 0.0, "files": 0, "paired": 0, "audio_tokens": 0, "text_tokens": 0,
+                 "assistant_tokens": 0}  # files: conversations
+
+        def docs():
+            for i, (name, seconds, ids, mask) in enumerate(conversations()):
+                if start <= i < stop:
+                    stats["tokens"] += len(ids)
+                    stats["seconds"] += seconds
+                    stats["files"] += 1
+                    stats["text_tokens"] += int((ids < layout.text_vocab).sum())
+                    stats["audio_tokens"] += int(((ids >= layout.audio_offset) & (ids < layout.boundary_id)).sum())
+                    stats["assistant_tokens"] += int(mask.sum())
+                    yield name, ids.astype(np.uint16), mask
+        shards += write_split(cfg.out_dir, split, docs(), cfg.shard_tokens, masked=True)
+        splits[split] = {**stats, "seconds": round(stats["seconds"], 3)}
+    keep = {s["file"] for s in shards} | {s["mask"] for s in shards}
+    for name in os.listdir(cfg.out_dir):  # shards of an earlier, bigger run
+        if re.fullmatch(r"(train|val)_\d{3,}\.(bin|mask)", name) and name not in keep:
+            os.remove(os.path.join(cfg.out_dir, name))
+    meta = {**tok.meta(), **layout.meta(), "dtype": "uint16", "dataset": cfg.dataset, "shards": shards,
+            "skipped": skipped, "splits": splits}
+    write_json(os.path.join(cfg.out_dir, "meta.json"), meta)
+    return meta
 
 
 def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: str, text_column: str) -> dict:
@@ -787,7 +889,10 @@ def main() -> None:
         if master:
             dist.barrier()
         # the cache holds audio-only-layout tokens (tok's); the shards the text+audio layout's
-        layout = Layout(tok.layout.vq_strides, tok.layout.codebook_size, *((enc.name, enc.n_vocab) if enc else ()))
+        if ds.kind == "chat" and enc is None:
+            raise UserError(f"dataset {cfg.dataset}: conversations need a text encoding; drop --text_encoding=none")
+        layout = Layout(tok.layout.vq_strides, tok.layout.codebook_size, *((enc.name, enc.n_vocab) if enc else ()),
+                        chat=ds.kind == "chat")
         if layout.vocab_size > 1 << 16:
             raise UserError(f"codec {cfg.codec} + text encoding {cfg.text_encoding}: vocab_size {layout.vocab_size} "
                             "does not fit the uint16 shards; use a smaller text encoding (gpt2, r50k_base, p50k_base)")
@@ -810,7 +915,8 @@ def main() -> None:
         if master:
             try:
                 t0 = time.perf_counter()
-                meta = assemble(cfg, tok, layout, enc, ds, folder, columns.text)
+                meta = assemble_chats(cfg, tok, layout, enc, ds, folder) if ds.kind == "chat" else \
+                    assemble(cfg, tok, layout, enc, ds, folder, columns.text)
                 clock["shards"] = time.perf_counter() - t0
             except UserError:
                 # nothing came of this run (no usable file, or --strict): leave no folder behind that it made

@@ -46,7 +46,7 @@ class Source:
 
 @dataclass
 class Dataset:
-    kind: str  # "audio" (a file is a document) or "parquet" (a row is a document)
+    kind: str  # "audio" (a file is a document), "parquet" (a row is one) or "chat" (a .jsonl line is one)
     sources: list[Source]
     root: str  # the local folder searched, or the Hub repo id
     repo: str = ""  # Hub dataset id when parquet files are downloaded one at a time
@@ -82,6 +82,9 @@ def local_dataset(root: str, exclude: str) -> Dataset:
     parquet = find_files(root, exclude, {"parquet"})
     if parquet:
         return Dataset("parquet", [source(rel) for rel in parquet], root)
+    chats = find_files(root, exclude, {"jsonl"})  # conversations, their audio files beside them (chats.py)
+    if chats:
+        return Dataset("chat", [source(rel) for rel in chats], root)
     return Dataset("audio", [source(rel) for rel in find_files(root, exclude, set(audio_extensions()))], root)
 
 
@@ -224,6 +227,7 @@ class Item:
     text: str | None = None  # its transcript, if the dataset has them
     error: str = ""  # why it cannot be used, known before decoding
     speaker: str | None = None  # who speaks it, if the dataset says (a speaker column)
+    codes: bool = False  # the payload is SNAC codes (a conversation's turn may hold codes among audio files)
 
 
 def rows_to_items(table, columns: Columns, first: int) -> list[Item]:
