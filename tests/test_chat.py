@@ -198,3 +198,121 @@ def test_loss_ignores_user_turns(chats_prepared, chat_layout):
     text = chat_layout.n_levels
     assert abs(row["val_text_loss"] - float(ce[groups == text].mean())) < 1e-4
     assert abs(row["val_audio_loss"] - float(ce[groups < text].mean())) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning for chat: a text+audio checkpoint grows the role rows and learns to answer spoken questions
+
+SMALL_CB = 32
+WORDS = "the woman Holmes mistake data facts observe love mind machine reasoning world capital theories eyes name"
+
+
+def test_added_rows_rule(chat_layout, text_tok, tok):
+    from dataclasses import asdict
+    from checkpoints import added_rows, grow_rows
+    from model import GPT, GPTConfig
+    text_meta, chat_meta = text_tok.layout.meta(), chat_layout.meta()
+    assert added_rows(text_meta, chat_meta) == 3 and added_rows(chat_meta, chat_meta) == 0
+    with pytest.raises(ValueError, match="layout snac-chat-v1 but the data has layout snac-text-audio-v1"):
+        added_rows(chat_meta, text_meta)  # a chat model on data without the role tokens: not the same ids
+    with pytest.raises(ValueError, match="layout"):
+        added_rows(tok.layout.meta(), chat_meta)  # audio-only ids are other ids
+    model = tiny_gpt(text_tok.layout.vocab_size)
+    n = text_tok.layout.vocab_size
+    state = grow_rows(model.state_dict(), n, n + 3)
+    wte, before = state["transformer.wte.weight"], model.state_dict()["transformer.wte.weight"][:n]
+    assert wte.shape[0] == model.config.padded_vocab_size and state["lm_head.weight"] is wte  # 12,800 rows
+    assert torch.equal(wte[:n], before) and torch.allclose(wte[n + 2], before.mean(0)) and not wte[n + 3:].any()
+    grown = GPT(GPTConfig(**{**asdict(model.config), "vocab_size": n + 3}))
+    grown.load_state_dict(state)  # loads into a model of the chat layout's vocab
+
+
+@pytest.mark.slow
+def test_tiny_chat_model_answers_spoken_questions(tmp_path_factory, tmp_path):
+    import sampling
+    from checkpoints import load_checkpoint
+    from codec import load_codec
+    from conftest import SNAC_24KHZ_CONFIG, run_script, save_random_snac
+    from model import GPT
+    from test_text import save_model
+    codec = save_random_snac(str(tmp_path_factory.mktemp("snac_small")), {
+        **SNAC_24KHZ_CONFIG, "encoder_dim": 8, "decoder_dim": 16, "codebook_size": SMALL_CB, "noise": False})
+    tok = load_codec(codec, text_encoding=TEXT_ENCODING)
+    enc, lo = tok.text, tok.layout.frame_levels * SMALL_CB  # codes of the audio-only layout: level * cb + code
+    rng = np.random.default_rng(0)
+    qa = []
+    while len(qa) < 12:
+        answer = " ".join(rng.choice(WORDS.split(), size=2, replace=False))
+        ids = enc.encode_ordinary(answer)
+        if len(ids) <= 4 and answer not in [a for _, a, _ in qa]:
+            question = (rng.integers(0, SMALL_CB, (2, 7)) + lo).reshape(-1).tolist()  # 2 frames of its own
+            speech = (np.stack([np.random.default_rng(1000 + t).integers(0, SMALL_CB, 7) for t in ids]) + lo)
+            qa.append((question, answer, speech.reshape(-1).tolist()))
+    src = tmp_path / "chats"
+    src.mkdir()
+    lines = [{"messages": [{"role": "user", "audio": {"codes": q}},
+                           {"role": "assistant", "text": a, "audio": {"codes": s}}]} for q, a, s in qa]
+    order = [i for r in range(15) for i in np.random.default_rng(r).permutation(len(lines))]
+    (src / "train.jsonl").write_text("\n".join(json.dumps(lines[i]) for i in [0, *order]) + "\n")
+    data = tmp_path / "data"
+    r = run_prepare(f"--dataset={src}", f"--codec={codec}", f"--out_dir={data}", "--device=cpu",
+                    f"--text_encoding={TEXT_ENCODING}", "--val_files=1")
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(data / "meta.json"))
+    layout = Layout.from_meta(meta)
+    # the checkpoint to fine-tune: a text+audio model (no role tokens), as a TTS run leaves one
+    tts = save_model(str(tmp_path / "tts.pt"), tiny_gpt(tok.layout.vocab_size, block_size=96, n_embd=96), tok.meta())
+    out = tmp_path / "out"
+    r = run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", f"--init_from={tts}", "--device=cpu",
+                   "--compile=False", "--batch_size=16", "--gradient_accumulation_steps=1", "--learning_rate=3e-3",
+                   "--min_lr=3e-4", "--beta2=0.99", "--warmup_iters=20", "--max_iters=400", "--eval_interval=400",
+                   "--eval_iters=1", "--log_interval=200", "--eval_samples=0", "--dropout=0",
+                   env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "3 new token rows" in r.stdout
+    evals = [row for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val_loss" in row]
+    assert "val_text_loss" in evals[-1] and "val_audio_loss" in evals[-1]
+    text_ok = torch.from_numpy(tok.text_bytes > 0)
+
+    def answered(ckpt: dict) -> int:
+        model = GPT.from_checkpoint(ckpt).eval()
+        right = 0
+        for q, a, s in qa:
+            context = layout.chat_context([("user", None, np.array(q) + layout.audio_offset)])
+            text, audio = sampling.reply(model, layout, context, 8, 6, text_ok, temperature=0.0)
+            right += enc.decode(text) == a and audio.tolist() == (np.array(s) + layout.audio_offset).tolist()
+        return right
+
+    right = answered(load_checkpoint(str(out / "ckpt.pt")))
+    assert right >= 0.9 * len(qa), right
+    # the control: the checkpoint it started from, grown to the chat layout, answers none of them
+    start = load_checkpoint(tts)
+    from checkpoints import grow_rows
+    start = {**start, "model": grow_rows(start["model"], tok.layout.vocab_size, layout.vocab_size),
+             "model_args": {**start["model_args"], "vocab_size": layout.vocab_size}}
+    assert answered(start) < 0.9 * len(qa)
+    print(f"answered {right}/{len(qa)} held-in spoken questions (text and speech)")
+
+
+# -----------------------------------------------------------------------------
+# chat.py through a pipe
+
+def test_chat_cli_three_turns_through_a_pipe(tmp_path, chat_layout, text_tok):
+    from conftest import run_script
+    from test_text import save_model
+    meta = {**text_tok.meta(), **chat_layout.meta()}
+    ckpt = save_model(str(tmp_path / "chat.pt"), tiny_gpt(chat_layout.vocab_size, block_size=160), meta)
+    sf.write(tmp_path / "question.wav", synth_audio(0.4, 24000), 24000)
+    turns = f"Hello there.\n{tmp_path / 'question.wav'}\nThank you.\n"
+    out = tmp_path / "replies"
+    r = run_script("chat.py", f"--ckpt={ckpt}", "--device=cpu", f"--out_dir={out}", "--seconds=0.5",
+                   "--max_text=8", "--system=Be brief.", input=turns, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["reply_0.wav", "reply_1.wav", "reply_2.wav"]
+    for i in range(3):
+        assert sf.info(str(out / f"reply_{i}.wav")).frames % 2048 == 0
+    assert r.stdout.count("assistant:") == 3 and r.stdout.count("time to first audio") == 3
+    assert "note: the conversation fills the model's context" in r.stderr  # 160 tokens hold about two turns
+    plain = save_model(str(tmp_path / "tts.pt"), tiny_gpt(text_tok.layout.vocab_size), text_tok.meta())
+    r = run_script("chat.py", f"--ckpt={plain}", "--device=cpu", f"--out_dir={out}", input="Hi.\n")
+    assert_one_line_error(r, "no role tokens", "configs/chat.py")
