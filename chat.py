@@ -77,17 +77,6 @@ def user_turn(line: str, tok) -> tuple:
     return "user", tok.encode_text(line), None
 
 
-def fit(turns: list[tuple], layout: Layout, room: int, block_size: int) -> list[tuple]:
-    """The turns whose chat context leaves `room` tokens for the reply: the oldest whole turns leave first (a
-    system turn stays)."""
-    while len(turns) > 1 and len(layout.chat_context(turns)) + room > block_size:
-        drop = 1 if turns[0][0] == "system" and len(turns) > 2 else 0
-        turns = turns[:drop] + turns[drop + 1:]
-        print("note: the conversation fills the model's context; its oldest turn left it", file=sys.stderr,
-              flush=True)
-    return turns
-
-
 def main() -> None:
     with user_errors():
         cfg = parse_config(ChatConfig, sys.argv[1:], __doc__)
@@ -120,7 +109,11 @@ def main() -> None:
         turns.append(user_turn(line, tok))
         # room for the reply: its text, TEXT_END + AUDIO_START, and at least a second of speech
         want = cfg.max_text + 2 + min(n_frames, math.ceil(sr / hop)) * fs
-        turns = fit(turns, layout, want, block_size)
+        kept = layout.fit_turns(turns, want, block_size)
+        if len(kept) < len(turns):
+            print(f"note: the conversation fills the model's context; its oldest {len(turns) - len(kept)} turn(s) "
+                  "left it", file=sys.stderr, flush=True)
+        turns = kept
         context = torch.from_numpy(layout.chat_context(turns))
         text = write_text(model, layout, context, min(cfg.max_text, block_size - len(context) - 2 - fs), text_ok,
                           temperature=cfg.text_temperature, **knobs)

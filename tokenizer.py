@@ -319,6 +319,14 @@ class Layout:
         first, then (after TEXT_END, AUDIO_START) its speech."""
         return np.concatenate([self.conversation(turns)[0], [self.special("assistant"), self.special("text_start")]])
 
+    def fit_turns(self, turns: list[tuple], room: int, block_size: int) -> list[tuple]:
+        """The turns whose chat_context leaves `room` ids for a reply in a block_size context: the oldest whole
+        turns leave first; a system turn that opens the conversation stays."""
+        while len(turns) > 1 and len(self.chat_context(turns)) + room > block_size:
+            drop = 1 if turns[0][0] == "system" and len(turns) > 2 else 0
+            turns = turns[:drop] + turns[drop + 1:]
+        return turns
+
     def split_reply(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """The ids sampled after chat_context -> (text ids up to TEXT_END, audio ids between AUDIO_START and
         AUDIO_END, or up to the end; whole frames only)."""
