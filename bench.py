@@ -634,6 +634,52 @@ def _loads(load, name: str) -> bool:
     except Exception:  # offline without the encoding's files
         return False
 
+# --- chat ---------------------------------------------------------------------
+
+def bench_chat(quick: bool) -> None:
+    """chat.py's replies with configs/ljspeech.py's model in the chat layout, batch 1: the time to first audio (from
+    the end of the user's turn to the first decoded samples) vs the whole reply, its real-time factor, and a reply
+    once the conversation fills the context (oldest turns leaving) vs the first reply."""
+    layout = Layout((4, 2, 1), 4096, "gpt2", 50257, chat=True)  # GPT-2's BPE ids: no encoding is loaded
+    model = fixtures.tiny_gpt(layout.vocab_size, **model_args("ljspeech")).to(DEVICE, DTYPE)
+    with tempfile.TemporaryDirectory() as d:
+        tok = load_codec(fixtures.save_random_snac(d, fixtures.SNAC_24KHZ_CONFIG), DEVICE)
+    tok.layout = layout
+    n_frames = round((2 if quick else 4) * REAL_TIME / FS)  # the reply's speech
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def reply(turns: list[tuple]) -> tuple[float, float, int, np.ndarray]:
+        t0 = time.perf_counter()
+        context = torch.from_numpy(layout.chat_context(turns))
+        text = sampling.write_text(model, layout, context, 16, generator=g)
+        sp = layout.special_tokens
+        spoken = torch.cat([context, torch.tensor([*text, sp["text_end"], sp["audio_start"]])])
+        dec, first, frames = sampling.StreamDecoder(tok, 12), None, []
+        for frame in sampling.sample_frames(model, layout, None, n_frames, context=spoken, generator=g):
+            frames.append(frame)
+            if dec.push(frame) is not None and first is None:
+                sync()
+                first = time.perf_counter() - t0
+        dec.flush()
+        sync()
+        speech = torch.cat(frames, dim=1)[0].cpu().numpy()
+        return first or time.perf_counter() - t0, time.perf_counter() - t0, len(context), speech
+
+    turns: list[tuple] = [("system", np.arange(10), None)]
+    speeds = []
+    for turn in range(4 if quick else 8):
+        user = random_tokens(round(2 * REAL_TIME / FS), seed=turn).numpy() + layout.audio_offset  # 2 s spoken
+        turns = layout.fit_turns(turns + [("user", None, user)], 16 + 2 + n_frames * FS, model.config.block_size)
+        first, total, n_context, speech = reply(turns)
+        speeds.append((n_context, (len(speech) + 16) / total))
+        if turn == 0:
+            row(f"chat reply {n_frames * 2048 / 24000:.1f} s, 8L/512: time to first audio vs the whole reply", first,
+                total, "s", higher_is_better=False)
+            row("chat reply: audio seconds per second vs real time", n_frames * 2048 / 24000 / total, 1.0, "x")
+        turns.append(("assistant", np.arange(16), speech))
+    row(f"chat reply at turn {len(speeds)} (context {speeds[-1][0]} ids, sliding) vs turn 1 ({speeds[0][0]} ids)",
+        speeds[-1][1], speeds[0][1], "tokens/s")
+
 
 PARTS = {  # name: (function, what it compares)
     "tokenizer": (bench_tokenizer, "codes <-> tokens: the layout vs the seed's per-token loops"),
@@ -643,6 +689,7 @@ PARTS = {  # name: (function, what it compares)
     "gpt2": (bench_gpt2, "uint32 vs uint16 shards in train.py; fine-tuning from GPT-2 vs scratch (needs the Hub)"),
     "generate": (bench_generate, "KV cache vs recompute; decode vs weight-streaming bound and real time; codec"),
     "eval": (bench_eval, "eval_tts.py rows/min vs generation alone; eval_asr's share of training time (budget 10%)"),
+    "chat": (bench_chat, "chat.py's replies: time to first audio, real-time factor, speed as the context slides"),
     "graphs": (bench_graphs, "CUDA only: graph/static/compile decode, batch 64, attention backends, long stream"),
     "serve": (bench_serve, "serve.py: 1-8 (64 on CUDA) concurrent clients vs serial, time to first audio, load run"),
     "all": (None, "every part"),

@@ -34,6 +34,41 @@ def check_compatible(model_meta: dict, data_meta: dict, model: str = "the model"
             raise ValueError(f"{model} has {key} {model_meta.get(key)} but {data} has {key} {data_meta.get(key)}")
 
 
+def added_rows(model_meta: dict, data_meta: dict, model: str = "the model", data: str = "the data") -> int:
+    """check_compatible for fine-tuning: 0 when the ids are the same, or the number of embedding rows the model
+    must grow when the data's layout extends the model's (every id of the model keeps its meaning and the data
+    adds special tokens after them: the chat layout's role tokens over the text+audio layout). ValueError
+    otherwise, from check_compatible."""
+    mine, theirs = model_meta.get("special_tokens"), data_meta.get("special_tokens")
+    n_model, n_data = model_meta.get("vocab_size"), data_meta.get("vocab_size")
+    extends = isinstance(mine, dict) and isinstance(theirs, dict) and isinstance(n_model, int) and \
+        isinstance(n_data, int) and n_data > n_model and all(theirs.get(k) == v for k, v in mine.items()) and \
+        all(v >= n_model for k, v in theirs.items() if k not in mine) and model_meta.get("layout") != \
+        data_meta.get("layout")
+    if not extends:
+        check_compatible(model_meta, data_meta, model, data)
+        return 0
+    check_compatible(model_meta, data_meta, model, data, (*CODEC_KEYS, "text_encoding"))
+    return n_data - n_model
+
+
+def grow_rows(state: dict[str, torch.Tensor], vocab_size: int, new_vocab_size: int) -> dict[str, torch.Tensor]:
+    """The weights with token rows vocab_size .. new_vocab_size - 1 added to wte and lm_head (tied: one tensor),
+    each the mean of the real rows: a new token starts with an average logit, neither dominating nor absent. The
+    table keeps the model's padding to its padded_vocab_size (zero rows, never targets nor sampled)."""
+    from model import GPTConfig
+    wte = state["transformer.wte.weight"]
+    real = wte[:vocab_size]
+    rows = GPTConfig(vocab_size=new_vocab_size).padded_vocab_size
+    grown = torch.cat([real, real.mean(dim=0, keepdim=True).expand(new_vocab_size - vocab_size, -1),
+                       real.new_zeros(rows - new_vocab_size, real.shape[1])])
+    out = dict(state)
+    out["transformer.wte.weight"] = grown
+    if "lm_head.weight" in out:  # tied in every GPT of ours; a loaded dict may hold it as a second, equal tensor
+        out["lm_head.weight"] = grown
+    return out
+
+
 def tokenizer_meta(ckpt: dict, source: str) -> dict:
     """A checkpoint's record of what its ids mean (its "meta": codec, token layout); ValueError when it has none."""
     meta = ckpt.get("meta")

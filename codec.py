@@ -210,6 +210,7 @@ class AudioTokenizer:
     def __init__(self, codec, name: str, text=None):
         self.codec = codec.eval()
         self.noise = seed_decoder_noise(self.codec)
+        self.voices: tuple[str, ...] = ()  # a loaded model's trained speakers (speech.load_model)
         self.noise_seed = 0  # the decoder's noise derives from it (generate.py's --seed): same seed, same audio
         self.name = name  # Hub id or local folder it came from
         self.text = text  # a tiktoken Encoding, or None for the audio-only layout

@@ -35,28 +35,30 @@ def shard_dtype(vocab_size: int) -> str:
 class TokenStream:
     """The shards of one split as one stream of len(self) tokens; windows may cross shard ends."""
 
-    def __init__(self, paths: list[str], sizes: list[int], dtype: str = "uint16"):
+    def __init__(self, paths: list[str], sizes: list[int], dtype: str = "uint16", masks: list[str] | None = None):
         self.dtype = SHARD_DTYPES[dtype]
         keep = [i for i, n in enumerate(sizes) if n > 0]  # an empty file cannot be memory-mapped
         self.paths = [paths[i] for i in keep]
+        self.masks = [masks[i] for i in keep] if masks else None  # loss masks beside the shards (conversations)
         self.sizes = np.array([sizes[i] for i in keep], dtype=np.int64)
         self.ends = np.cumsum(self.sizes)
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
-    def read(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Windows [s, s+length) for each s in starts -> int64 (len(starts), length).
+    def read(self, starts: np.ndarray, length: int, mask: bool = False) -> np.ndarray:
+        """Windows [s, s+length) for each s in starts -> int64 (len(starts), length); mask: of the loss masks.
 
         The memmaps are opened per call and dropped after it, as in nanoGPT: a long-lived memmap keeps every page
         it ever touched mapped, so resident memory would grow towards the dataset size."""
+        paths, dtype = (self.masks, "u1") if mask else (self.paths, self.dtype)
         out = np.empty((len(starts), length), dtype=np.int64)
         maps: dict[int, np.memmap] = {}
         for row, start in enumerate(starts):
             i, pos = int(np.searchsorted(self.ends, start, side="right")), 0
             while pos < length:
                 if i not in maps:
-                    maps[i] = np.memmap(self.paths[i], dtype=self.dtype, mode="r")
+                    maps[i] = np.memmap(paths[i], dtype=dtype, mode="r")
                 offset = start + pos - (self.ends[i] - self.sizes[i])
                 take = int(min(length - pos, self.sizes[i] - offset))
                 out[row, pos:pos + take] = maps[i][offset:offset + take]
@@ -116,7 +118,14 @@ def load_dataset(data_dir: str) -> tuple[dict, dict[str, TokenStream]]:
                 raise ValueError(f"shard {p}: {os.path.getsize(p)} bytes, but meta.json says {s['tokens']} tokens "
                                 f"({width * int(s['tokens'])} bytes of {dtype}); the dataset is damaged, re-run "
                                 "prepare_audio.py")
-        streams[split] = TokenStream(paths, [int(s["tokens"]) for s in shards], dtype)
+        masks = [os.path.join(data_dir, str(s["mask"])) for s in shards if "mask" in s]
+        for s, p in zip(shards, masks):
+            if os.path.basename(p) != s["mask"] or not os.path.isfile(p) or os.path.getsize(p) != int(s["tokens"]):
+                raise ValueError(f"loss mask {p}: missing or not {s['tokens']} bytes (one per token of {s['file']}); "
+                                "the dataset is damaged, re-run prepare_audio.py")
+        if masks and len(masks) != len(shards):
+            raise ValueError(f"{meta_path}: only some {split} shards have a loss mask; re-run prepare_audio.py")
+        streams[split] = TokenStream(paths, [int(s["tokens"]) for s in shards], dtype, masks)
     return meta, streams
 
 
@@ -143,10 +152,14 @@ def get_batch(stream: TokenStream, starts: np.ndarray, block: int, device: str,
     if batch.max(initial=0) >= vocab_size:
         raise ValueError(f"token id {batch.max()} >= vocab_size {vocab_size}: the shards do not match meta.json; "
                         "re-run prepare_audio.py")
+    x = batch
+    if stream.masks:  # conversations: targets the loss does not count (user and system turns) become -1
+        batch = np.where(stream.read(starts, block + 1, mask=True) > 0, batch, -1)
+        batch = np.stack([x, batch])  # (2, B, block + 1): inputs, then targets
     t = torch.from_numpy(batch)
     # pinned memory lets the copy overlap with compute; one copy of the windows, sliced on the device
     t = t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t.to(device)
-    return t[:, :-1], t[:, 1:]
+    return (t[0, :, :-1], t[1, :, 1:]) if stream.masks else (t[:, :-1], t[:, 1:])
 
 
 @torch.no_grad()
@@ -167,12 +180,15 @@ def evaluate(model: torch.nn.Module, stream: TokenStream, starts: np.ndarray, bl
         x, y = get_batch(stream, starts[i:i + batch_size], block, device, int(meta["vocab_size"]))
         with torch.autocast("cuda", getattr(torch, dtype)) if dtype != "float32" else nullcontext():
             logits, _ = model(x, y)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        group = layout.groups(y.reshape(-1))
+        y = y.reshape(-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y, reduction="none", ignore_index=-1)
+        counted = y >= 0  # a masked target (-1: a user turn's) is in no group
+        loss, y = loss[counted], y[counted]
+        group = layout.groups(y)
         sums[0].index_add_(0, group, loss.to(acc))
         sums[1].index_add_(0, group, torch.ones_like(loss, dtype=acc))
         if text_bytes is not None:
-            sums[2].index_add_(0, group, text_bytes[y.reshape(-1)].to(acc))
+            sums[2].index_add_(0, group, text_bytes[y].to(acc))
     for _ in range(steps - -(-len(starts) // batch_size)):
         with torch.autocast("cuda", getattr(torch, dtype)) if dtype != "float32" else nullcontext():
             model(torch.zeros(1, block, dtype=torch.long, device=device))

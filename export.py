@@ -132,6 +132,11 @@ def model_card(cfg: ExportConfig, meta: dict, model_args: dict, n_params: int, s
                   f"python generate.py --ckpt={where} --transcribe=recording.flac{codec_flag}"]
     lines += [f"python train.py configs/sherlock.py --init_from={where} --data_dir=data/yours   # fine-tune it",
               "```", ""]
+    voices = meta.get("voices") or []
+    if voices:  # speakers of the training data, spoken with generate.py --voice
+        lines += [f"Voices ({len(voices)}): {', '.join(f'`{v}`' for v in voices)}. Speak in one of them:", "",
+                  f"```bash\npython generate.py --ckpt={where} --text=\"Hello there.\" --voice={voices[0]}"
+                  f"{codec_flag}\n```", ""]
     if local_codec:
         lines += [f"The codec was a local folder when this model was trained (`{codec}`): pass your copy of it "
                   "with `--codec`.", ""]

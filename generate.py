@@ -8,6 +8,8 @@
     python generate.py --ckpt=out/sherlock/ckpt.pt --device=cpu --decode=compile --seconds=300  # long, on a CPU
     python generate.py --ckpt=out/ljspeech/ckpt.pt --text="It is a capital mistake to theorize before one has data."
     python generate.py --ckpt=out/ljspeech/ckpt.pt --transcribe=recording.flac,other.wav   # prints one line per file
+    python generate.py --ckpt=out/libritts/ckpt.pt --text="Good evening." --voice=84   # a trained speaker's voice
+    python generate.py --ckpt=out/libritts/ckpt.pt --text="New words." --prompt=ref.wav --prompt_text="What ref says."
     python generate.py --help
 
 Sampling is frame-valid: the position inside the current frame says which SNAC level comes next, and every id
@@ -30,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from codec import ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, WavWriters, read_audio, read_audio_tail
@@ -39,6 +42,7 @@ from model import GPT
 from sampling import CODEC_CONTEXT_FRAMES, DECODE_FRAMES, DECODE_MODES, StreamDecoder, keep_frames, sample_frames
 import speech
 from speech import transcribe_tokens
+from tokenizer import voice_text
 
 
 @dataclass
@@ -63,6 +67,8 @@ class GenerateConfig:
     text_temperature: float = 0.0  # for --transcribe: 0 = greedy (the most likely text); top_k/top_p apply too
     stream_to: str = ""  # "-": also write sample 0 to stdout as a WAV stream while it is made (implies --stream)
     decode: str = "auto"  # decode steps: auto (graph on CUDA, else eager), eager, static, graph, compile (see README)
+    voice: str = ""  # with --text: speak in this trained speaker's voice (the checkpoint's meta lists its voices)
+    prompt_text: str = ""  # with --text and --prompt: what the prompt says; the text is spoken in the prompt's voice
 
 
 # a 16-bit WAV file holds at most 4 GB: 12 h of audio at up to 48 kHz
@@ -118,7 +124,7 @@ def check_audio_path(path: str, kind: str) -> None:
 def load_model(cfg: GenerateConfig, device: str, dtype: str):
     text_for = "--text" if cfg.text else "--transcribe" if cfg.transcribe else ""
     with user_errors():
-        return speech.load_model(cfg.ckpt, cfg.codec, device, dtype, text_for, cfg.seed)
+        return speech.load_model(cfg.ckpt, cfg.codec, device, dtype, text_for, cfg.seed, cfg.voice)
 
 
 def warm_up(model, tok: AudioTokenizer, cfg: GenerateConfig, chunk_frames: int) -> None:
@@ -189,14 +195,35 @@ def stream_audio(dec: StreamDecoder, prompt: torch.Tensor | None, frames: Iterat
         yield last
 
 
-def speech_context(text: str, tok: AudioTokenizer, block_size: int) -> torch.Tensor:
-    """--text -> [BOUNDARY, TEXT_START, its text ids, TEXT_END, AUDIO_START]: a speech-from-text item to continue."""
-    context = torch.from_numpy(tok.layout.speech_context(tok.encode_text(text)))
+def speech_context(text: str, tok: AudioTokenizer, block_size: int, voice: str = "") -> torch.Tensor:
+    """--text -> [BOUNDARY, TEXT_START, its text ids, TEXT_END, AUDIO_START]: a speech-from-text item to continue
+    (in a trained voice: its name before the text, voice_text's rule)."""
+    context = torch.from_numpy(tok.layout.speech_context(tok.encode_text(voice_text(text, voice))))
     room = block_size - len(context)
     if room < 2 * tok.layout.frame_size:
         raise UserError(f"text: {len(context) - 4} tokens leave no room for audio in the model's context of "
                         f"{block_size} tokens; pass a shorter --text")
     return context
+
+
+def clone_context(cfg: GenerateConfig, tok: AudioTokenizer, block_size: int) -> torch.Tensor:
+    """--text with --prompt and --prompt_text: [both texts and the reference's audio, as a cloning item] open after
+    AUDIO_START. The reference keeps its last whole frames that leave half of the rest of the context for the new
+    audio (the window must not slide past the texts)."""
+    layout, fs = tok.layout, tok.layout.frame_size
+    ref_text, text = tok.encode_text(cfg.prompt_text), tok.encode_text(cfg.text)
+    empty = np.zeros(0, np.int64)
+    room = block_size - len(layout.clone_context(empty, ref_text, text))
+    if room < 4 * fs:
+        raise UserError(f"text, prompt_text: {len(ref_text) + len(text)} text tokens leave no room for audio in the "
+                        f"model's context of {block_size} tokens; pass shorter texts")
+    ref = load_prompt(cfg.prompt, tok, cfg.prompt_seconds)
+    keep = room // 2 // fs * fs
+    if len(ref) > keep:
+        ref = ref[-keep:]
+        print(f"warning: prompt {cfg.prompt} is longer than the model's context leaves room for; using its last "
+              f"{keep // fs * tok.frame_hop / tok.sample_rate:.2f} s", file=sys.stderr, flush=True)
+    return torch.from_numpy(layout.clone_context(ref.numpy(), ref_text, text))
 
 
 def transcribe_files(cfg: GenerateConfig, model: GPT, tok: AudioTokenizer, device: str) -> None:
@@ -246,8 +273,17 @@ def check_config(cfg: GenerateConfig, given: set[str] = frozenset()) -> None:
     if ("transcribe" in given or cfg.transcribe) and not transcribe_paths(cfg):
         raise UserError(f"transcribe={cfg.transcribe!r}: names no file; pass --transcribe=<audio file>[,<audio "
                         "file>...]")
-    if sum(map(bool, (cfg.text, cfg.transcribe, cfg.prompt))) > 1:
-        raise UserError("--text, --transcribe and --prompt are separate modes: pass one of them")
+    if cfg.text and cfg.prompt and not cfg.prompt_text.strip():
+        raise UserError("--text with --prompt speaks the text in the prompt's voice: pass --prompt_text=<what the "
+                        "prompt says> too (or drop --prompt)")
+    if cfg.prompt_text and not (cfg.text and cfg.prompt):
+        raise UserError("--prompt_text is what --prompt says, for voice cloning: pass --text and --prompt with it")
+    if cfg.voice and (not cfg.text or cfg.prompt):
+        raise UserError(f"--voice={cfg.voice}: a trained voice speaks --text; pass --text=<words> (and no --prompt, "
+                        "whose own voice a --prompt_text clones)")
+    if sum(map(bool, (cfg.text, cfg.transcribe, cfg.prompt and not cfg.text))) > 1:
+        raise UserError("--text, --transcribe and --prompt are separate modes: pass one of them (--text with "
+                        "--prompt and --prompt_text clones a voice)")
     for path in transcribe_paths(cfg):
         check_audio_path(path, "transcribe")
     if cfg.prompt:
@@ -271,7 +307,7 @@ def main() -> None:
     if cfg.decode == "graph" and not device.startswith("cuda"):
         raise UserError(f"decode=graph captures CUDA graphs, the device is {device}: use eager, static or compile")
     paths = [os.path.join(cfg.out_dir, f"sample_{i}.wav") for i in range(cfg.num_samples)]
-    cont_paths = [p[:-4] + "_continuation.wav" for p in paths] if cfg.prompt else []
+    cont_paths = [p[:-4] + "_continuation.wav" for p in paths] if cfg.prompt and not cfg.text else []
     if not cfg.transcribe:
         check_writable(cfg.out_dir)  # before any sampling time is spent
     model, tok = load_model(cfg, device, dtype)
@@ -282,7 +318,7 @@ def main() -> None:
                         "--transcribe need a model trained on text+audio data (prepare_audio.py with transcripts)")
     if cfg.transcribe:
         return transcribe_files(cfg, model, tok, device)
-    context = speech_context(cfg.text, tok, model.config.block_size) if cfg.text else None
+    context = speech_context(cfg.text, tok, model.config.block_size, cfg.voice) if cfg.text else None
     stream = cfg.stream
     if device.startswith("cuda") or cfg.decode == "compile":
         if cfg.decode == "compile":
@@ -292,11 +328,16 @@ def main() -> None:
             warm_up(model, tok, cfg, cfg.stream_frames if stream else DECODE_FRAMES)
 
     t_start = time.perf_counter()  # the wall time includes encoding the prompt
-    prompt = fit_prompt(cfg.prompt, tok, cfg.prompt_seconds, model.config.block_size) if cfg.prompt else None
+    if cfg.text and cfg.prompt:  # cloning: the reference is part of the context, not audio to continue
+        context = clone_context(cfg, tok, model.config.block_size)
+    continued = cfg.prompt and not cfg.text
+    prompt = fit_prompt(cfg.prompt, tok, cfg.prompt_seconds, model.config.block_size) if continued else None
     p_frames = 0 if prompt is None else len(prompt) // fs
     prompt = None if prompt is None else prompt.to(device)
     after = f" after a {p_frames * hop / sr:.2f} s prompt" if prompt is not None else ""
-    after += f" speaking {len(context) - 4} text tokens" if context is not None else ""
+    after += f" speaking {len(context) - 4} text tokens" if context is not None and not cfg.prompt else ""
+    after += f" in the voice of {cfg.voice}" if cfg.voice else f" in the voice of {cfg.prompt}" if cfg.prompt and \
+        cfg.text else ""
     up_to = "up to " if layout.text_vocab else ""  # the audio ends where the model says so, or at --seconds
     print(f"generating {cfg.num_samples} x {up_to}{n_frames * hop / sr:.2f} s ({n_frames} frames, {n_frames * fs} "
           f"tokens){after} on {device}", file=log, flush=True)

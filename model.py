@@ -275,7 +275,11 @@ class GPT(nn.Module):
             logits = self.lm_head(x).view(B, T, -1)
             # the loss is over the real vocabulary: padded ids get no probability (and their rows no gradient)
             logits[..., self.config.vocab_size:].fill_(-math.inf)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            # the mean over the targets that count (-1: ignored, as inside a user turn); a window with none adds 0,
+            # not NaN, and nothing waits on the device to find out
+            t = targets.reshape(-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), t, ignore_index=-1, reduction="sum") / \
+                (t >= 0).sum().clamp(min=1)
             return logits, loss
         lo, hi = vocab_range or (0, self.config.vocab_size)
         assert 0 <= lo < hi <= self.config.vocab_size, f"vocab_range {vocab_range}, vocab_size {self.config.vocab_size}"

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from chats import read_jsonl
 from codec import DEFAULT_CODEC, BadAudio, load_codec, read_audio, resampled_length, to_mono
 from common import (Dist, UserError, atomic_write, hold_out_dir_lock, pick_device, run_main, user_errors,
                     write_json)
@@ -44,7 +45,7 @@ from config import parse_config
 from dataset import shard_dtype
 from sources import (Columns, Dataset, Item, Source, audio_extensions, codes_to_tokens, fetch, open_dataset,
                      pick_columns, read_schema, rows_to_items)
-from tokenizer import DEFAULT_TEXT_ENCODING, Layout, load_text_encoding
+from tokenizer import DEFAULT_TEXT_ENCODING, Layout, load_text_encoding, voice_text
 
 # -----------------------------------------------------------------------------
 # config
@@ -72,6 +73,8 @@ class PrepareConfig:
     asr_fraction: float = 0.5  # share of transcribed documents written as transcription items [audio][text]
     text_corpus: str = ""  # a UTF-8 text file; each paragraph (blank-line separated) is a text-only train document
     seed: int = 1337  # which transcribed documents are transcription items is a function of (seed, name)
+    speaker_column: str = ""  # who speaks: a parquet column, or a metadata.csv field (its header name or 0-based index)
+    clone_fraction: float = 0.0  # share of speech-from-text items of a speaker written as voice-cloning items
 
 
 # -----------------------------------------------------------------------------
@@ -129,6 +132,51 @@ def find_transcripts(root: str, files: list[str], text_field: str) -> dict[str, 
     return found
 
 
+def find_speakers(root: str, files: list[str], speaker_column: str) -> dict[str, str]:
+    """Audio file -> its speaker: with --speaker_column, that field of the metadata.csv row that holds it (named by
+    the file's header row, or a 0-based index); else LibriTTS's folders, speaker/chapter/speaker_chapter_*.wav."""
+    found: dict[str, str] = {}
+    if not speaker_column:
+        for rel in files:
+            parts = rel.split("/")
+            if len(parts) >= 3 and parts[-1].startswith(f"{parts[-3]}_{parts[-2]}_"):
+                found[rel] = parts[-3]
+        return found
+    tables: dict[str, dict[str, str]] = {}  # folder -> {file stem: speaker} of its metadata.csv
+
+    def table(folder: str) -> dict[str, str]:
+        if folder not in tables:
+            path, rows = os.path.join(root, folder, "metadata.csv"), {}
+            lines = read_text_file(path).splitlines() if os.path.isfile(path) else []
+            if lines:
+                header = lines[0].split("|")
+                if speaker_column in header:
+                    index, lines = header.index(speaker_column), lines[1:]
+                elif speaker_column.isdigit():
+                    index = int(speaker_column)
+                else:
+                    raise UserError(f"--speaker_column={speaker_column}: {path} has no such header field (its first "
+                                    f"row: {'|'.join(header)[:120]}); name a field of its header row, or give a "
+                                    "0-based field index")
+                for line in lines:
+                    cols = line.split("|")
+                    if len(cols) > index and cols[index].strip():
+                        rows[os.path.splitext(os.path.basename(cols[0]))[0]] = " ".join(cols[index].split())
+            tables[folder] = rows
+        return tables[folder]
+
+    for rel in files:
+        folder, name = os.path.split(rel.rsplit(".", 1)[0])
+        for where in (folder, os.path.dirname(folder)) if folder else ("",):
+            if name in table(where):
+                found[rel] = table(where)[name]
+                break
+    if not any(tables.values()):
+        raise UserError(f"--speaker_column={speaker_column}: no metadata.csv with that field beside the audio files "
+                        f"of {root}; for audio folders it names a field of LJSpeech-style metadata.csv rows")
+    return found
+
+
 def read_corpus(path: str) -> list[str]:
     """A text file -> its paragraphs (separated by blank lines), each on one line."""
     if not os.path.isfile(path):
@@ -137,10 +185,11 @@ def read_corpus(path: str) -> list[str]:
     return [p for p in paragraphs if p]
 
 
-def transcription_first(seed: int, rel: str, asr_fraction: float) -> bool:
+def transcription_first(seed: int, rel: str, asr_fraction: float, salt: str = "") -> bool:
     """Whether a transcribed file is a transcription item [audio][text] (else speech-from-text [text][audio]):
-    a function of (seed, file name) alone, so reruns and any number of processes agree."""
-    h = hashlib.sha1(f"{seed}\0{rel}".encode()).digest()
+    a function of (seed, file name) alone, so reruns and any number of processes agree. salt: another draw of the
+    same kind ("clone": whether a speech item of a speaker is a cloning item)."""
+    h = hashlib.sha1(f"{seed}\0{rel}{salt and chr(0) + salt}".encode()).digest()
     return int.from_bytes(h[:8], "little") / 2 ** 64 < asr_fraction
 
 
@@ -167,17 +216,27 @@ def load_entry(path: str) -> dict | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             entry = {k: z[k] for k in ("tokens", "length", "seconds", "row", "status", "reason", "n_groups")}
-            text, text_len = z["text"].tobytes(), z["text_len"]
+            strings = {k: (z[k].tobytes(), z[f"{k}_len"]) for k in ("text", "speaker") if k in z}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing (not done yet) or damaged: redo
         return None
-    ends = np.cumsum(np.maximum(text_len, 0))
-    entry["text"] = [None if n < 0 else text[e - n:e].decode() for n, e in zip(text_len.tolist(), ends.tolist())]
+    if "text" not in strings:
+        return None
+    for key, (blob, lengths) in strings.items():
+        ends = np.cumsum(np.maximum(lengths, 0))
+        entry[key] = [None if n < 0 else blob[e - n:e].decode() for n, e in zip(lengths.tolist(), ends.tolist())]
+    entry.setdefault("speaker", [None] * len(entry["status"]))
     return entry
 
 
+def pack_strings(key: str, values: list[str | None]) -> dict[str, np.ndarray]:
+    """Strings (None where missing) as two arrays: their UTF-8 bytes one after another, and each one's length."""
+    blobs = [v.encode() if v is not None else b"" for v in values]
+    return {key: np.frombuffer(b"".join(blobs), dtype=np.uint8),
+            f"{key}_len": np.array([-1 if v is None else len(b) for v, b in zip(values, blobs)], dtype=np.int64)}
+
+
 def save_entry(path: str, group: Group, results: list[dict]) -> dict:
-    texts = [item.text for item in group.items]
-    blobs = [t.encode() if t is not None else b"" for t in texts]
+    texts, speakers = [item.text for item in group.items], [item.speaker for item in group.items]
     arrays = {
         "tokens": np.concatenate([np.zeros(0, np.uint16)] + [r["tokens"] for r in results if "tokens" in r]),
         "length": np.array([len(r.get("tokens", ())) for r in results], dtype=np.int64),
@@ -186,11 +245,12 @@ def save_entry(path: str, group: Group, results: list[dict]) -> dict:
         "status": np.array([r["status"] for r in results], dtype="<U5"),
         "reason": np.array([r["reason"] for r in results], dtype=str),
         "n_groups": np.array(group.n_groups),
-        "text": np.frombuffer(b"".join(blobs), dtype=np.uint8),
-        "text_len": np.array([-1 if t is None else len(b) for t, b in zip(texts, blobs)], dtype=np.int64),
+        **pack_strings("text", texts),
+        **(pack_strings("speaker", speakers) if any(who is not None for who in speakers) else {}),
     }
     atomic_write(path, lambda f: np.savez(f, **arrays))
-    return {**{k: v for k, v in arrays.items() if k not in ("text", "text_len")}, "text": texts}
+    return {**{k: v for k, v in arrays.items() if not k.startswith(("text", "speaker"))}, "text": texts,
+            "speaker": speakers}
 
 
 def cached_groups(folder: str, source: Source, kind: str) -> int | None:
@@ -212,6 +272,8 @@ def read_groups(ds: Dataset, sources: list[Source], folder: str, columns: Column
             yield from (Group(source, i, n, entry_path(folder, source, i, ds.kind), None) for i in range(n))
         elif ds.kind == "audio":
             yield Group(source, 0, 1, entry_path(folder, source, 0, ds.kind), [Item(-1, source.path)])
+        elif ds.kind == "chat":
+            yield Group(source, 0, 1, entry_path(folder, source, 0, ds.kind), chat_items(source))
         else:
             with user_errors():
                 path = fetch(ds, source, cfg.out_dir)
@@ -222,12 +284,37 @@ def read_groups(ds: Dataset, sources: list[Source], folder: str, columns: Column
                     os.remove(path)
 
 
+def chat_lines(source: Source) -> Iterator[tuple[int, list | None, str]]:
+    try:
+        yield from read_jsonl(source.path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source.name}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def chat_items(source: Source) -> list[Item]:
+    """A .jsonl file's items, one per audio turn of each conversation, in order; a line that cannot be read is one
+    bad item (its row: the line number), so it is reported and skipped as a bad row is."""
+    items = []
+    for n, turns, error in chat_lines(source):
+        if turns is None:
+            items.append(Item(n, None, error=error))
+        for turn in turns or ():
+            if turn.audio is not None:
+                kind, payload = turn.audio
+                missing = kind == "file" and not os.path.isfile(payload)
+                error = f"audio file {os.path.relpath(payload, os.path.dirname(source.path))}: not found" \
+                    if missing else ""
+                items.append(Item(n, None if missing else payload, error=error, codes=kind == "codes"))
+    return items
+
+
 def parquet_groups(path: str, source: Source, folder: str, columns: Columns) -> Iterator[Group]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
-        missing = [c for c in (columns.audio, *columns.codes, columns.text) if c and c not in pf.schema_arrow.names]
+        wanted = [c for c in (columns.audio, *columns.codes, columns.text, columns.speaker) if c]
+        missing = [c for c in wanted if c not in pf.schema_arrow.names]
     except (pa.ArrowException, OSError, ValueError) as e:  # not parquet, damaged, empty
         yield Group(source, 0, 1, entry_path(folder, source, 0, "parquet"),
                     [Item(-1, None, error=f"cannot be read as parquet ({str(e).strip().splitlines()[0][:200]})")])
@@ -244,8 +331,7 @@ def parquet_groups(path: str, source: Source, folder: str, columns: Columns) -> 
             yield Group(source, i, n, entry, None)
         else:
             try:
-                table = pf.read_row_group(i, columns=[c for c in (columns.audio, *columns.codes, columns.text) if c]) \
-                    if rows else None
+                table = pf.read_row_group(i, columns=wanted) if rows else None
                 items = rows_to_items(table, columns, first) if rows else []
             except (pa.ArrowException, OSError, ValueError) as e:
                 items = [Item(first, None, error=f"row group {i} ({rows} rows) cannot be read "
@@ -340,7 +426,7 @@ def encode_groups(groups: Iterator[Group], tok, cfg: PrepareConfig, codes: bool,
             for j, item in enumerate(g.items or ()):
                 if item.error:
                     yield (g, item), None, {"status": "bad", "reason": item.error, "seconds": 0.0}
-                elif codes:  # cheap: done here
+                elif codes or item.codes:  # cheap: done here
                     yield (g, item), None, check_codes(item.payload, layout, hop / rate)
                 elif pool is None:
                     yield (g, item), decode_audio, (item.payload, rate, hop)
@@ -412,11 +498,14 @@ def report(group: Group, entry: dict, strict: bool) -> None:
 # shards
 
 
-def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]:
-    """Concatenate documents (source name, id array with its BOUNDARY first) into {split}_000.bin, ... of
-    shard_tokens tokens each, as raw little-endian ids of the documents' dtype (uint16 or uint32)."""
+def write_split(out_dir: str, split: str, docs, shard_tokens: int, masked: bool = False) -> list[dict]:
+    """Concatenate documents (source name, id array with its BOUNDARY first[, its uint8 loss mask]) into
+    {split}_000.bin, ... of shard_tokens tokens each, as raw little-endian ids of the documents' dtype (uint16 or
+    uint32); masked: each shard's loss mask beside it in {split}_000.mask (one byte per token, 1 = the loss counts
+    that target)."""
     shards: list[dict] = []
     parts: list[np.ndarray] = []
+    mask_parts: list[np.ndarray] = []
     sources: list[str] = []
     filled = 0
 
@@ -426,18 +515,25 @@ def write_split(out_dir: str, split: str, docs, shard_tokens: int) -> list[dict]
         name = f"{split}_{len(shards):03d}.bin"
         atomic_write(os.path.join(out_dir, name), lambda f: f.write(data.tobytes()), size=data.nbytes)
         shards.append({"file": name, "split": split, "tokens": int(len(data)), "sources": list(sources)})
+        if masked:
+            mask = np.concatenate(mask_parts).astype(np.uint8)
+            atomic_write(os.path.join(out_dir, name[:-4] + ".mask"), lambda f: f.write(mask.tobytes()),
+                         size=mask.nbytes)
+            shards[-1]["mask"] = name[:-4] + ".mask"
 
-    for rel, doc in docs:
+    for rel, doc, *mask in docs:
         pos = 0
         while pos < len(doc):
             take = min(len(doc) - pos, shard_tokens - filled)
             parts.append(doc[pos:pos + take])
+            if masked:
+                mask_parts.append(mask[0][pos:pos + take])
             if not sources or sources[-1] != rel:
                 sources.append(rel)
             pos, filled = pos + take, filled + take
             if filled == shard_tokens:
                 flush()
-                parts, sources, filled = [], [], 0
+                parts, mask_parts, sources, filled = [], [], [], 0
     if filled:
         flush()
     return shards
@@ -476,12 +572,78 @@ def select(cfg: PrepareConfig, ds: Dataset, folder: str) -> tuple[list[tuple[Sou
     return kept, skipped, count
 
 
+def assemble_chats(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: str) -> dict:
+    """assemble() for conversations: each usable .jsonl line is one document (Layout.conversation) with its loss
+    mask beside it; a line with a bad audio turn is skipped (it was warned about)."""
+    skipped: list[dict] = []
+
+    def conversations():  # (source name, ids, mask) of every usable conversation, in order
+        for source in ds.sources:
+            entry = load_entry(entry_path(folder, source, 0, ds.kind))
+            assert entry is not None, f"{source.name}: not cached after encoding"
+            ends, k = np.cumsum(entry["length"]), 0
+            for n, turns, error in chat_lines(source):
+                m = 1 if turns is None else sum(t.audio is not None for t in turns)
+                bad = [j for j in range(k, k + m) if entry["status"][j] != "ok"]
+                k += m
+                if bad:
+                    if collect:
+                        skipped.append({"file": source.name, "row": n, "reason": str(entry["reason"][bad[0]])})
+                    continue
+                built, j = [], k - m
+                for t in turns:
+                    audio = None
+                    if t.audio is not None:
+                        audio = entry["tokens"][ends[j] - entry["length"][j]:ends[j]].astype(np.int64) + \
+                            layout.audio_offset
+                        j += 1
+                    built.append((t.role, enc.encode_ordinary(t.text) if t.text else None, audio))
+                yield (source.name, float(entry["seconds"][k - m:k].sum()), *layout.conversation(built))
+
+    collect = True
+    n_usable = sum(1 for _ in conversations())
+    collect = False
+    if not n_usable:
+        raise UserError(f"dataset {cfg.dataset}: none of the conversations of its {len(ds.sources)} .jsonl files "
+                        "could be used (see the warnings above)")
+    if cfg.val_files and cfg.val_files >= n_usable:
+        raise UserError(f"val_files={cfg.val_files}: the dataset has only {n_usable} usable conversations, so "
+                        "nothing is left to train on; use a smaller --val_files (0 = no val split)")
+    if os.path.exists(os.path.join(cfg.out_dir, "meta.json")):
+        os.remove(os.path.join(cfg.out_dir, "meta.json"))  # the shards are about to change
+    splits, shards = {}, []
+    for split, start, stop in (("train", cfg.val_files, n_usable), ("val", 0, cfg.val_files)):
+        stats = {"tokens": 0, "seconds": 0.0, "files": 0, "paired": 0, "audio_tokens": 0, "text_tokens": 0,
+                 "assistant_tokens": 0}  # files: conversations
+
+        def docs():
+            for i, (name, seconds, ids, mask) in enumerate(conversations()):
+                if start <= i < stop:
+                    stats["tokens"] += len(ids)
+                    stats["seconds"] += seconds
+                    stats["files"] += 1
+                    stats["text_tokens"] += int((ids < layout.text_vocab).sum())
+                    stats["audio_tokens"] += int(((ids >= layout.audio_offset) & (ids < layout.boundary_id)).sum())
+                    stats["assistant_tokens"] += int(mask.sum())
+                    yield name, ids.astype(np.uint16), mask
+        shards += write_split(cfg.out_dir, split, docs(), cfg.shard_tokens, masked=True)
+        splits[split] = {**stats, "seconds": round(stats["seconds"], 3)}
+    keep = {s["file"] for s in shards} | {s["mask"] for s in shards}
+    for name in os.listdir(cfg.out_dir):  # shards of an earlier, bigger run
+        if re.fullmatch(r"(train|val)_\d{3,}\.(bin|mask)", name) and name not in keep:
+            os.remove(os.path.join(cfg.out_dir, name))
+    meta = {**tok.meta(), **layout.meta(), "dtype": "uint16", "dataset": cfg.dataset, "shards": shards,
+            "skipped": skipped, "splits": splits}
+    write_json(os.path.join(cfg.out_dir, "meta.json"), meta)
+    return meta
+
+
 def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: str, text_column: str) -> dict:
     """Rank 0, after every rank is done: shards + meta.json, reading the cache one entry at a time. meta.json is
     written last, so a folder with a meta.json is always complete."""
     kept, skipped, n_usable = select(cfg, ds, folder)
 
-    def documents(start: int, stop: int):  # (source, item name, tokens, seconds, transcript) of usable documents
+    def documents(start: int, stop: int):  # (source, item name, tokens, seconds, transcript, speaker) of usable ones
         i = 0
         for source, path, upto in kept:
             entry = load_entry(path)
@@ -490,8 +652,9 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
                 if entry["status"][j] == "ok":
                     if start <= i < stop:
                         text = beside.get(source.name) if ds.kind == "audio" else entry["text"][j]
+                        who = speakers.get(source.name) if ds.kind == "audio" else entry["speaker"][j]
                         yield (source, item_name(source, int(entry["row"][j])),
-                               entry["tokens"][ends[j] - entry["length"][j]:ends[j]], entry["seconds"][j], text)
+                               entry["tokens"][ends[j] - entry["length"][j]:ends[j]], entry["seconds"][j], text, who)
                     i += 1
                     if i == stop:
                         return
@@ -511,6 +674,7 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
     # is a transcribed set, where a missing or empty one is a warning (an error with --strict)
     beside = find_transcripts(ds.root, [s.name for s in ds.sources], cfg.text_field) if ds.kind == "audio" else {}
     has_text = bool(beside or text_column)
+    speakers = find_speakers(ds.root, [s.name for s in ds.sources], cfg.speaker_column) if ds.kind == "audio" else {}
     if not has_text:
         print("note: no transcripts found (name.txt, name.lab, name.normalized.txt beside the audio files, a "
               "metadata.csv, or a parquet text column): every document is audio only", flush=True)
@@ -518,7 +682,7 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
         print("note: text_encoding=none: the transcripts are not used (audio-only layout)", flush=True)
         has_text = False
     if has_text and cfg.strict:  # before anything is written
-        for _, name, _, _, text in documents(0, n_usable):
+        for _, name, _, _, text, _ in documents(0, n_usable):
             if not (text or "").strip():
                 raise UserError(f"{name}: {'empty' if text is not None else 'no'} transcript (expected a .txt, .lab "
                                 "or .normalized.txt beside it, a metadata.csv row or a text cell), or run without "
@@ -527,13 +691,14 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
     dtype = shard_dtype(layout.vocab_size)
     if os.path.exists(os.path.join(cfg.out_dir, "meta.json")):
         os.remove(os.path.join(cfg.out_dir, "meta.json"))  # the shards are about to change
-    splits, shards, untranscribed = {}, [], []
+    splits, shards, untranscribed, voices = {}, [], [], {}
     for split, start, stop in (("train", cfg.val_files, n_usable), ("val", 0, cfg.val_files)):
         stats = {"tokens": 0, "seconds": 0.0, "files": 0, "audio_tokens": 0, "text_tokens": 0, "paired": 0,
-                 "transcription_items": 0, "text_documents": 0}
+                 "transcription_items": 0, "text_documents": 0, "cloning_items": 0}
+        last: dict[str, tuple[np.ndarray, list[int]]] = {}  # speaker -> their latest transcribed utterance here
 
         def docs():
-            for source, name, tokens, seconds, text in documents(start, stop):
+            for source, name, tokens, seconds, text, who in documents(start, stop):
                 ids = None
                 if has_text:
                     ids = enc.encode_ordinary(clean_text(text)) if text and text.strip() else None
@@ -544,12 +709,23 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
                 # the cache holds audio-only-layout ids (no text offset), so another text encoding reuses it
                 audio = tokens.astype(np.int64) + layout.audio_offset
                 asr = ids is not None and transcription_first(cfg.seed, name, cfg.asr_fraction)
-                doc = layout.document(audio=audio, text=ids, text_first=not asr)
+                who = who if has_text and ids is not None else None  # voices ride in the text: transcribed items
+                ref = last.get(who) if who is not None and not asr else None
+                if ref is not None and transcription_first(cfg.seed, name, cfg.clone_fraction, salt="clone"):
+                    doc = layout.clone_document(*ref, audio, ids)
+                    stats["cloning_items"] += 1
+                else:
+                    spoken = enc.encode_ordinary(voice_text(clean_text(text), who)) if who and not asr else ids
+                    doc = layout.document(audio=audio, text=spoken, text_first=not asr)
+                if who is not None:
+                    last[who] = (audio, ids)
+                    voices[who] = voices.get(who, 0) + 1
                 stats["tokens"] += len(doc)
                 stats["seconds"] += float(seconds)
                 stats["files"] += 1
-                stats["audio_tokens"] += len(audio)
-                stats["text_tokens"] += 0 if ids is None else len(ids)
+                n_text = int((doc < layout.text_vocab).sum())  # a voice's name and a cloning reference's text too
+                stats["audio_tokens"] += int((doc < layout.boundary_id).sum()) - n_text
+                stats["text_tokens"] += n_text
                 stats["paired"] += ids is not None
                 stats["transcription_items"] += asr
                 yield source.name, doc.astype(dtype)
@@ -571,8 +747,8 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
             "skipped": skipped, "splits": splits}
     if layout.text_vocab:
         meta.update(text_eot=enc.eot_token, untranscribed=untranscribed, text_field=cfg.text_field,
-                    asr_fraction=cfg.asr_fraction,
-                    seed=cfg.seed, text_corpus=cfg.text_corpus)
+                    asr_fraction=cfg.asr_fraction, seed=cfg.seed, text_corpus=cfg.text_corpus, voices=sorted(voices),
+                    clone_fraction=cfg.clone_fraction)
     write_json(os.path.join(cfg.out_dir, "meta.json"), meta)
     return meta
 
@@ -583,7 +759,9 @@ def assemble(cfg: PrepareConfig, tok, layout: Layout, enc, ds: Dataset, folder: 
 def cache_folder(out_dir: str, tok, cfg: PrepareConfig, columns: Columns, runs_codec: bool) -> str:
     """One cache folder per codec (by its weights, not its name), encoding settings and columns read: a change never
     reuses stale work, and the same codec from the Hub or from a local copy shares the cache."""
-    settings = {**tok.meta(), "codec": None, "cache": 2, "columns": dataclasses.asdict(columns),
+    # the speaker column joins the key only when one is read: without it, caches keep their folder
+    read = {k: v for k, v in dataclasses.asdict(columns).items() if k != "speaker" or v}
+    settings = {**tok.meta(), "codec": None, "cache": 2, "columns": read,
                 "chunk_seconds": cfg.chunk_seconds if runs_codec else None}
     h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(tok.codec.state_dict().items()) if runs_codec else ():
@@ -664,7 +842,8 @@ def main() -> None:
                               ("max_items", cfg.max_items >= 0, "0 (all) or more"),
                               ("out_dir", cfg.out_dir, "a folder for the shards"),
                               ("text_field", cfg.text_field in TRANSCRIPT_SUFFIXES, "'normalized' or 'raw'"),
-                              ("asr_fraction", 0 <= cfg.asr_fraction <= 1, "a fraction in [0, 1]")):
+                              ("asr_fraction", 0 <= cfg.asr_fraction <= 1, "a fraction in [0, 1]"),
+                              ("clone_fraction", 0 <= cfg.clone_fraction <= 1, "a fraction in [0, 1]")):
         if not ok:
             raise UserError(f"{key}={getattr(cfg, key)!r}: must be {expected}")
     enc_hint = "; or pass --text_encoding=none for audio-only data (no transcripts, no text)"
@@ -672,6 +851,8 @@ def main() -> None:
         enc = None if cfg.text_encoding in ("none", "", "auto") else load_text_encoding(cfg.text_encoding)
     if cfg.text_encoding in ("none", "") and cfg.text_corpus:
         raise UserError("text_corpus needs a text encoding; drop --text_encoding=none")
+    if cfg.text_encoding in ("none", "") and cfg.speaker_column:  # a voice is a name in the text
+        raise UserError("speaker_column needs a text encoding (voices ride in the text); drop --text_encoding=none")
 
     start = time.perf_counter()
     dist = Dist.from_env()  # torchrun: each rank prepares its share of the files
@@ -696,12 +877,14 @@ def main() -> None:
                             "folder of them")
         if ds.kind == "audio" and (cfg.codes_column or cfg.text_column):
             raise UserError(f"--codes_column/--text_column: dataset {cfg.dataset} has no .parquet files, only audio")
+        if ds.kind == "audio" and cfg.speaker_column:  # a field that is not there stops before any work
+            find_speakers(ds.root, [s.name for s in ds.sources], cfg.speaker_column)
         columns = Columns()
         if ds.kind == "parquet":
             with user_errors():
                 tok = load_codec(cfg.codec, "cpu", weights=False)  # the layout, for finding codes columns
                 columns = pick_columns(read_schema(ds), cfg.dataset, cfg.text_column, cfg.codes_column,
-                                       tok.layout.n_levels)
+                                       tok.layout.n_levels, cfg.speaker_column)
         runs_codec = not columns.codes
         if runs_codec:
             with user_errors():
@@ -712,8 +895,8 @@ def main() -> None:
         if master:
             dist.barrier()
         if cfg.text_encoding == "auto":  # text ids only where there is text: a plain audio folder needs no BPE
-            has_text = bool(cfg.text_corpus or columns.text or (ds.kind == "audio" and find_transcripts(
-                ds.root, [s.name for s in ds.sources], cfg.text_field)))
+            has_text = bool(cfg.text_corpus or columns.text or cfg.speaker_column or ds.kind == "chat" or (
+                ds.kind == "audio" and find_transcripts(ds.root, [s.name for s in ds.sources], cfg.text_field)))
             with user_errors(hint=enc_hint):
                 enc = load_text_encoding(DEFAULT_TEXT_ENCODING) if has_text else None
             if master:
@@ -721,7 +904,10 @@ def main() -> None:
                                                 "none (no transcripts, no text_corpus: the audio-only layout)"),
                       flush=True)
         # the cache holds audio-only-layout tokens (tok's); the shards the text+audio layout's
-        layout = Layout(tok.layout.vq_strides, tok.layout.codebook_size, *((enc.name, enc.n_vocab) if enc else ()))
+        if ds.kind == "chat" and enc is None:
+            raise UserError(f"dataset {cfg.dataset}: conversations need a text encoding; drop --text_encoding=none")
+        layout = Layout(tok.layout.vq_strides, tok.layout.codebook_size, *((enc.name, enc.n_vocab) if enc else ()),
+                        chat=ds.kind == "chat")
         if master and ds.kind == "parquet":
             print(f"reading columns {', '.join(columns.codes) or columns.audio}"
                   f"{' (pre-tokenised SNAC codes: no codec runs)' if columns.codes else ''}", flush=True)
@@ -741,7 +927,8 @@ def main() -> None:
         if master:
             try:
                 t0 = time.perf_counter()
-                meta = assemble(cfg, tok, layout, enc, ds, folder, columns.text)
+                meta = assemble_chats(cfg, tok, layout, enc, ds, folder) if ds.kind == "chat" else \
+                    assemble(cfg, tok, layout, enc, ds, folder, columns.text)
                 clock["shards"] = time.perf_counter() - t0
             except UserError:
                 # nothing came of this run (no usable file, or --strict): leave no folder behind that it made

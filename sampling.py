@@ -615,14 +615,34 @@ def transcribe(model, layout: Layout, audio: torch.Tensor, max_tokens: int, text
     are sample_frames' (temperature, top_k, top_p, generator); temperature=0 is greedy."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: transcription needs room for at least one text token")
+    context = torch.as_tensor(layout.transcript_context(torch.as_tensor(audio).cpu().numpy()))
+    return write_text(model, layout, context, max_tokens, text_ok, **kwargs)
+
+
+def write_text(model, layout: Layout, context: torch.Tensor, max_tokens: int, text_ok: torch.Tensor | None = None,
+               **kwargs) -> list[int]:
+    """The text ids the model writes after `context` (which ends with TEXT_START), up to TEXT_END (not included)
+    or max_tokens; kwargs as transcribe's."""
     device = model.lm_head.weight.device
     grammar = Grammar(layout, model.config.vocab_size, device, text_ok)
-    context = torch.as_tensor(layout.transcript_context(torch.as_tensor(audio).cpu().numpy()))
     n = -(-max_tokens // layout.frame_size)
     chunks = list(sample_frames(model, layout, None, n, context=context, grammar=grammar, **kwargs))
     ids = torch.cat(chunks, dim=1)[0, :max_tokens].tolist()
     end = layout.special("text_end")
     return ids[:ids.index(end)] if end in ids else ids
+
+
+def reply(model, layout: Layout, context, max_text: int, n_frames: int, text_ok: torch.Tensor | None = None,
+          **kwargs) -> tuple[list[int], torch.Tensor]:
+    """A chat reply after Layout.chat_context(turns): its text ids (up to TEXT_END), then the audio it speaks,
+    (k * frame_size,) audio ids of the k <= n_frames frames before AUDIO_END. kwargs as transcribe's."""
+    context = torch.as_tensor(context, dtype=torch.long).reshape(-1).cpu()
+    text = write_text(model, layout, context, max_text, text_ok, **kwargs)
+    sp = layout.special_tokens
+    spoken = torch.cat([context, torch.tensor([*text, sp["text_end"], sp["audio_start"]], dtype=torch.long)])
+    audio = generate_tokens(model, layout, None, n_frames, context=spoken, **kwargs)
+    tokens, kept = cut_at_end(audio, layout)
+    return text, tokens[0, :int(kept[0]) * layout.frame_size].cpu()
 
 
 # -----------------------------------------------------------------------------

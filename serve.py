@@ -47,6 +47,7 @@ from common import UserError, pick_device, pick_dtype, run_main, user_errors
 from config import parse_config
 from sampling import CODEC_CONTEXT_FRAMES, DECODE_MODES, StreamDecoder
 from speech import audio_tokens, load_model, transcribe_tokens
+from tokenizer import voice_text
 
 
 @dataclass
@@ -377,7 +378,7 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
         if len(req.input) > cfg.max_input_chars:
             raise APIError(400, f"input: {len(req.input)} characters, at most {cfg.max_input_chars} here", "input",
                            "input_too_long")
-        resolve_voice(req.voice)
+        voice = resolve_voice(req.voice, engine.tok.voices or ("default",))
         if req.speed != 1.0:
             raise APIError(400, f"speed={req.speed}: only 1.0 is supported", "speed")
         if req.instructions:
@@ -387,7 +388,8 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
                  cfg.top_k if req.top_k is None else req.top_k, cfg.top_p if req.top_p is None else req.top_p)
         seconds = cfg.max_seconds if req.max_seconds is None else req.max_seconds
         check_knobs(*knobs, seconds, cfg, "max_seconds")
-        context = torch.from_numpy(engine.layout.speech_context(engine.tok.encode_text(req.input)))
+        context = torch.from_numpy(engine.layout.speech_context(engine.tok.encode_text(
+            voice_text(req.input, voice if engine.tok.voices else ""))))
         if len(context) + 2 * engine.layout.frame_size > engine.model.config.block_size:
             raise APIError(400, f"input: {len(context) - 4} text tokens leave no room for audio in the model's "
                                 f"context of {engine.model.config.block_size} tokens", "input", "input_too_long")

@@ -46,7 +46,7 @@ class Source:
 
 @dataclass
 class Dataset:
-    kind: str  # "audio" (a file is a document) or "parquet" (a row is a document)
+    kind: str  # "audio" (a file is a document), "parquet" (a row is one) or "chat" (a .jsonl line is one)
     sources: list[Source]
     root: str  # the local folder searched, or the Hub repo id
     repo: str = ""  # Hub dataset id when parquet files are downloaded one at a time
@@ -82,6 +82,9 @@ def local_dataset(root: str, exclude: str) -> Dataset:
     parquet = find_files(root, exclude, {"parquet"})
     if parquet:
         return Dataset("parquet", [source(rel) for rel in parquet], root)
+    chats = find_files(root, exclude, {"jsonl"})  # conversations, their audio files beside them (chats.py)
+    if chats:
+        return Dataset("chat", [source(rel) for rel in chats], root)
     return Dataset("audio", [source(rel) for rel in find_files(root, exclude, set(audio_extensions()))], root)
 
 
@@ -137,6 +140,7 @@ class Columns:
     audio: str = ""  # struct<bytes, path> or binary: the bytes of an audio file
     codes: tuple[str, ...] = ()  # one flattened column, or one per level (coarse first)
     text: str = ""  # transcripts, carried along (not used by the audio-only layout)
+    speaker: str = ""  # who speaks each row (--speaker_column): strings or integers
 
 
 def read_schema(ds: Dataset):
@@ -154,11 +158,23 @@ def read_schema(ds: Dataset):
     raise ValueError(f"dataset {ds.root}: none of its {len(ds.sources)} .parquet files can be read")
 
 
-def pick_columns(schema, dataset: str, text_column: str, codes_column: str, n_levels: int) -> Columns:
+def pick_columns(schema, dataset: str, text_column: str, codes_column: str, n_levels: int,
+                 speaker_column: str = "") -> Columns:
     """The columns to read, from the flags or else by well-known names and types."""
+    import dataclasses
+
     import pyarrow as pa
     names = schema.names
     where = f"dataset {dataset}: columns {', '.join(names)}"
+    if speaker_column:
+        if speaker_column not in names:
+            raise ValueError(f"--speaker_column={speaker_column}: no such column ({where})")
+        t = schema.field(speaker_column).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
+            raise ValueError(f"--speaker_column={speaker_column}: holds {t}, not speaker names or ids ({where}); "
+                             "name a column of strings or integers")
+        columns = pick_columns(schema, dataset, text_column, codes_column, n_levels)
+        return dataclasses.replace(columns, speaker=speaker_column)
 
     def check(column: str, flag: str) -> str:
         if column not in names:
@@ -210,21 +226,25 @@ class Item:
     payload: object  # an audio file's path or bytes, or a row's codes (a list, a string, or a tuple of levels)
     text: str | None = None  # its transcript, if the dataset has them
     error: str = ""  # why it cannot be used, known before decoding
+    speaker: str | None = None  # who speaks it, if the dataset says (a speaker column)
+    codes: bool = False  # the payload is SNAC codes (a conversation's turn may hold codes among audio files)
 
 
 def rows_to_items(table, columns: Columns, first: int) -> list[Item]:
     texts = table.column(columns.text).to_pylist() if columns.text else [None] * table.num_rows
+    speakers = [None if v is None or not str(v).strip() else " ".join(str(v).split())
+                for v in table.column(columns.speaker).to_pylist()] if columns.speaker else [None] * table.num_rows
     if columns.codes:
         values = [table.column(c).to_pylist() for c in columns.codes]
         payloads = values[0] if len(values) == 1 else list(zip(*values))
-        return [Item(first + j, p, t) for j, (p, t) in enumerate(zip(payloads, texts))]
+        return [Item(first + j, p, t, speaker=who) for j, (p, t, who) in enumerate(zip(payloads, texts, speakers))]
     items = []
-    for j, (cell, text) in enumerate(zip(table.column(columns.audio).to_pylist(), texts)):
+    for j, (cell, text, who) in enumerate(zip(table.column(columns.audio).to_pylist(), texts, speakers)):
         data = cell.get("bytes") if isinstance(cell, dict) else cell
         error = "" if data else "no audio bytes in the row" + (
             f" (only a path, {cell.get('path')!r}, which is not looked up)" if isinstance(cell, dict) and
             cell.get("path") else "")
-        items.append(Item(first + j, data, text, error))
+        items.append(Item(first + j, data, text, error, who))
     return items
 
 

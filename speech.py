@@ -16,7 +16,7 @@ from checkpoints import CODEC_KEYS, LAYOUT_KEYS, check_compatible, load_model_so
 from codec import AudioTokenizer, load_codec
 from model import GPT
 from sampling import transcribe
-from tokenizer import Layout, load_text_encoding
+from tokenizer import Layout, load_text_encoding, voice_text
 
 
 @contextlib.contextmanager
@@ -29,11 +29,12 @@ def hinted(hint: str):
 
 
 def load_model(source: str, codec: str, device: str, dtype: str, text_for: str = "",
-               seed: int = 0) -> tuple[GPT, AudioTokenizer]:
+               seed: int = 0, voice: str = "") -> tuple[GPT, AudioTokenizer]:
     """A checkpoint, export folder or Hub id and its codec (codec "" = the one its meta names), checked to match,
     the model in eval mode on device in dtype. text_for: what needs the model's text encoding, named in the error
     when it cannot be loaded ("" = audio only: a text+audio model's audio ids are still placed after its text ids).
-    seed: the codec decoder's noise seed."""
+    seed: the codec decoder's noise seed. voice: a trained speaker the caller will ask for, checked here (the
+    model's voices are on the returned tokenizer, tok.voices)."""
     ckpt = load_model_source(source)
     meta = tokenizer_meta(ckpt, source)
     layout = Layout.from_meta(meta)
@@ -56,6 +57,10 @@ def load_model(source: str, codec: str, device: str, dtype: str, text_for: str =
         check_compatible(meta, tok.meta(), f"checkpoint {source}", ours, CODEC_KEYS if audio_only else LAYOUT_KEYS)
         if audio_only:
             tok.layout = layout  # with text, audio ids come after the text ids
+    tok.voices = tuple(meta.get("voices") or ())
+    if voice:
+        with hinted(f"; pass one of them, or no voice (checkpoint {source})"):
+            voice_text("", voice, list(tok.voices))
     tok.noise_seed = seed  # SNAC's decoder adds noise: seeded, so the same seed writes the same WAV bytes
     model = GPT.from_checkpoint(ckpt).to(device).eval()
     if dtype != "float32":

@@ -30,6 +30,19 @@ A document is [BOUNDARY] then its segments, each wrapped: [TEXT_START] text [TEX
 audio without text [audio], text without audio [text]. Text is encoded with the encoding's encode_ordinary, so
 its own special tokens (<|endoftext|>) never appear.
 
+VOICES. A speaker rides in the text, Orpheus' way: a speech-from-text item of speaker NAME has the text
+"NAME: words" (voice_text). A text prefix, not a token per speaker: the layout (and so every checkpoint's vocab)
+stays the same whatever the speakers, a new voice needs no new embedding row, and the name is text the model already
+reads. The audio-only layout has no text, so it has no voices. A cloning item holds two utterances of one speaker,
+[BOUNDARY][ref text][ref audio][text][audio] with no name (clone_document): the voice must come from the reference
+audio, so the model learns to keep the voice it hears; clone_context(...) is the same open after AUDIO_START.
+
+CONVERSATIONS (CHAT_LAYOUT_NAME, "snac-chat-v1") extend the text+audio layout by three role tokens after its special
+tokens, SYSTEM, USER, ASSISTANT (GPT-2 BPE + SNAC 24 kHz: 62,550 .. 62,552): every id of that layout keeps its
+meaning, so a text+audio checkpoint fine-tunes on chats with three new embedding rows. A conversation is [BOUNDARY]
+then its turns, each [ROLE] [text segment] [audio segment] (conversation(); an assistant turn has both, text first);
+its loss mask counts the assistant turns only.
+
 The audio-only layout (LAYOUT_NAME, "snac-depth-first-v1", text_vocab = 0) is the same with no text range and one
 special token: [BOUNDARY] + frames per document, audio ids from 0 and BOUNDARY = n_levels * codebook_size.
 Datasets and checkpoints written with it keep working (train, resume, generate).
@@ -46,6 +59,8 @@ DEFAULT_TEXT_ENCODING = "gpt2"  # GPT-2's BPE, through tiktoken
 LAYOUT_NAME = "snac-depth-first-v1"  # audio only
 TEXT_LAYOUT_NAME = "snac-text-audio-v1"  # text ids, then audio ids, then SPECIAL_TOKENS
 SPECIAL_TOKENS = ("boundary", "text_start", "text_end", "audio_start", "audio_end")
+CHAT_LAYOUT_NAME = "snac-chat-v1"  # the text+audio layout's ids, then CHAT_TOKENS: conversations
+CHAT_TOKENS = ("system", "user", "assistant")  # one role token opens each turn
 
 
 @dataclass(frozen=True)
@@ -56,15 +71,18 @@ class Layout:
     codebook_size: int  # codes per level, e.g. 4096
     text_encoding: str = ""  # tiktoken encoding name, e.g. "gpt2"; "" = the audio-only layout
     text_vocab: int = 0  # its n_vocab: text ids are 0 .. text_vocab - 1
+    chat: bool = False  # the role tokens of conversations after the other special tokens (CHAT_LAYOUT_NAME)
 
     def __post_init__(self):
         if bool(self.text_encoding) != (self.text_vocab > 0):
             raise ValueError(f"text_encoding '{self.text_encoding}' and text_vocab {self.text_vocab}: give both or "
                              "neither")
+        if self.chat and not self.text_vocab:
+            raise ValueError("conversations need a text encoding: the chat layout extends the text+audio layout")
 
     @property
     def name(self) -> str:
-        return TEXT_LAYOUT_NAME if self.text_vocab else LAYOUT_NAME
+        return CHAT_LAYOUT_NAME if self.chat else TEXT_LAYOUT_NAME if self.text_vocab else LAYOUT_NAME
 
     @property
     def n_levels(self) -> int:
@@ -91,7 +109,7 @@ class Layout:
     @property
     def special_tokens(self) -> dict[str, int]:
         """Name -> id of every special token, after all text and audio ids."""
-        names = SPECIAL_TOKENS if self.text_vocab else SPECIAL_TOKENS[:1]
+        names = SPECIAL_TOKENS + CHAT_TOKENS * self.chat if self.text_vocab else SPECIAL_TOKENS[:1]
         first = self.audio_offset + self.n_audio
         return {name: first + i for i, name in enumerate(names)}
 
@@ -261,6 +279,69 @@ class Layout:
         """Transcription: [BOUNDARY, AUDIO_START, audio, AUDIO_END, TEXT_START]; the model continues with text."""
         return self.document(audio=audio, text=np.zeros(0, np.int64), text_first=False)[:-1]
 
+    def clone_document(self, ref_audio, ref_text, audio, text) -> np.ndarray:
+        """A cloning item: [BOUNDARY][ref text][ref audio][text][audio], two utterances of one speaker."""
+        first = self.document(audio=ref_audio, text=ref_text, text_first=True)
+        return np.concatenate([first, self.document(audio=audio, text=text, text_first=True)[1:]])
+
+    def clone_context(self, ref_audio, ref_text, text) -> np.ndarray:
+        """Voice cloning: a cloning item open after its second AUDIO_START; the model continues with audio in the
+        reference's voice."""
+        return self.clone_document(ref_audio, ref_text, np.zeros(0, np.int64), text)[:-1]
+
+    # --- conversations (the chat layout) --------------------------------------------------------------------
+
+    def turn(self, role: str, text=None, audio=None) -> np.ndarray:
+        """One turn: [ROLE], then its text segment, then its audio segment. An assistant turn holds both: it thinks
+        in text, then speaks it (mini-omni's and LLaMA-Omni's order); a user turn may be audio only."""
+        if role not in CHAT_TOKENS:
+            raise ValueError(f"role '{role}': expected one of {', '.join(CHAT_TOKENS)}")
+        if text is None and audio is None:
+            raise ValueError(f"a {role} turn holds neither text nor audio")
+        doc = self.document(audio=audio, text=text, text_first=True)
+        return np.concatenate([[self.special(role)], doc[1:]]).astype(np.int64)
+
+    def conversation(self, turns: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+        """(role, text ids or None, audio ids or None) turns -> [BOUNDARY] + the turns, and the loss mask (uint8,
+        one per id): 1 where the id is a target the loss counts, which is every id of an assistant turn after its
+        role token (the model learns to answer, not to ask)."""
+        ids, mask = [np.array([self.boundary_id], np.int64)], [np.zeros(1, np.uint8)]
+        for role, text, audio in turns:
+            t = self.turn(role, text, audio)
+            ids.append(t)
+            m = np.full(len(t), role == "assistant", np.uint8)
+            m[0] = 0
+            mask.append(m)
+        return np.concatenate(ids), np.concatenate(mask)
+
+    def chat_context(self, turns: list[tuple]) -> np.ndarray:
+        """What a reply is sampled from: the conversation, then [ASSISTANT, TEXT_START]: the reply's text comes
+        first, then (after TEXT_END, AUDIO_START) its speech."""
+        return np.concatenate([self.conversation(turns)[0], [self.special("assistant"), self.special("text_start")]])
+
+    def fit_turns(self, turns: list[tuple], room: int, block_size: int) -> list[tuple]:
+        """The turns whose chat_context leaves `room` ids for a reply in a block_size context: the oldest whole
+        turns leave first; a system turn that opens the conversation stays."""
+        while len(turns) > 1 and len(self.chat_context(turns)) + room > block_size:
+            drop = 1 if turns[0][0] == "system" and len(turns) > 2 else 0
+            turns = turns[:drop] + turns[drop + 1:]
+        return turns
+
+    def split_reply(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """The ids sampled after chat_context -> (text ids up to TEXT_END, audio ids between AUDIO_START and
+        AUDIO_END, or up to the end; whole frames only)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        sp = self.special_tokens
+        end = np.flatnonzero(ids == sp["text_end"])
+        text = ids[:end[0]] if len(end) else ids
+        text = text[text < self.text_vocab]
+        rest = ids[end[0] + 1:] if len(end) else ids[:0]
+        start = np.flatnonzero(rest == sp["audio_start"])
+        audio = rest[start[0] + 1:] if len(start) else rest[:0]
+        stop = np.flatnonzero(audio == sp["audio_end"])
+        audio = audio[:stop[0]] if len(stop) else audio
+        return text, audio[:len(audio) // self.frame_size * self.frame_size]
+
     def meta(self) -> dict:
         text = {"text_encoding": self.text_encoding, "text_vocab": self.text_vocab, "audio_offset": self.audio_offset}
         return {
@@ -279,12 +360,13 @@ class Layout:
     def from_meta(cls, meta: dict) -> "Layout":
         """The layout recorded in a meta.json or checkpoint; an unknown or inconsistent layout is a ValueError."""
         name = meta.get("layout")
-        if name not in (LAYOUT_NAME, TEXT_LAYOUT_NAME):
-            raise ValueError(f"token layout '{name}' is not supported (expected '{TEXT_LAYOUT_NAME}' or "
-                             f"'{LAYOUT_NAME}'); re-run prepare_audio.py")
+        if name not in (LAYOUT_NAME, TEXT_LAYOUT_NAME, CHAT_LAYOUT_NAME):
+            raise ValueError(f"token layout '{name}' is not supported (expected '{TEXT_LAYOUT_NAME}', "
+                             f"'{CHAT_LAYOUT_NAME}' or '{LAYOUT_NAME}'); re-run prepare_audio.py")
         try:
-            text = (str(meta["text_encoding"]), int(meta["text_vocab"])) if name == TEXT_LAYOUT_NAME else ("", 0)
-            layout = cls(tuple(int(s) for s in meta["vq_strides"]), int(meta["codebook_size"]), *text)
+            text = (str(meta["text_encoding"]), int(meta["text_vocab"])) if name != LAYOUT_NAME else ("", 0)
+            layout = cls(tuple(int(s) for s in meta["vq_strides"]), int(meta["codebook_size"]), *text,
+                         chat=name == CHAT_LAYOUT_NAME)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"token layout '{name}': its record is incomplete or damaged ({type(e).__name__}: "
                              f"{e}); re-run prepare_audio.py") from None
@@ -293,6 +375,20 @@ class Layout:
             raise ValueError(f"token layout '{name}': special_tokens {recorded} do not match the layout "
                              f"({layout.special_tokens}); re-run prepare_audio.py")
         return layout
+
+
+# -----------------------------------------------------------------------------
+# voices: the one rule for where a speaker's name goes (prepare_audio.py writes it, generate.py and servers ask it)
+
+def voice_text(text: str, voice: str = "", voices: list[str] | None = None) -> str:
+    """The text of a speech-from-text item in `voice`: "NAME: text" (no voice: the text as it is). voices: the
+    model's (meta.json's "voices"); given, an unknown voice is a ValueError listing the known ones."""
+    if not voice:
+        return text
+    if voices is not None and voice not in voices:
+        known = ", ".join(voices) if voices else "none: the model was trained without speakers"
+        raise ValueError(f"voice '{voice}': unknown (known voices: {known})")
+    return f"{voice}: {text}"
 
 
 # -----------------------------------------------------------------------------

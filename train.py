@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoints import check_compatible, load_checkpoint, save_checkpoint
+from checkpoints import added_rows, check_compatible, grow_rows, load_checkpoint, save_checkpoint
 from common import (Dist, UserError, atomic_write, autocast, format_bytes, format_duration, hold_out_dir_lock,
                     move_aside, peak_flops,
                     pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
@@ -213,11 +213,14 @@ def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
             raise UserError(f"init_from={cfg.init_from}: {e}") from None
         return dataclasses.replace(cfg, **{k: args[k] for k in ("n_layer", "n_head", "n_embd", "bias", "gelu")}), state
     try:
-        check_compatible(ckpt.get("meta") or {}, meta, "the model", cfg.data_dir)
+        grow = added_rows(ckpt.get("meta") or {}, meta, "the model", cfg.data_dir)
     except ValueError as e:
         raise UserError(f"init_from={cfg.init_from}: {e}; prepare the data with the model's codec") from None
+    if grow:  # the data's layout adds special tokens (chat roles): new rows for them
+        print(f"init_from={cfg.init_from}: {grow} new token rows for the data's {meta['layout']} layout", flush=True)
     arch = {k: ckpt["model_args"][k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias", "gelu")}
-    return dataclasses.replace(cfg, **arch), ckpt["model"]
+    return dataclasses.replace(cfg, **arch), grow_rows(ckpt["model"], int(ckpt["model_args"]["vocab_size"]),
+                                                         int(meta["vocab_size"])) if grow else ckpt["model"]
 
 
 def eval_rows(cfg: TrainConfig, meta: dict) -> list | None:

@@ -409,7 +409,7 @@ def test_generate_text_and_transcribe_cli(tmp_path, text_tok, tok):
     r = run_generate(f"--ckpt={audio_only}", "--text=Hello.", "--device=cpu")
     assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert "trained on audio only" in r.stderr
-    r = run_generate(f"--ckpt={ckpt}", "--text=Hello.", f"--prompt={tmp_path / 'a.wav'}")
+    r = run_generate(f"--ckpt={ckpt}", "--text=Hello.", f"--transcribe={tmp_path / 'a.wav'}")
     assert r.returncode == 1 and "separate modes" in r.stderr
 
 

@@ -1,0 +1,148 @@
+"""A spoken conversation in the terminal with a chat model (configs/chat.py): type a line, or the path of an audio
+file; the model answers in text, then speech, and every reply is written to out_dir as a WAV.
+
+    python chat.py --ckpt=out/chat/best.pt
+    python chat.py --ckpt=out/chat/best.pt --system="Answer in one sentence." --out_dir=replies
+    printf 'Hello there.\\nquestion.wav\\nThank you.\\n' | python chat.py --ckpt=out/chat/best.pt   # turns from a pipe
+    python chat.py --ckpt=out/chat/best.pt --codec=snac_24khz_folder --device=cpu   # offline: a local codec copy
+    python chat.py --help
+
+Each reply prints its text, its WAV file, its length, the time to first audio (from the end of the user's turn to
+the first reply samples decoded) and its real-time factor. The conversation is the context of every reply; when it
+no longer leaves room for a reply, its oldest whole turns leave (a system turn stays). Ctrl-D or an empty pipe ends.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from checkpoints import CODEC_KEYS, check_compatible, load_model_source, tokenizer_meta
+from codec import BadAudio, WavWriters, load_codec, read_audio
+from common import UserError, pick_device, run_main, user_errors
+from config import parse_config
+from model import GPT
+from sampling import DECODE_FRAMES, StreamDecoder, cut_at_end, sample_frames, write_text
+from sources import audio_extensions
+from tokenizer import CHAT_LAYOUT_NAME, Layout
+
+
+@dataclass
+class ChatConfig:
+    ckpt: str = "out/chat/ckpt.pt"  # a chat checkpoint (.pt), an export.py folder or a Hub model id
+    codec: str = ""  # Hub id or local folder; "" = the codec named in the checkpoint's meta
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    out_dir: str = "replies"  # reply_<n>.wav, one per reply
+    system: str = ""  # a system turn that opens the conversation (and never leaves it)
+    max_text: int = 64  # text tokens per reply at most
+    seconds: float = 10.0  # speech per reply at most
+    temperature: float = 0.8  # for the reply's speech; 0 = greedy
+    text_temperature: float = 0.0  # for the reply's text; 0 = greedy
+    top_k: int = 0  # keep only the k most likely ids; 0 = off
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    seed: int = 1337  # same seed, same replies on the same device
+
+
+def load_chat_model(cfg: ChatConfig, device: str):
+    with user_errors():
+        ckpt = load_model_source(cfg.ckpt)
+        meta = tokenizer_meta(ckpt, cfg.ckpt)
+        layout = Layout.from_meta(meta)
+    if not layout.chat:
+        raise UserError(f"checkpoint {cfg.ckpt}: layout {layout.name} has no role tokens; chat needs a model "
+                        f"fine-tuned on conversations ({CHAT_LAYOUT_NAME}: train.py configs/chat.py)")
+    codec = cfg.codec or meta.get("codec")
+    with user_errors(" (the checkpoint's codec and text encoding; pass --codec=<Hub id or local folder>)"):
+        tok = load_codec(codec, device=device, text_encoding=layout.text_encoding)
+        check_compatible(meta, tok.meta(), f"checkpoint {cfg.ckpt}", f"codec {codec}", (*CODEC_KEYS, "text_encoding"))
+    tok.layout = layout  # the chat layout: the codec's ids, the text ids, then the role tokens
+    return GPT.from_checkpoint(ckpt).to(device).eval(), tok
+
+
+def user_turn(line: str, tok) -> tuple:
+    """A typed line -> a text turn; the path of an audio file -> an audio turn (its SNAC ids)."""
+    if line.rsplit(".", 1)[-1].lower() in audio_extensions() and os.path.isfile(line):
+        try:
+            wav, rate = read_audio(line)
+        except BadAudio as e:
+            raise UserError(f"audio {line}: {e}") from None
+        return "user", None, tok.encode(tok.to_mono(wav, rate).numpy(), tok.sample_rate).astype(np.int64)
+    return "user", tok.encode_text(line), None
+
+
+def main() -> None:
+    with user_errors():
+        cfg = parse_config(ChatConfig, sys.argv[1:], __doc__)
+    if cfg.max_text < 1 or not 0 < cfg.seconds <= 600 or cfg.temperature < 0 or cfg.text_temperature < 0:
+        raise UserError("max_text must be >= 1, seconds in (0, 600], temperature and text_temperature >= 0")
+    print("config:", json.dumps(dataclasses.asdict(cfg)), flush=True)
+    device = pick_device(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    model, tok = load_chat_model(cfg, device)
+    layout, fs, hop, sr = tok.layout, tok.layout.frame_size, tok.frame_hop, tok.sample_rate
+    block_size = model.config.block_size
+    n_frames = math.ceil(cfg.seconds * sr / hop)
+    text_ok = torch.from_numpy(tok.text_bytes > 0)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    knobs = dict(top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+    turns: list[tuple] = [("system", tok.encode_text(cfg.system), None)] if cfg.system else []
+    interactive = sys.stdin.isatty()
+    n = 0
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        t_end = time.perf_counter()  # the end of the user's turn
+        turns.append(user_turn(line, tok))
+        # room for the reply: its text, TEXT_END + AUDIO_START, and at least a second of speech
+        want = cfg.max_text + 2 + min(n_frames, math.ceil(sr / hop)) * fs
+        kept = layout.fit_turns(turns, want, block_size)
+        if len(kept) < len(turns):
+            print(f"note: the conversation fills the model's context; its oldest {len(turns) - len(kept)} turn(s) "
+                  "left it", file=sys.stderr, flush=True)
+        turns = kept
+        context = torch.from_numpy(layout.chat_context(turns))
+        text = write_text(model, layout, context, min(cfg.max_text, block_size - len(context) - 2 - fs), text_ok,
+                          temperature=cfg.text_temperature, **knobs)
+        sp = layout.special_tokens
+        spoken = torch.cat([context, torch.tensor([*text, sp["text_end"], sp["audio_start"]])])
+        frames_left = min(n_frames, (block_size - len(spoken)) // fs)  # the window must not slide past the turns
+        print(f"assistant: {tok.decode_text(text).strip()}", flush=True)
+        path = os.path.join(cfg.out_dir, f"reply_{n}.wav")
+        dec, t_first, frames = StreamDecoder(tok, DECODE_FRAMES), None, []
+        with WavWriters([path], [], sr, 0) as out:
+            def write(audio: torch.Tensor | None) -> None:
+                nonlocal t_first
+                if audio is not None:  # the decoder lags the sampler: a row's end is known before its audio
+                    out.write(audio.cpu().numpy(), [(e if e is not None else 1 << 40) * hop for e in dec.ends])
+                    t_first = t_first or time.perf_counter()
+            for frame in sample_frames(model, layout, None, max(1, frames_left), context=spoken,
+                                       temperature=cfg.temperature, **knobs):
+                frames.append(frame)
+                write(dec.push(frame))
+            write(dec.flush())
+        t_done = time.perf_counter()
+        tokens, kept = cut_at_end(torch.cat(frames, dim=1), layout)
+        speech = tokens[0, :int(kept[0]) * fs].cpu().numpy()
+        seconds = len(speech) // fs * hop / sr
+        print(f"{path}: {seconds:.2f} s | time to first audio {(t_first - t_end) * 1000:.0f} ms | real-time "
+              f"factor {seconds / (t_done - t_end):.2f}x", flush=True)
+        turns.append(("assistant", np.asarray(text, dtype=np.int64), speech if len(speech) else None))
+        n += 1
+
+
+if __name__ == "__main__":
+    run_main(main)
