@@ -1,6 +1,6 @@
 """Bigger models on more GPUs: FSDP2 wrapping, the memory plan, and sharded checkpoints (torch.distributed.checkpoint).
 
-    shard_model(model, param_dtype=torch.bfloat16, compile=True)     # one FSDP unit per Block, then the root
+    shard_model(model, torch.bfloat16, compile_blocks=True)  # one FSDP unit per Block, then the root
     whole = gathered_model(model, "cuda")                  # every rank: a plain copy on rank 0 (eval samples)
     plan = memory_plan(model.config, batch_size=8, world_size=4, fsdp=True, activation_checkpointing=False,
                        dtype="bfloat16")                              # bytes per process, before anything is built
@@ -35,16 +35,16 @@ USABLE = 0.9  # of a device's memory: the rest is for the CUDA context, NCCL buf
 # -----------------------------------------------------------------------------
 # FSDP2: each Block is one unit (its weights gathered just before it runs, freed after), the root holds the rest
 
-def shard_model(model: GPT, param_dtype: torch.dtype | None, compile: bool = False) -> None:
+def shard_model(model: GPT, param_dtype: torch.dtype | None, compile_blocks: bool = False) -> None:
     """fully_shard each Block, then the root, in place: the weights are kept in float32 and sharded across the
     ranks; param_dtype (bfloat16, or None for float32) is what each unit computes in; gradients are reduced in
-    float32. compile: torch.compile each Block (a whole-model graph would run through FSDP's hooks)."""
+    float32. compile_blocks: torch.compile each Block (a whole-model graph would run through FSDP's hooks)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # the root returns the logits as a view; nothing here changes them in place, which is what FSDP warns about
+    # the root returns the logits as a view; nothing changes them in place once returned, which FSDP warns about
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:
-        if compile:
+        if compile_blocks:
             block.compile()
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

@@ -366,7 +366,7 @@ def main() -> None:
     raw_model.checkpoint_blocks = cfg.activation_checkpointing
     if cfg.fsdp:  # built on the CPU, whole: each rank moves only its shards to the device
         shard_model(raw_model, None if dtype == "float32" else getattr(torch, dtype),
-                    compile=cfg.compile and device_type == "cuda")
+                    compile_blocks=cfg.compile and device_type == "cuda")
     else:
         raw_model.to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
