@@ -117,6 +117,7 @@ def test_parquet_speaker_column_and_cloning_items(codes_parquet, text_tok, tmp_p
                                                  "bob: The woman.", "bob: Facts.", "7: Love."]
 
 
+@pytest.mark.slow
 def test_audio_parquet_speakers_resume_after_kill(tmp_path, codec_dir, text_tok):
     """Audio bytes with a speaker column: killed after two row groups are cached, then run again, byte-identical."""
     from test_parquet import AUDIO_TYPE, audio_bytes
