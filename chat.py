@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoints import CODEC_KEYS, check_compatible, load_model_source, tokenizer_meta
-from codec import BadAudio, WavWriters, load_codec, read_audio
+from codec import BadAudio, WavWriters, read_audio
 from common import UserError, pick_device, run_main, user_errors
 from config import parse_config
-from model import GPT
 from sampling import DECODE_FRAMES, StreamDecoder, cut_at_end, sample_frames, write_text
 from sources import audio_extensions
-from tokenizer import CHAT_LAYOUT_NAME, Layout
+import speech
+from tokenizer import CHAT_LAYOUT_NAME
 
 
 @dataclass
@@ -52,18 +51,11 @@ class ChatConfig:
 
 def load_chat_model(cfg: ChatConfig, device: str):
     with user_errors():
-        ckpt = load_model_source(cfg.ckpt)
-        meta = tokenizer_meta(ckpt, cfg.ckpt)
-        layout = Layout.from_meta(meta)
-    if not layout.chat:
-        raise UserError(f"checkpoint {cfg.ckpt}: layout {layout.name} has no role tokens; chat needs a model "
+        model, tok = speech.load_model(cfg.ckpt, cfg.codec, device, "float32", "chat.py", cfg.seed)
+    if not tok.layout.chat:
+        raise UserError(f"checkpoint {cfg.ckpt}: layout {tok.layout.name} has no role tokens; chat needs a model "
                         f"fine-tuned on conversations ({CHAT_LAYOUT_NAME}: train.py configs/chat.py)")
-    codec = cfg.codec or meta.get("codec")
-    with user_errors(" (the checkpoint's codec and text encoding; pass --codec=<Hub id or local folder>)"):
-        tok = load_codec(codec, device=device, text_encoding=layout.text_encoding)
-        check_compatible(meta, tok.meta(), f"checkpoint {cfg.ckpt}", f"codec {codec}", (*CODEC_KEYS, "text_encoding"))
-    tok.layout = layout  # the chat layout: the codec's ids, the text ids, then the role tokens
-    return GPT.from_checkpoint(ckpt).to(device).eval(), tok
+    return model, tok
 
 
 def user_turn(line: str, tok) -> tuple:

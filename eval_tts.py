@@ -25,16 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoints import LAYOUT_KEYS, check_compatible, load_model_source, tokenizer_meta
-from codec import BadAudio, WavWriters, load_codec, read_audio
+from codec import BadAudio, WavWriters, read_audio
 from common import UserError, move_aside, pick_device, pick_dtype, run_main, user_errors, write_json
 from config import parse_config
 from evalset import audio_tokens, model_transcript, read_list, round_trip, speak
 from metrics import (DEFAULT_ASR, DEFAULT_SV, Asr, Normaliser, SpeakerEmbedder, Utmos, error_rates,
                      is_local_or_cached, similarity)
-from model import GPT
 from sampling import DECODE_MODES
-from tokenizer import Layout
+import speech
 
 
 @dataclass
@@ -92,23 +90,10 @@ def check_config(cfg: EvalConfig) -> None:
 def load_model(cfg: EvalConfig, device: str, dtype: str):
     """The checkpoint and its codec with the text encoding: a text+audio model, or one line saying why not."""
     with user_errors():
-        ckpt = load_model_source(cfg.ckpt)
-        meta = tokenizer_meta(ckpt, cfg.ckpt)
-        layout = Layout.from_meta(meta)
-    if not layout.text_vocab:
-        raise UserError(f"checkpoint {cfg.ckpt}: trained on audio only (layout {layout.name}); eval_tts.py needs a "
-                        "model trained on text+audio data (prepare_audio.py with transcripts)")
-    codec = cfg.codec or meta.get("codec")
-    if not codec:
-        raise UserError(f"checkpoint {cfg.ckpt}: its meta names no codec; pass --codec=<Hub id or local folder>")
-    with user_errors("" if cfg.codec else " (the checkpoint's codec; pass --codec=<a local copy of it>)"):
-        tok = load_codec(codec, device=device, text_encoding=layout.text_encoding)
-    with user_errors("; pass the checkpoint's codec with --codec"):
-        check_compatible(meta, tok.meta(), f"checkpoint {cfg.ckpt}", f"codec {codec}", LAYOUT_KEYS)
-    tok.noise_seed = cfg.seed
-    model = GPT.from_checkpoint(ckpt).to(device).eval()
-    if dtype != "float32":
-        model = model.to(getattr(torch, dtype))
+        model, tok = speech.load_model(cfg.ckpt, cfg.codec, device, dtype, "eval_tts.py", cfg.seed)
+    if not tok.layout.text_vocab:
+        raise UserError(f"checkpoint {cfg.ckpt}: trained on audio only (layout {tok.layout.name}); eval_tts.py needs "
+                        "a model trained on text+audio data (prepare_audio.py with transcripts)")
     return model, tok
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from codec import AudioTokenizer
-from sampling import cut_at_end, decode_in_chunks, sample_frames, transcribe
+from sampling import cut_at_end, decode_in_chunks, sample_frames
+from speech import audio_tokens, transcribe_tokens
 
 FORMATS = ("seedtts", "librispeech_pc", "sentences")
 MIN_TEXT_TOKENS = 64  # room a transcription leaves for the text the model writes (at most a quarter of the context)
@@ -46,6 +47,26 @@ SENTENCES = [Row(f"harvard{i}", text) for i, text in enumerate((
     "The juice of lemons makes fine punch.",
     "The box was thrown beside the parked truck.",
     "The hogs were fed chopped corn and garbage."))]
+
+
+def spoken_rows(eval_asr: str, eval_list: str, meta: dict, data: str) -> tuple[list[Row] | None, list[str]]:
+    """train.py's eval_asr/eval_list for a dataset (meta, named `data` in errors) -> (the rows its eval samples
+    speak, None for the built-in sentences or no eval_asr; the bad rows skipped). ValueError when they cannot be."""
+    if not eval_asr:
+        return None, []
+    if not meta.get("text_encoding"):
+        raise ValueError(f"eval_asr={eval_asr}: {data} holds audio only; spoken samples need a text+audio dataset "
+                         "(prepare_audio.py with transcripts), or drop eval_asr")
+    if not eval_list:
+        return None, []
+    if not os.path.isfile(eval_list):
+        raise ValueError(f"eval_list {eval_list}: not found (a list as eval_tts.py reads, or '' for the built-in "
+                         "sentences)")
+    rows, bad, fmt = read_list(eval_list)
+    if not rows:
+        raise ValueError(f"eval_list {eval_list}: no good row ({len(bad)} bad; read as {fmt}): "
+                         + "; ".join(bad[:3]))
+    return rows, bad
 
 
 def detect_format(lines: list[str]) -> str:
@@ -123,14 +144,6 @@ def librispeech_path(root: str, utt: str) -> str:
 # -----------------------------------------------------------------------------
 # speech from a model, and the codec's round trip
 
-def audio_tokens(tok: AudioTokenizer, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
-    """Audio at any rate -> the tokens of its whole frames (a partial last frame would be padded with silence,
-    which the model would continue)."""
-    wav = tok.to_mono(audio, sample_rate)
-    wav = wav[:max(1, len(wav) // tok.frame_hop) * tok.frame_hop]
-    return torch.from_numpy(tok.encode(wav.numpy(), tok.sample_rate))
-
-
 def round_trip(tok: AudioTokenizer, audio: np.ndarray, sample_rate: int) -> np.ndarray:
     """The audio after a codec encode/decode: the best any model of these tokens can sound (the ceiling)."""
     return tok.decode(audio_tokens(tok, audio, sample_rate).numpy())
@@ -175,15 +188,8 @@ def speak(model, tok: AudioTokenizer, text: str, ref_tokens: torch.Tensor | None
     return audio.cpu().numpy()
 
 
-@torch.no_grad()
 def model_transcript(model, tok: AudioTokenizer, tokens: torch.Tensor, **kwargs) -> str:
-    """What the model writes after audio (its own ASR: a transcription item, greedy unless kwargs say otherwise),
-    from the first seconds that fit its context."""
-    layout, fs, block = tok.layout, tok.layout.frame_size, model.config.block_size
-    fit = (block - len(layout.transcript_context(np.zeros(0, np.int64))) - min(MIN_TEXT_TOKENS, block // 4)) // fs
-    tokens = tokens[:max(1, fit) * fs]
-    max_tokens = block - len(layout.transcript_context(tokens.numpy()))
-    text_ok = torch.from_numpy(tok.text_bytes > 0)
+    """What the model writes after audio (its own ASR, greedy unless kwargs say otherwise), from the first seconds
+    that fit its context."""
     kwargs.setdefault("temperature", 0.0)
-    ids = transcribe(model, layout, tokens, max_tokens, text_ok, **kwargs)
-    return " ".join(tok.decode_text(ids).split())
+    return transcribe_tokens(model, tok, tokens, MIN_TEXT_TOKENS, **kwargs)[0]

@@ -15,10 +15,10 @@ import os
 
 import torch
 
-from checkpoints import check_weights, from_gpt2, load_model_source, read_weights, to_gpt2
+from checkpoints import added_rows, check_weights, from_gpt2, grow_rows, load_model_source, read_weights, to_gpt2
 from common import read_json
 from model import GPTConfig
-from tokenizer import Layout
+from tokenizer import Layout, load_text_encoding
 
 GPT2_SIZES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 # the spread of the noise on new embedding rows, in units of the text rows' per-dimension spread (see fit_to_layout)
@@ -104,6 +104,31 @@ def fit_to_layout(ckpt: dict, meta: dict, eot: int, block_size: int, seed: int) 
     state["transformer.wte.weight"] = state["lm_head.weight"] = wte
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
     return new_args, state
+
+
+def pretrained(source: str, meta: dict, block_size: int, seed: int, data: str) -> tuple[dict, dict, int]:
+    """Weights to fine-tune (a GPT-2 as load_model reads it, or a gpt2o checkpoint, export or Hub id) for a dataset
+    (meta, named `data` in errors) -> (the architecture keys of model_args they fix, the state for the dataset's
+    layout, how many token rows were added). A GPT-2 keeps block_size and gets rows for the audio and special ids
+    (fit_to_layout); a gpt2o model brings its block_size and gets rows only for the specials a chat layout adds."""
+    try:
+        ckpt = load_model(source)
+    except ValueError as e:
+        raise ValueError(f"{e} (or scratch, or resume)") from None
+    if "base_model" in ckpt:  # a transformers GPT-2: its text ids must be the dataset's
+        layout = Layout.from_meta(meta)
+        eot = meta.get("text_eot")  # prepare_audio.py records it; else the encoding itself says
+        if eot is None and layout.text_vocab:
+            eot = load_text_encoding(layout.text_encoding).eot_token
+        args, state = fit_to_layout(ckpt, meta, eot, block_size, seed)
+        return {k: args[k] for k in ("n_layer", "n_head", "n_embd", "bias", "gelu")}, state, 0
+    try:
+        grown = added_rows(ckpt.get("meta") or {}, meta, "the model", data)
+    except ValueError as e:
+        raise ValueError(f"{e}; prepare the data with the model's codec") from None
+    args = ckpt["model_args"]
+    state = grow_rows(ckpt["model"], int(args["vocab_size"]), int(meta["vocab_size"])) if grown else ckpt["model"]
+    return {k: args[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias", "gelu")}, state, grown
 
 
 def export_files(state: dict[str, torch.Tensor], model_args: dict, meta: dict) -> tuple[dict, dict, dict]:

@@ -53,10 +53,12 @@ def load_model(source: str, codec: str, device: str, dtype: str, text_for: str =
     with hinted("; pass the checkpoint's codec with --codec"):
         ours = f"codec {codec}" + (f" + text encoding '{text_encoding}'" if text_encoding else "")
         # without its text encoding a text+audio model's codes are still checked, and its own layout is taken
+        # a chat model's layout adds role tokens after the codec's text+audio ids: its codes and text are checked
         audio_only = bool(layout.text_encoding) and not text_encoding
-        check_compatible(meta, tok.meta(), f"checkpoint {source}", ours, CODEC_KEYS if audio_only else LAYOUT_KEYS)
-        if audio_only:
-            tok.layout = layout  # with text, audio ids come after the text ids
+        keys = CODEC_KEYS if audio_only else (*CODEC_KEYS, "text_encoding") if layout.chat else LAYOUT_KEYS
+        check_compatible(meta, tok.meta(), f"checkpoint {source}", ours, keys)
+        if audio_only or layout.chat:
+            tok.layout = layout  # with text, audio ids come after the text ids; the role tokens after both
     tok.voices = tuple(meta.get("voices") or ())
     if voice:
         with hinted(f"; pass one of them, or no voice (checkpoint {source})"):

@@ -25,18 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoints import added_rows, check_compatible, grow_rows, load_checkpoint, save_checkpoint
-from common import (Dist, UserError, atomic_write, autocast, format_bytes, format_duration, hold_out_dir_lock,
+from checkpoints import check_compatible
+from common import (Dist, UserError, autocast, format_bytes, format_duration, hold_out_dir_lock,
                     move_aside, peak_flops,
                     pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
 from config import parse_config
-from distributed import (check_fits, device_memory, format_plan, gathered_model, is_sharded, load_consolidated,
-                         load_sharded, read_state, recover, save_sharded, shard_model)
+from distributed import (check_fits, device_memory, format_plan, gathered_model, recover, shard_model)
 from model import GELU_FORMS, GPT, GPTConfig
-from hf import fit_to_layout, load_model
+from hf import pretrained
 from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
-from tokenizer import Layout, load_text_encoding
 from samples import MAX_EVAL_SAMPLE_SECONDS, MAX_EVAL_SAMPLES, EvalSamples
+from evalset import spoken_rows
+from runstate import find_resume, restore_state, save_state, trim_log
 
 
 @dataclass
@@ -143,44 +143,6 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: save_state writes exactly what restore_state reads back, which is what makes a resumed run
-# identical to an uninterrupted one (weights, optimizer, loss scaler, RNG, and iter_num, which is also the data
-# position since the data order is a function of (seed, iteration))
-
-def save_state(paths: list[str], model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               cfg: TrainConfig, meta: dict, iter_num: int, best_val_loss: float) -> None:
-    """One process writes ckpt.pt (and best.pt); with --fsdp every rank writes its shards of the ckpt/ folder."""
-    ckpt = {"model": {} if cfg.fsdp else model.state_dict(), "model_args": dataclasses.asdict(model.config),
-            "optimizer": {} if cfg.fsdp else optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []},
-            "data": {"seed": cfg.seed, "next_iter": iter_num},
-            "config": dataclasses.asdict(cfg), "meta": meta}
-    if cfg.fsdp:  # the tensors go to DCP's shards, the rest to state.pt
-        save_sharded(paths[0], model, optimizer, {k: v for k, v in ckpt.items() if k != "model"}, copies=paths[1:])
-    for path in [] if cfg.fsdp else paths:
-        save_checkpoint(path, ckpt)
-
-
-def restore_state(ckpt: dict, model: GPT, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler, sharded: str = "") -> tuple[int, float]:
-    """Load what save_state wrote (sharded: the ckpt/ folder whose state.pt is ckpt); returns (iter_num,
-    best_val_loss)."""
-    if sharded:  # every rank: the shards, resharded to this run's ranks
-        load_sharded(sharded, model, optimizer)
-    else:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"] and scaler.is_enabled():  # empty when the checkpoint's run did not scale (bf16, fp32)
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-
-
 def check_resume(ckpt: dict, path: str, meta: dict, model_config: GPTConfig, data_dir: str) -> None:
     """The checkpoint must fit the data (same tokens) and the config (same architecture; dropout may change)."""
     missing = [k for k in ("optimizer", "iter_num", "best_val_loss", "meta", "rng", "scaler") if k not in ckpt]
@@ -196,69 +158,28 @@ def check_resume(ckpt: dict, path: str, meta: dict, model_config: GPTConfig, dat
 
 def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
     """init_from=<weights>: its weights, and cfg with its architecture (dropout stays the config's). Only the
-    weights: the optimizer, iteration count and schedule start fresh. A GPT-2 (text only) keeps the config's
-    block_size and gets rows for the dataset's audio and special tokens (hf.fit_to_layout)."""
+    weights: the optimizer, iteration count and schedule start fresh (hf.pretrained)."""
     try:
-        ckpt = load_model(cfg.init_from)
+        arch, state, grown = pretrained(cfg.init_from, meta, cfg.block_size, cfg.seed, cfg.data_dir)
     except ValueError as e:
-        raise UserError(f"init_from={cfg.init_from}: {e} (or scratch, or resume)") from None
-    if "base_model" in ckpt:  # a transformers GPT-2: its text ids must be the dataset's
-        try:
-            layout = Layout.from_meta(meta)
-            eot = meta.get("text_eot")  # prepare_audio.py records it; else the encoding itself says
-            if eot is None and layout.text_vocab:
-                eot = load_text_encoding(layout.text_encoding).eot_token
-            args, state = fit_to_layout(ckpt, meta, eot, cfg.block_size, cfg.seed)
-        except ValueError as e:
-            raise UserError(f"init_from={cfg.init_from}: {e}") from None
-        return dataclasses.replace(cfg, **{k: args[k] for k in ("n_layer", "n_head", "n_embd", "bias", "gelu")}), state
-    try:
-        grow = added_rows(ckpt.get("meta") or {}, meta, "the model", cfg.data_dir)
-    except ValueError as e:
-        raise UserError(f"init_from={cfg.init_from}: {e}; prepare the data with the model's codec") from None
-    if grow:  # the data's layout adds special tokens (chat roles): new rows for them
-        print(f"init_from={cfg.init_from}: {grow} new token rows for the data's {meta['layout']} layout", flush=True)
-    arch = {k: ckpt["model_args"][k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias", "gelu")}
-    return dataclasses.replace(cfg, **arch), grow_rows(ckpt["model"], int(ckpt["model_args"]["vocab_size"]),
-                                                         int(meta["vocab_size"])) if grow else ckpt["model"]
+        raise UserError(f"init_from={cfg.init_from}: {e}") from None
+    if grown:  # the data's layout adds special tokens (chat roles): new rows for them
+        print(f"init_from={cfg.init_from}: {grown} new token rows for the data's {meta['layout']} layout", flush=True)
+    return dataclasses.replace(cfg, **arch), state
 
 
 def eval_rows(cfg: TrainConfig, meta: dict) -> list | None:
     """eval_asr's rows to speak (None: the built-in sentences), checked before training starts."""
-    if not cfg.eval_asr:
-        return None
-    if not meta.get("text_encoding"):
-        raise UserError(f"eval_asr={cfg.eval_asr}: {cfg.data_dir} holds audio only; spoken samples need a text+audio "
-                        "dataset (prepare_audio.py with transcripts), or drop eval_asr")
-    if not cfg.eval_list:
-        return None
-    from evalset import read_list
-    if not os.path.isfile(cfg.eval_list):
-        raise UserError(f"eval_list {cfg.eval_list}: not found (a list as eval_tts.py reads, or '' for the built-in "
-                        "sentences)")
-    rows, bad, fmt = read_list(cfg.eval_list)
+    with user_errors():
+        rows, bad = spoken_rows(cfg.eval_asr, cfg.eval_list, meta, cfg.data_dir)
     for line in bad:
         print(f"warning: {line}; skipped", file=sys.stderr, flush=True)
-    if not rows:
-        raise UserError(f"eval_list {cfg.eval_list}: no good row ({len(bad)} bad, said above; read as {fmt})")
     return rows
 
 
 # a run's own files in out_dir (ckpt/ and best/: --fsdp's folders)
 RUN_FILES = ("ckpt.pt", "best.pt", "ckpt", "best", "log.jsonl", "config.json", "report.html", "samples")
 
-
-def trim_log(path: str, iter_num: int) -> None:
-    """On resume, drop log lines written after the checkpoint, so the log reads as one uninterrupted run."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    keep = [r for r in rows if r["iter"] < iter_num or (r["iter"] == iter_num and "val_loss" in r)]
-    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep)), mode="w")
-
-
-# -----------------------------------------------------------------------------
 
 def main() -> None:
     with user_errors():
@@ -307,20 +228,8 @@ def main() -> None:
             print(f"note: {note}", flush=True)
     ckpt, resume_shards = None, ""
     if cfg.init_from == "resume":
-        single, sharded = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "ckpt")
-        with user_errors():  # a file (a run without --fsdp), shards (with it), or both: the later one
-            found = {path: load_checkpoint(path) if path == single else read_state(path)
-                     for path in (single, sharded) if os.path.isfile(path) or is_sharded(path)}
-        if not found:
-            raise UserError(f"init_from=resume: no checkpoint {ckpt_path}; train from scratch first or fix --out_dir")
-        newest = max(found, key=lambda path: (found[path]["iter_num"], path == ckpt_path))
-        if cfg.fsdp and newest == single:
-            raise UserError(f"init_from=resume: {cfg.out_dir} holds ckpt.pt (iteration {found[single]['iter_num']}),"
-                            " written without --fsdp; resume it with --fsdp=False, or start a sharded run in a new "
-                            "out_dir")
-        with user_errors():  # a run without --fsdp resumes a sharded one whole, gathered into this process
-            ckpt = load_consolidated(sharded) if newest == sharded and not cfg.fsdp else found[newest]
-        resume_shards = sharded if cfg.fsdp else ""
+        with user_errors():
+            ckpt, resume_shards = find_resume(cfg.out_dir, cfg.fsdp)
         check_resume(ckpt, ckpt_path, meta, model_config, cfg.data_dir)
     elif not cfg.overwrite and any(os.path.exists(os.path.join(cfg.out_dir, p)) for p in RUN_FILES[:4]):
         raise UserError(f"out_dir {cfg.out_dir}: already holds a checkpoint; continue it with --init_from=resume, "

@@ -294,14 +294,21 @@ def test_page_speaks_and_transcribes_in_chromium(server, tmp_path):
 def test_sigterm_drains_then_exits(server):
     """Last in the module: a stream in flight when SIGTERM comes is finished, /health says draining, exit 0."""
     url, proc, log = server
-    got: dict = {}
+    got: dict = {"data": b""}
+    terminated = threading.Event()
 
-    def listen() -> None:
-        got["data"] = wav_of(url, 1.0, 5)
+    def listen() -> None:  # a slow listener: the server runs a stream only about a second ahead of it
+        with httpx.stream("POST", f"{url}/v1/audio/speech", headers=auth(), timeout=120,
+                          json={"model": "tiny", "input": "a cat sat", "voice": "alloy", "response_format": "wav",
+                                "max_seconds": 10.0, "seed": 5}) as r:
+            for chunk in r.iter_bytes():
+                got["data"] += chunk
+                terminated.wait(60)
     t = threading.Thread(target=listen)
     t.start()
     wait_for(url, lambda s: s["active"] == 1)
     proc.terminate()
+    terminated.set()
     t.join(60)
     assert proc.wait(60) == 0, open(log).read()
     wav, _ = sf.read(io.BytesIO(got["data"]))
