@@ -531,11 +531,11 @@ def test_tiny_model_learns_to_speak_and_transcribe(tmp_path, small_tok):
     r = run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--compile=False",
                    "--n_layer=2", "--n_head=2", "--n_embd=96", "--block_size=64", "--batch_size=16",
                    "--gradient_accumulation_steps=1", "--learning_rate=3e-3", "--min_lr=3e-4", "--beta2=0.99",
-                   "--warmup_iters=20", "--max_iters=400", "--eval_interval=200", "--eval_iters=2",
+                   "--warmup_iters=20", "--max_iters=600", "--eval_interval=300", "--eval_iters=2",
                    "--log_interval=100", env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     evals = [row for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val_loss" in row]
-    assert [e["iter"] for e in evals] == [0, 200, 400] and "nats/token" in r.stdout and "bits/byte" in r.stdout
+    assert [e["iter"] for e in evals] == [0, 300, 600] and "nats/token" in r.stdout and "bits/byte" in r.stdout
     assert evals[-1]["val_text_loss"] < evals[0]["val_text_loss"] / 5 and evals[-1]["val_text_bpb"] > 0
     assert {"L0", "L1", "L2", "text", "special"} == set(evals[-1]["val_loss_levels"])
 
