@@ -7,9 +7,11 @@ file; the model answers in text, then speech, and every reply is written to out_
     python chat.py --ckpt=out/chat/best.pt --codec=snac_24khz_folder --device=cpu   # offline: a local codec copy
     python chat.py --help
 
-Each reply prints its text, its WAV file, its length, the time to first audio (from the end of the user's turn to
-the first reply samples decoded) and its real-time factor. The conversation is the context of every reply; when it
-no longer leaves room for a reply, its oldest whole turns leave (a system turn stays). Ctrl-D or an empty pipe ends.
+Each reply prints its text as it is written, then its WAV file, its length, the time to first audio (from the end of
+the user's turn to the first reply samples decoded) and its real-time factor. The conversation is the context of
+every reply and stays in the model's KV cache, so a reply runs the model on the new turn only; when the conversation
+no longer leaves room for a reply, its oldest whole turns leave (a system turn stays) and the cache is refilled once.
+Ctrl-D or an empty pipe ends.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from codec import BadAudio, WavWriters, read_audio
 from common import UserError, pick_device, run_main, user_errors
 from config import parse_config
-from sampling import DECODE_FRAMES, StreamDecoder, cut_at_end, sample_frames, write_text
+from sampling import DECODE_FRAMES, PrefixCache, StreamDecoder, cut_at_end, sample_frames, stream_text
 from sources import audio_extensions
 import speech
 from tokenizer import CHAT_LAYOUT_NAME
@@ -85,6 +87,7 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     knobs = dict(top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
     turns: list[tuple] = [("system", tok.encode_text(cfg.system), None)] if cfg.system else []
+    cache = PrefixCache(model)  # the conversation so far stays in the KV cache: a reply runs only the new turn
     interactive = sys.stdin.isatty()
     n = 0
     while True:
@@ -107,12 +110,18 @@ def main() -> None:
                   "left it", file=sys.stderr, flush=True)
         turns = kept
         context = torch.from_numpy(layout.chat_context(turns))
-        text = write_text(model, layout, context, min(cfg.max_text, block_size - len(context) - 2 - fs), text_ok,
-                          temperature=cfg.text_temperature, **knobs)
+        text: list[int] = []
+        print("assistant: ", end="", flush=True)
+        for ids in stream_text(model, layout, context, min(cfg.max_text, block_size - len(context) - 2 - fs), text_ok,
+                               temperature=cfg.text_temperature, prefix=cache, **knobs):
+            shown = tok.decode_text(text)
+            text += ids
+            piece = tok.decode_text(text)[len(shown):]
+            print(piece if shown.strip() else piece.lstrip(), end="", flush=True)  # as it is written
+        print(flush=True)
         sp = layout.special_tokens
         spoken = torch.cat([context, torch.tensor([*text, sp["text_end"], sp["audio_start"]])])
         frames_left = min(n_frames, (block_size - len(spoken)) // fs)  # the window must not slide past the turns
-        print(f"assistant: {tok.decode_text(text).strip()}", flush=True)
         path = os.path.join(cfg.out_dir, f"reply_{n}.wav")
         dec, t_first, frames = StreamDecoder(tok, DECODE_FRAMES), None, []
         with WavWriters([path], [], sr, 0) as out:
@@ -122,7 +131,7 @@ def main() -> None:
                     out.write(audio.cpu().numpy(), [(e if e is not None else 1 << 40) * hop for e in dec.ends])
                     t_first = t_first or time.perf_counter()
             for frame in sample_frames(model, layout, None, max(1, frames_left), context=spoken,
-                                       temperature=cfg.temperature, **knobs):
+                                       temperature=cfg.temperature, prefix=cache, **knobs):
                 frames.append(frame)
                 write(dec.push(frame))
             write(dec.flush())

@@ -14,7 +14,8 @@ mask, the sampler and the grammar between them); "graph" (GraphStep) captures th
 as a CUDA graph and replays it (the CUDA default); "compile" compiles the one-token step with inductor
 (compiled_token_step): on CUDA inside the captured frame (CompiledStep), on a CPU as C++ code with the attention
 length a dynamic size (CompiledCpuStep). All give the same tokens for the same seed, up to float rounding between
-the kernels.
+the kernels. A PrefixCache (prefix=) keeps one row's cache from one generation to the next, so a conversation's
+reply runs the model on its new turn only (chat.py); stream_text yields a reply's text as it is written.
 """
 from __future__ import annotations
 
@@ -295,25 +296,55 @@ class DecodeStep:
         self.busy = False
 
 
+class PrefixCache:
+    """A one-row KV cache kept from one generation to the next, with the ids it holds. A generation given it
+    (sample_frames' prefix) runs the model only on what follows the ids its window shares with them, so a
+    conversation's earlier turns are not run again for every reply; a window that starts otherwise (the oldest
+    turns left, or the window slid) is run whole."""
+
+    def __init__(self, model):
+        self.kv = model.new_kv_cache(1)
+        self.ids = torch.zeros(0, dtype=torch.long)  # what self.kv holds, position by position
+        self.reused = 0  # positions the latest generation found in the cache
+        self.ran = 0  # ids run by the prefills of every generation given this cache
+
+    def common(self, ids: torch.Tensor) -> int:
+        """How many leading ids of `ids` the cache already holds (and keeps: it is about to be written past them)."""
+        m = min(len(self.ids), len(ids))
+        same = self.ids[:m] == ids[:m].cpu()
+        self.reused = m if bool(same.all()) else int(same.to(torch.int8).argmin())
+        return self.reused
+
+    def hold(self, window: torch.Tensor) -> None:
+        """After a generation: the cache holds the first kv.pos ids of its final window (1-D)."""
+        self.ids = window[:self.kv.pos].cpu().clone()
+
+
 class EagerStep(DecodeStep):
     """decode="eager": the KV cache attended over its filled positions only (dynamic shapes: the fewest bytes to
     read, the CPU default), one token at a time. Also the text path (ranges None): every id of the vocabulary,
     under the grammar's mask for each row's state."""
 
     def __init__(self, model, batch_size: int, knobs: tuple[float, int, float],
-                 ranges: list[tuple[int, int, torch.Tensor | None]] | None, grammar: Grammar, cache=None):
+                 ranges: list[tuple[int, int, torch.Tensor | None]] | None, grammar: Grammar,
+                 prefix: "PrefixCache | None" = None):
         vocab, fs = model.config.vocab_size, grammar.fs
         self.knobs, self.grammar, self.text = knobs, grammar, ranges is None
         self.ranges = [(0, vocab, None)] * fs if ranges is None else ranges
         self.width = max(hi - lo for lo, hi, _ in self.ranges)
         self.noise = torch.empty(fs, batch_size, self.width, device=model.lm_head.weight.device)
-        self.cache = model.new_kv_cache(batch_size) if cache is None else cache
+        self.cache = model.new_kv_cache(batch_size) if prefix is None else prefix.kv
+        self.prefix, self.first = prefix, True  # only the first prefill can reuse: a slide moves every position
         self.logits: torch.Tensor | None = None  # the prefill's, for the frame's first token
 
     def prefill(self, model, ctx: torch.Tensor, n: int) -> None:
-        self.cache.reset()
+        start = 0
+        if self.prefix is not None:
+            start = self.prefix.common(ctx[0, :n - 1]) if self.first else 0  # the last id runs: its logits lead
+            self.prefix.ran += n - start
+        self.first, self.cache.pos = False, start
         with decode_context(ctx.device.type):
-            logits, _ = model(ctx[:, :n], kv_cache=self.cache, vocab_range=self.ranges[0][:2])
+            logits, _ = model(ctx[:, start:n], kv_cache=self.cache, vocab_range=self.ranges[0][:2])
         self.logits = logits[:, -1, :].float()
 
     def token(self, model, tok: torch.Tensor, pos: int, phase: int, state: torch.Tensor) -> torch.Tensor:
@@ -510,9 +541,15 @@ def static_step(model, batch_size: int, knobs: tuple[float, int, float], mode: s
 
 
 def decode_step(model, decode: str, batch_size: int, knobs: tuple[float, int, float],
-                ranges: list[tuple[int, int, torch.Tensor | None]] | None, grammar: Grammar) -> DecodeStep:
-    """The step of decode mode `decode` ("auto": graph on CUDA, else eager); text (ranges None) is always eager."""
+                ranges: list[tuple[int, int, torch.Tensor | None]] | None, grammar: Grammar,
+                prefix: PrefixCache | None = None) -> DecodeStep:
+    """The step of decode mode `decode` ("auto": graph on CUDA, else eager); text (ranges None) is always eager,
+    and so is a generation that continues a PrefixCache (its cache is the dynamic-shape one)."""
     device = model.lm_head.weight.device
+    if prefix is not None:
+        if batch_size != 1:
+            raise ValueError(f"a PrefixCache holds one row; num_samples={batch_size}")
+        return EagerStep(model, batch_size, knobs, ranges, grammar, prefix)
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
     if decode == "auto":
@@ -535,7 +572,8 @@ def decode_step(model, decode: str, batch_size: int, knobs: tuple[float, int, fl
 def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int, num_samples: int = 1,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None, context: torch.Tensor | None = None,
-                  grammar: Grammar | None = None, decode: str = "auto") -> Iterator[torch.Tensor]:
+                  grammar: Grammar | None = None, decode: str = "auto",
+                  prefix: PrefixCache | None = None) -> Iterator[torch.Tensor]:
     """Yield up to n_frames new frames, each (num_samples, frame_size), continuing context + prompt (whole frames).
 
     context: the tokens before the prompt, default layout.audio_context() ([BOUNDARY], then AUDIO_START in the
@@ -543,7 +581,8 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
     (default Grammar(layout, ...): audio, ending with AUDIO_END where the layout has one); a text grammar after
     layout.transcript_context(audio) writes text, frame_size tokens per yield. Once every row's segment has ended
     sampling stops early; a row that ended first repeats its end token. decode: the decode step (see the module
-    docstring). Memory does not grow with n_frames: the window, the cache and the graphs are allocated once.
+    docstring). prefix: a PrefixCache the generation starts from and leaves holding its window (one row, eager).
+    Memory does not grow with n_frames: the window, the cache and the graphs are allocated once.
     """
     fs, block_size, vocab = layout.frame_size, model.config.block_size, model.config.vocab_size
     device = model.lm_head.weight.device
@@ -567,23 +606,27 @@ def sample_frames(model, layout: Layout, prompt: torch.Tensor | None, n_frames: 
     n = len(head)
     ctx[:, :n] = head.to(device)
     ranges = frame_ranges(layout, vocab, grammar) if audio else None
-    with decode_step(model, decode, num_samples, (temperature, top_k, top_p), ranges, grammar) as step:
+    with decode_step(model, decode, num_samples, (temperature, top_k, top_p), ranges, grammar, prefix) as step:
         step.prefill(model, ctx, n)
-        for _ in range(n_frames):
-            if n + fs - 1 > block_size:
-                # slide at a frame start: keep the last whole frames that fit, so positions restart at 0 on a frame
-                # start, and re-prefill the cache from the kept window (keep_frames leaves room for a whole frame)
-                ctx[:, :keep] = ctx[:, n - keep:n].clone()
-                n = keep
-                step.prefill(model, ctx, n)
-            if temperature > 0:  # drawn outside the step, in the same order whatever runs it: same seed, same tokens
-                step.noise.uniform_(generator=generator)
-            frame, state = step.frame(model, ctx, n, state)
-            ctx[:, n:n + fs] = frame
-            n += fs
-            yield ctx[:, n - fs:n].clone()
-            if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
-                return
+        try:
+            for _ in range(n_frames):
+                if n + fs - 1 > block_size:
+                    # slide at a frame start: keep the last whole frames that fit, so positions restart at 0 on a
+                    # frame start, and re-prefill the cache from the kept window (keep_frames leaves room for a frame)
+                    ctx[:, :keep] = ctx[:, n - keep:n].clone()
+                    n = keep
+                    step.prefill(model, ctx, n)
+                if temperature > 0:  # drawn outside the step, in one order whatever runs it: same seed, same tokens
+                    step.noise.uniform_(generator=generator)
+                frame, state = step.frame(model, ctx, n, state)
+                ctx[:, n:n + fs] = frame
+                n += fs
+                yield ctx[:, n - fs:n].clone()
+                if grammar.can_end and bool(grammar.ended(state).all()):  # one device sync per frame
+                    return
+        finally:  # also when the caller stops early (closes the generator)
+            if prefix is not None:
+                prefix.hold(ctx[0])
 
 
 def generate_tokens(model, layout: Layout, prompt: torch.Tensor | None, n_frames: int,
@@ -619,17 +662,32 @@ def transcribe(model, layout: Layout, audio: torch.Tensor, max_tokens: int, text
     return write_text(model, layout, context, max_tokens, text_ok, **kwargs)
 
 
+def stream_text(model, layout: Layout, context: torch.Tensor, max_tokens: int, text_ok: torch.Tensor | None = None,
+                **kwargs) -> Iterator[list[int]]:
+    """The text ids the model writes after `context` (which ends with TEXT_START), a few at a time as they are
+    sampled (frame_size per step of the loop), up to TEXT_END (not included) or max_tokens; kwargs as transcribe's."""
+    grammar = Grammar(layout, model.config.vocab_size, model.lm_head.weight.device, text_ok)
+    end, left = layout.special("text_end"), max_tokens
+    chunks = sample_frames(model, layout, None, -(-max_tokens // layout.frame_size), context=context,
+                           grammar=grammar, **kwargs)
+    try:
+        for chunk in chunks:
+            ids = chunk[0, :left].tolist()
+            left -= len(ids)
+            if end in ids:
+                yield ids[:ids.index(end)]
+                return
+            yield ids
+            if left <= 0:
+                return
+    finally:
+        chunks.close()  # now, not when garbage-collected: a PrefixCache learns what it holds
+
+
 def write_text(model, layout: Layout, context: torch.Tensor, max_tokens: int, text_ok: torch.Tensor | None = None,
                **kwargs) -> list[int]:
-    """The text ids the model writes after `context` (which ends with TEXT_START), up to TEXT_END (not included)
-    or max_tokens; kwargs as transcribe's."""
-    device = model.lm_head.weight.device
-    grammar = Grammar(layout, model.config.vocab_size, device, text_ok)
-    n = -(-max_tokens // layout.frame_size)
-    chunks = list(sample_frames(model, layout, None, n, context=context, grammar=grammar, **kwargs))
-    ids = torch.cat(chunks, dim=1)[0, :max_tokens].tolist()
-    end = layout.special("text_end")
-    return ids[:ids.index(end)] if end in ids else ids
+    """stream_text's ids in one list."""
+    return [i for ids in stream_text(model, layout, context, max_tokens, text_ok, **kwargs) for i in ids]
 
 
 def reply(model, layout: Layout, context, max_text: int, n_frames: int, text_ok: torch.Tensor | None = None,

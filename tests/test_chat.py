@@ -316,3 +316,37 @@ def test_chat_cli_three_turns_through_a_pipe(tmp_path, chat_layout, text_tok):
     plain = save_model(str(tmp_path / "tts.pt"), tiny_gpt(text_tok.layout.vocab_size), text_tok.meta())
     r = run_script("chat.py", f"--ckpt={plain}", "--device=cpu", f"--out_dir={out}", input="Hi.\n")
     assert_one_line_error(r, "no role tokens", "configs/chat.py")
+
+
+def test_a_conversation_in_the_kv_cache_replies_as_one_run_from_scratch(chat_layout, text_tok):
+    """Three greedy replies through one PrefixCache equal the same replies each prefilled from nothing, while every
+    reply after the first finds the conversation so far in the cache; a window that no longer starts the same (the
+    oldest turn left) is run whole."""
+    from sampling import PrefixCache, reply
+    torch.manual_seed(0)
+    layout = chat_layout
+    model = tiny_gpt(layout.vocab_size, block_size=256).eval()
+    cache, turns, ran = PrefixCache(model), [("system", [11, 12], None)], []
+    sp = layout.special_tokens
+    for turn in range(3):
+        turns.append(("user", [20 + turn, 30], None) if turn != 1 else ("user", None, audio_ids(layout, 2, turn)))
+        context = torch.from_numpy(layout.chat_context(turns))
+        before = cache.ran
+        kept = reply(model, layout, context, 6, 3, temperature=0.0, prefix=cache)
+        fresh = reply(model, layout, context, 6, 3, temperature=0.0)
+        assert kept[0] == fresh[0] and torch.equal(kept[1], fresh[1])
+        # the audio's prefill found the context and the reply's text in the cache (TEXT_END too, if it was written)
+        assert len(context) + len(kept[0]) <= cache.reused <= len(context) + len(kept[0]) + 1
+        ran.append(cache.ran - before)
+        turns.append(("assistant", np.asarray(kept[0] or [sp["text_end"] - 1]),
+                      kept[1].numpy() if len(kept[1]) else None))
+        if turn == 0:
+            assert ran[0] == len(context) + 2  # nothing to reuse: the context, then TEXT_END and AUDIO_START
+        else:  # the new user turn and the reply's two ids; not the turns before
+            new = len(context) - len(layout.chat_context(turns[:-2])) + 2  # user turn, ASSISTANT TEXT_START
+            assert ran[-1] <= new + 2 + 2, (ran, new)
+    moved = torch.from_numpy(layout.chat_context(turns[:1] + turns[3:]))  # the first exchange left
+    before = cache.ran
+    reply(model, layout, moved, 6, 3, temperature=0.0, prefix=cache)
+    shared = len(layout.conversation(turns[:1])[0]) + 1  # the system turn and the USER after it
+    assert cache.ran - before == len(moved) - shared + 2
