@@ -648,14 +648,15 @@ def bench_chat(quick: bool) -> None:
     n_frames = round((2 if quick else 4) * REAL_TIME / FS)  # the reply's speech
     g = torch.Generator(device=DEVICE).manual_seed(0)
 
-    def reply(turns: list[tuple]) -> tuple[float, float, int, np.ndarray]:
+    def reply(turns: list[tuple], prefix=None) -> tuple[float, float, int, np.ndarray]:
         t0 = time.perf_counter()
         context = torch.from_numpy(layout.chat_context(turns))
-        text = sampling.write_text(model, layout, context, 16, generator=g)
+        text = sampling.write_text(model, layout, context, 16, generator=g, prefix=prefix)
         sp = layout.special_tokens
         spoken = torch.cat([context, torch.tensor([*text, sp["text_end"], sp["audio_start"]])])
         dec, first, frames = sampling.StreamDecoder(tok, 12), None, []
-        for frame in sampling.sample_frames(model, layout, None, n_frames, context=spoken, generator=g):
+        for frame in sampling.sample_frames(model, layout, None, n_frames, context=spoken, generator=g,
+                                            prefix=prefix):
             frames.append(frame)
             if dec.push(frame) is not None and first is None:
                 sync()
@@ -666,12 +667,15 @@ def bench_chat(quick: bool) -> None:
         return first or time.perf_counter() - t0, time.perf_counter() - t0, len(context), speech
 
     turns: list[tuple] = [("system", np.arange(10), None)]
-    speeds = []
+    speeds, cache = [], sampling.PrefixCache(model)  # the conversation in the KV cache, as chat.py keeps it
     for turn in range(4 if quick else 8):
         user = random_tokens(round(2 * REAL_TIME / FS), seed=turn).numpy() + layout.audio_offset  # 2 s spoken
         turns = layout.fit_turns(turns + [("user", None, user)], 16 + 2 + n_frames * FS, model.config.block_size)
-        first, total, n_context, speech = reply(turns)
+        first, total, n_context, speech = reply(turns, cache)
         speeds.append((n_context, (len(speech) + 16) / total))
+        if turn == 1:  # the first turn the cache can help: the same reply prefilled from nothing
+            row(f"chat turn 2 (context {n_context} ids): time to first audio, KV cache kept vs prefilled anew",
+                first, reply(turns)[0], "s", higher_is_better=False)
         if turn == 0:
             row(f"chat reply {n_frames * 2048 / 24000:.1f} s, 8L/512: time to first audio vs the whole reply", first,
                 total, "s", higher_is_better=False)
