@@ -34,6 +34,22 @@ def check_compatible(model_meta: dict, data_meta: dict, model: str = "the model"
             raise ValueError(f"{model} has {key} {model_meta.get(key)} but {data} has {key} {data_meta.get(key)}")
 
 
+def check_resume(ckpt: dict, path: str, meta: dict, model_args: dict, data_dir: str) -> None:
+    """A checkpoint to resume must be train.py's, fit the data (same ids) and the config (same architecture;
+    dropout may change). ValueError saying which key differs and how to resume it."""
+    missing = [k for k in ("optimizer", "iter_num", "best_val_loss", "meta", "rng", "scaler") if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path}: has no {', '.join(missing)}; only train.py's ckpt.pt can be resumed")
+    try:
+        check_compatible(ckpt["meta"], meta, f"checkpoint {path}", data_dir)
+    except ValueError as e:
+        raise ValueError(f"{e}; use the dataset it was trained on or a new out_dir") from None
+    for key, value in model_args.items():
+        if key != "dropout" and ckpt["model_args"].get(key) != value:
+            raise ValueError(f"checkpoint {path}: has {key}={ckpt['model_args'].get(key)} but the config says "
+                             f"{value}; pass --{key}={ckpt['model_args'].get(key)} to resume it")
+
+
 def added_rows(model_meta: dict, data_meta: dict, model: str = "the model", data: str = "the data") -> int:
     """check_compatible for fine-tuning: 0 when the ids are the same, or the number of embedding rows the model
     must grow when the data's layout extends the model's (every id of the model keeps its meaning and the data

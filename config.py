@@ -182,3 +182,18 @@ def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
 def command_line_keys(argv: list[str]) -> set[str]:
     """The keys argv sets with --key=value or a bare --flag: tells `--text=` apart from no --text at all."""
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def check_ranges(cfg: Any, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 rules: tuple[tuple[str, bool, str], ...] = ()) -> None:
+    """A parsed config's numbers: keys that must be >= 1, keys that must be >= 0, and (key, ok, "be ...") rules.
+    ValueError naming the first key out of range, its value and the range."""
+    for key in at_least_one:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)}: must be at least 1")
+    for key in non_negative:
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}={getattr(cfg, key)}: must not be negative")
+    for key, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{key}={getattr(cfg, key)}: must {rule}")

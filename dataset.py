@@ -220,3 +220,12 @@ def text_bytes_table(meta: dict, device: str) -> torch.Tensor | None:
     table = torch.zeros(layout.vocab_size, dtype=torch.float64)
     table[:layout.text_vocab] = torch.from_numpy(text_token_bytes(enc)).double()
     return table.to(device, torch.float32 if device == "mps" else torch.float64)
+
+
+def eval_line(row: dict) -> str:
+    """train.py's line for an eval row of evaluate()'s figures (and "iter")."""
+    levels = " ".join(f"{k} {v:.3f}" for k, v in row["val_loss_levels"].items())
+    text = f"text {row['val_text_loss']:.3f} nats/token " if "val_text_loss" in row else ""
+    text += f"{row['val_text_bpb']:.3f} bits/byte | " if "val_text_bpb" in row else "| " * bool(text)
+    return (f"iter {row['iter']} | val loss {row['val_loss']:.4f} | {row['val_bps']:.0f} bits/s | {text}per level "
+            f"{levels}")

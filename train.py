@@ -25,15 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoints import check_compatible
-from common import (Dist, UserError, autocast, format_bytes, format_duration, hold_out_dir_lock,
-                    move_aside, peak_flops,
-                    pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed, write_json)
-from config import parse_config
+from checkpoints import check_resume
+from common import (Dist, UserError, autocast, format_bytes, format_duration, hold_out_dir_lock, move_aside,
+                    peak_flops, pick_device, pick_dtype, remove_stale_temp_files, run_main, user_errors, write_failed,
+                    write_json)
+from config import check_ranges, parse_config
 from distributed import (check_fits, device_memory, format_plan, gathered_model, recover, shard_model)
 from model import GELU_FORMS, GPT, GPTConfig
 from hf import pretrained
-from dataset import eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
+from dataset import eval_line, eval_starts, evaluate, get_batch, load_dataset, text_bytes_table, train_starts
 from samples import MAX_EVAL_SAMPLE_SECONDS, MAX_EVAL_SAMPLES, EvalSamples
 from evalset import spoken_rows
 from runstate import find_resume, restore_state, save_state, trim_log
@@ -90,22 +90,18 @@ class TrainConfig:
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                "log_interval", "n_layer", "n_head", "n_embd"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}={getattr(cfg, key)}: must be at least 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"{key}={getattr(cfg, key)}: must not be negative")
-    for key, ok, rule in (("learning_rate", cfg.learning_rate > 0, "be positive"),
-                          ("dropout", 0 <= cfg.dropout < 1, "be in [0, 1)"),
-                          ("beta1", 0 <= cfg.beta1 < 1, "be in [0, 1) (AdamW's decay rates)"),
-                          ("beta2", 0 <= cfg.beta2 < 1, "be in [0, 1) (AdamW's decay rates)"),
-                          ("min_lr", cfg.min_lr <= cfg.learning_rate, f"be at most learning_rate={cfg.learning_rate} "
-                           "(the rate decays from learning_rate down to min_lr)"),
-                          ("seed", 0 <= cfg.seed < 2 ** 32, "be in [0, 2**32)")):
-        if not ok:
-            raise UserError(f"{key}={getattr(cfg, key)}: must {rule}")
+    with user_errors():
+        check_ranges(cfg, ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                           "log_interval", "n_layer", "n_head", "n_embd"),
+                     ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
+                      "peak_flops"),
+                     (("learning_rate", cfg.learning_rate > 0, "be positive"),
+                      ("dropout", 0 <= cfg.dropout < 1, "be in [0, 1)"),
+                      ("beta1", 0 <= cfg.beta1 < 1, "be in [0, 1) (AdamW's decay rates)"),
+                      ("beta2", 0 <= cfg.beta2 < 1, "be in [0, 1) (AdamW's decay rates)"),
+                      ("min_lr", cfg.min_lr <= cfg.learning_rate, f"be at most learning_rate={cfg.learning_rate} "
+                       "(the rate decays from learning_rate down to min_lr)"),
+                      ("seed", 0 <= cfg.seed < 2 ** 32, "be in [0, 2**32)")))
     if cfg.gelu not in GELU_FORMS:
         raise UserError(f"gelu={cfg.gelu}: must be one of {', '.join(GELU_FORMS)}")
     if cfg.n_embd % cfg.n_head:
@@ -143,19 +139,6 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def check_resume(ckpt: dict, path: str, meta: dict, model_config: GPTConfig, data_dir: str) -> None:
-    """The checkpoint must fit the data (same tokens) and the config (same architecture; dropout may change)."""
-    missing = [k for k in ("optimizer", "iter_num", "best_val_loss", "meta", "rng", "scaler") if k not in ckpt]
-    if missing:
-        raise UserError(f"checkpoint {path}: has no {', '.join(missing)}; only train.py's ckpt.pt can be resumed")
-    with user_errors("; use the dataset it was trained on or a new out_dir"):
-        check_compatible(ckpt["meta"], meta, f"checkpoint {path}", data_dir)
-    for key, value in dataclasses.asdict(model_config).items():
-        if key != "dropout" and ckpt["model_args"].get(key) != value:
-            raise UserError(f"checkpoint {path}: has {key}={ckpt['model_args'].get(key)} but the config says "
-                            f"{value}; pass --{key}={ckpt['model_args'].get(key)} to resume it")
-
-
 def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
     """init_from=<weights>: its weights, and cfg with its architecture (dropout stays the config's). Only the
     weights: the optimizer, iteration count and schedule start fresh (hf.pretrained)."""
@@ -166,15 +149,6 @@ def load_pretrained(cfg: TrainConfig, meta: dict) -> tuple[TrainConfig, dict]:
     if grown:  # the data's layout adds special tokens (chat roles): new rows for them
         print(f"init_from={cfg.init_from}: {grown} new token rows for the data's {meta['layout']} layout", flush=True)
     return dataclasses.replace(cfg, **arch), state
-
-
-def eval_rows(cfg: TrainConfig, meta: dict) -> list | None:
-    """eval_asr's rows to speak (None: the built-in sentences), checked before training starts."""
-    with user_errors():
-        rows, bad = spoken_rows(cfg.eval_asr, cfg.eval_list, meta, cfg.data_dir)
-    for line in bad:
-        print(f"warning: {line}; skipped", file=sys.stderr, flush=True)
-    return rows
 
 
 # a run's own files in out_dir (ckpt/ and best/: --fsdp's folders)
@@ -204,7 +178,10 @@ def main() -> None:
     with user_errors():
         meta, streams = load_dataset(cfg.data_dir)
     train_data, val_data = streams["train"], streams["val"]
-    spoken_rows = eval_rows(cfg, meta)
+    with user_errors():  # eval_asr's rows to speak (None: the built-in sentences), checked before training starts
+        spoken, bad_rows = spoken_rows(cfg.eval_asr, cfg.eval_list, meta, cfg.data_dir)
+    for line in bad_rows:
+        print(f"warning: {line}; skipped", file=sys.stderr, flush=True)
     init_weights = None
     if cfg.init_from not in ("scratch", "resume"):  # fine-tune: the architecture comes with the weights
         cfg, init_weights = load_pretrained(cfg, meta)
@@ -230,7 +207,7 @@ def main() -> None:
     if cfg.init_from == "resume":
         with user_errors():
             ckpt, resume_shards = find_resume(cfg.out_dir, cfg.fsdp)
-        check_resume(ckpt, ckpt_path, meta, model_config, cfg.data_dir)
+            check_resume(ckpt, ckpt_path, meta, dataclasses.asdict(model_config), cfg.data_dir)
     elif not cfg.overwrite and any(os.path.exists(os.path.join(cfg.out_dir, p)) for p in RUN_FILES[:4]):
         raise UserError(f"out_dir {cfg.out_dir}: already holds a checkpoint; continue it with --init_from=resume, "
                         "train into a new --out_dir, or pass --overwrite=True to replace it")
@@ -335,7 +312,7 @@ def main() -> None:
         return losses
 
     samples = EvalSamples(cfg.out_dir, meta, cfg.eval_samples if master else 0, cfg.eval_sample_seconds, device,
-                          cfg.seed, cfg.codec, cfg.eval_asr, cfg.eval_sv, spoken_rows)
+                          cfg.seed, cfg.codec, cfg.eval_asr, cfg.eval_sv, spoken)
     t0, iters_timed = time.perf_counter(), 0
     while True:
         # eval + checkpoint (skipped right after a resume: that checkpoint was written after this very eval)
@@ -355,11 +332,7 @@ def main() -> None:
             if master:
                 row.update(samples(sample_model, iter_num, last=iter_num == cfg.max_iters))  # {"sample_s": ...}
                 if "val_loss" in row:
-                    levels = " ".join(f"{k} {v:.3f}" for k, v in row["val_loss_levels"].items())
-                    text = f"text {row['val_text_loss']:.3f} nats/token " if "val_text_loss" in row else ""
-                    text += f"{row['val_text_bpb']:.3f} bits/byte | " if "val_text_bpb" in row else "| " * bool(text)
-                    print(f"iter {iter_num} | val loss {row['val_loss']:.4f} | {row['val_bps']:.0f} bits/s | "
-                          f"{text}per level {levels}", flush=True)
+                    print(eval_line(row), flush=True)
                     log(row)
             sample_model = None
             if master or cfg.fsdp:  # with FSDP every rank writes its shards
