@@ -5,6 +5,7 @@ file; the model answers in text, then speech, and every reply is written to out_
     python chat.py --ckpt=out/chat/best.pt --system="Answer in one sentence." --out_dir=replies
     printf 'Hello there.\\nquestion.wav\\nThank you.\\n' | python chat.py --ckpt=out/chat/best.pt   # turns from a pipe
     python chat.py --ckpt=out/chat/best.pt --codec=snac_24khz_folder --device=cpu   # offline: a local codec copy
+    pip install sounddevice && python chat.py --ckpt=out/chat/best.pt   # an empty line records; replies play
     python chat.py --help
 
 Each reply prints its text as it is written, then its WAV file, its length, the time to first audio (from the end of
@@ -15,6 +16,7 @@ Ctrl-D or an empty pipe ends.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,6 +51,7 @@ class ChatConfig:
     top_k: int = 0  # keep only the k most likely ids; 0 = off
     top_p: float = 1.0  # nucleus sampling; 1 = off
     seed: int = 1337  # same seed, same replies on the same device
+    sound: bool = True  # with the sounddevice package: an empty line records from the microphone, replies play
 
 
 def load_chat_model(cfg: ChatConfig, device: str):
@@ -71,6 +74,31 @@ def user_turn(line: str, tok) -> tuple:
     return "user", tok.encode_text(line), None
 
 
+def sound_devices(wanted: bool) -> tuple:
+    """(sounddevice, can record, can play): a microphone and speakers where the optional sounddevice package and
+    PortAudio find them; (None, False, False) elsewhere, and then chat.py types, reads files and writes WAVs."""
+    try:
+        import sounddevice as sd
+    except (ImportError, OSError):  # not installed, or PortAudio missing
+        return None, False, False
+    found = []
+    for kind in ("input", "output"):
+        try:
+            found.append(wanted and bool(sd.query_devices(kind=kind)))
+        except (ValueError, sd.PortAudioError):
+            found.append(False)
+    return sd, *found
+
+
+def record(sd, sample_rate: int) -> np.ndarray:
+    """Mono float32 audio from the default microphone, from now until Enter."""
+    chunks: list[np.ndarray] = []
+    with sd.InputStream(samplerate=sample_rate, channels=1, dtype="float32",
+                        callback=lambda data, *_: chunks.append(data[:, 0].copy())):
+        input("recording: press Enter to stop ")
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
 def main() -> None:
     with user_errors():
         cfg = parse_config(ChatConfig, sys.argv[1:], __doc__)
@@ -89,6 +117,9 @@ def main() -> None:
     turns: list[tuple] = [("system", tok.encode_text(cfg.system), None)] if cfg.system else []
     cache = PrefixCache(model)  # the conversation so far stays in the KV cache: a reply runs only the new turn
     interactive = sys.stdin.isatty()
+    sd, can_record, can_play = sound_devices(cfg.sound)
+    if interactive and can_record:
+        print("an empty line records from the microphone (Enter again stops)", flush=True)
     n = 0
     while True:
         try:
@@ -98,10 +129,11 @@ def main() -> None:
         if not interactive and not line:
             break
         line = line.strip()
-        if not line:
+        heard = record(sd, sr) if not line and interactive and can_record else None
+        if not line and (heard is None or len(heard) < hop):
             continue
         t_end = time.perf_counter()  # the end of the user's turn
-        turns.append(user_turn(line, tok))
+        turns.append(user_turn(line, tok) if heard is None else ("user", None, tok.encode(heard, sr).astype(np.int64)))
         # room for the reply: its text, TEXT_END + AUDIO_START, and at least a second of speech
         want = cfg.max_text + 2 + min(n_frames, math.ceil(sr / hop)) * fs
         kept = layout.fit_turns(turns, want, block_size)
@@ -124,12 +156,18 @@ def main() -> None:
         frames_left = min(n_frames, (block_size - len(spoken)) // fs)  # the window must not slide past the turns
         path = os.path.join(cfg.out_dir, f"reply_{n}.wav")
         dec, t_first, frames = StreamDecoder(tok, DECODE_FRAMES), None, []
-        with WavWriters([path], [], sr, 0) as out:
+        speaker = sd.OutputStream(samplerate=sr, channels=1, dtype="float32") if can_play else contextlib.nullcontext()
+        with WavWriters([path], [], sr, 0) as out, speaker:
             def write(audio: torch.Tensor | None) -> None:
                 nonlocal t_first
                 if audio is not None:  # the decoder lags the sampler: a row's end is known before its audio
-                    out.write(audio.cpu().numpy(), [(e if e is not None else 1 << 40) * hop for e in dec.ends])
+                    ends = [(e if e is not None else 1 << 40) * hop for e in dec.ends]
+                    audio = audio.cpu().numpy()
+                    heard_now = audio[0, :max(0, ends[0] - out.written)]
+                    out.write(audio, ends)
                     t_first = t_first or time.perf_counter()
+                    if can_play:  # as it is made: the write waits while the device's buffer is full
+                        speaker.write(heard_now[:, None])
             for frame in sample_frames(model, layout, None, max(1, frames_left), context=spoken,
                                        temperature=cfg.temperature, prefix=cache, **knobs):
                 frames.append(frame)
