@@ -327,13 +327,13 @@ class EagerStep(DecodeStep):
 
     def __init__(self, model, batch_size: int, knobs: tuple[float, int, float],
                  ranges: list[tuple[int, int, torch.Tensor | None]] | None, grammar: Grammar,
-                 prefix: "PrefixCache | None" = None):
+                 prefix: "PrefixCache | None" = None, cache=None):
         vocab, fs = model.config.vocab_size, grammar.fs
         self.knobs, self.grammar, self.text = knobs, grammar, ranges is None
         self.ranges = [(0, vocab, None)] * fs if ranges is None else ranges
         self.width = max(hi - lo for lo, hi, _ in self.ranges)
         self.noise = torch.empty(fs, batch_size, self.width, device=model.lm_head.weight.device)
-        self.cache = model.new_kv_cache(batch_size) if prefix is None else prefix.kv
+        self.cache = cache or (model.new_kv_cache(batch_size) if prefix is None else prefix.kv)
         self.prefix, self.first = prefix, True  # only the first prefill can reuse: a slide moves every position
         self.logits: torch.Tensor | None = None  # the prefill's, for the frame's first token
 
@@ -378,7 +378,7 @@ class CompiledCpuStep(EagerStep):
     def __init__(self, model, batch_size: int, knobs: tuple[float, int, float],
                  ranges: list[tuple[int, int, torch.Tensor | None]], grammar: Grammar):
         cache, self.tok, self.step_noise = step_inputs(model, batch_size, max(hi - lo for lo, hi, _ in ranges))
-        super().__init__(model, batch_size, knobs, ranges, grammar, cache)
+        super().__init__(model, batch_size, knobs, ranges, grammar, cache=cache)
         device = self.noise.device
         self.masks = [torch.zeros(hi - lo, device=device) if m is None else m.clone() for lo, hi, m in ranges]
         self.fn = compiled_token_step("cpu")
