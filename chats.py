@@ -48,6 +48,34 @@ def _audio(value, base: str) -> tuple:
                      "{\"codes\": [...]}")
 
 
+def parse_message(m, where: str, base: str) -> Turn:
+    """One message ({"role", "text"/"audio" or "content"}) -> its turn; where names it in the ValueError."""
+    if not isinstance(m, dict) or m.get("role") not in CHAT_TOKENS:
+        raise ValueError(f"{where}: role {m.get('role') if isinstance(m, dict) else m!r} is not one of "
+                         f"{', '.join(CHAT_TOKENS)}")
+    text, audio = m.get("text"), m.get("audio")
+    content = m.get("content")
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                text = part["text"] if text is None else f"{text} {part['text']}"
+            elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
+                audio = part["input_audio"]
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"{where}: text is {type(text).__name__}, expected a string")
+    text = " ".join(text.split()) if text else None
+    try:
+        audio = None if audio is None else _audio(audio, base)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if text is None and audio is None:
+        raise ValueError(f"{where}: holds neither text nor audio")
+    return Turn(m["role"], text, audio)
+
+
 def parse_conversation(row, base: str) -> list[Turn]:
     """One conversation ({"messages": [...]}) -> its turns; base: the folder audio paths are relative to. Raises
     ValueError naming the message and field that is wrong."""
@@ -56,33 +84,10 @@ def parse_conversation(row, base: str) -> list[Turn]:
         raise ValueError("expected {\"messages\": [a list of turns]}")
     turns = []
     for i, m in enumerate(messages):
-        where = f"message {i}"
-        if not isinstance(m, dict) or m.get("role") not in CHAT_TOKENS:
-            raise ValueError(f"{where}: role {m.get('role') if isinstance(m, dict) else m!r} is not one of "
-                             f"{', '.join(CHAT_TOKENS)}")
-        text, audio = m.get("text"), m.get("audio")
-        content = m.get("content")
-        if isinstance(content, str):
-            text = content
-        elif isinstance(content, list):
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    text = part["text"] if text is None else f"{text} {part['text']}"
-                elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
-                    audio = part["input_audio"]
-        if text is not None and not isinstance(text, str):
-            raise ValueError(f"{where}: text is {type(text).__name__}, expected a string")
-        text = " ".join(text.split()) if text else None
-        try:
-            audio = None if audio is None else _audio(audio, base)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        if text is None and audio is None:
-            raise ValueError(f"{where}: holds neither text nor audio")
-        if m["role"] == "assistant" and (text is None or audio is None):
-            raise ValueError(f"{where}: an assistant turn needs its text and its audio (it says what it writes)")
-        turns.append(Turn(m["role"], text, audio))
+        turn = parse_message(m, f"message {i}", base)
+        if turn.role == "assistant" and (turn.text is None or turn.audio is None):
+            raise ValueError(f"message {i}: an assistant turn needs its text and its audio (it says what it writes)")
+        turns.append(turn)
     if not any(t.role == "assistant" for t in turns):
         raise ValueError("no assistant turn: nothing to learn from")
     return turns

@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from codec import ENCODE_MARGIN_SECONDS, AudioTokenizer, BadAudio, WavWriters, read_audio, read_audio_tail
@@ -208,22 +207,18 @@ def speech_context(text: str, tok: AudioTokenizer, block_size: int, voice: str =
 
 def clone_context(cfg: GenerateConfig, tok: AudioTokenizer, block_size: int) -> torch.Tensor:
     """--text with --prompt and --prompt_text: [both texts and the reference's audio, as a cloning item] open after
-    AUDIO_START. The reference keeps its last whole frames that leave half of the rest of the context for the new
-    audio (the window must not slide past the texts)."""
-    layout, fs = tok.layout, tok.layout.frame_size
+    AUDIO_START, fitted to the context by speech.fit_clone (with a warning when the reference is cut)."""
     ref_text, text = tok.encode_text(cfg.prompt_text), tok.encode_text(cfg.text)
-    empty = np.zeros(0, np.int64)
-    room = block_size - len(layout.clone_context(empty, ref_text, text))
-    if room < 4 * fs:
-        raise UserError(f"text, prompt_text: {len(ref_text) + len(text)} text tokens leave no room for audio in the "
-                        f"model's context of {block_size} tokens; pass shorter texts")
     ref = load_prompt(cfg.prompt, tok, cfg.prompt_seconds)
-    keep = room // 2 // fs * fs
-    if len(ref) > keep:
-        ref = ref[-keep:]
+    try:
+        context, cut = speech.fit_clone(tok.layout, ref.numpy(), ref_text, text, block_size)
+    except ValueError as e:
+        raise UserError(f"text, prompt_text: {e}; pass shorter texts") from None
+    if cut:
+        kept = len(ref) // tok.layout.frame_size - cut
         print(f"warning: prompt {cfg.prompt} is longer than the model's context leaves room for; using its last "
-              f"{keep // fs * tok.frame_hop / tok.sample_rate:.2f} s", file=sys.stderr, flush=True)
-    return torch.from_numpy(layout.clone_context(ref.numpy(), ref_text, text))
+              f"{kept * tok.frame_hop / tok.sample_rate:.2f} s", file=sys.stderr, flush=True)
+    return torch.from_numpy(context)
 
 
 def transcribe_files(cfg: GenerateConfig, model: GPT, tok: AudioTokenizer, device: str) -> None:

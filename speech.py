@@ -4,6 +4,7 @@ and transcribe. Errors are ValueError with a message for the user; no prints.
     model, tok = load_model("out/ljspeech/best.pt", codec="", device="cpu", dtype="float32", text_for="--text")
     tokens = audio_tokens(tok, wav, rate)                  # mono samples at any rate -> ids of its whole frames
     text, heard = transcribe_tokens(model, tok, tokens, temperature=0.0)   # the model's own transcription
+    context, cut = fit_clone(tok.layout, ref, ref_text, text, model.config.block_size)   # speak in ref's voice
 """
 from __future__ import annotations
 
@@ -93,3 +94,17 @@ def transcribe_tokens(model: GPT, tok: AudioTokenizer, audio: torch.Tensor, min_
     max_tokens = block_size - len(layout.transcript_context(audio.numpy()))
     ids = transcribe(model, layout, audio, max_tokens, torch.from_numpy(tok.text_bytes > 0), **kwargs)
     return " ".join(tok.decode_text(ids).split()), len(audio)
+
+
+def fit_clone(layout: Layout, ref: np.ndarray, ref_text, text, block_size: int) -> tuple[np.ndarray, int]:
+    """Layout.clone_context in a block_size context -> (the context, frames dropped from the reference's start):
+    the reference keeps its last whole frames that leave half of the rest of the context for the new audio (the
+    window must not slide past the texts). ValueError when the texts leave no room for audio."""
+    fs, empty = layout.frame_size, np.zeros(0, np.int64)
+    room = block_size - len(layout.clone_context(empty, ref_text, text))
+    if room < 4 * fs:
+        raise ValueError(f"{len(ref_text) + len(text)} text tokens leave no room for audio in the model's context of "
+                         f"{block_size} tokens")
+    keep = room // 2 // fs * fs
+    cut = max(0, len(ref) - keep)
+    return layout.clone_context(np.asarray(ref)[cut:], ref_text, text), cut // fs
