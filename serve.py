@@ -29,6 +29,8 @@ import signal
 import socket
 import sys
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -45,9 +47,10 @@ from batching import Busy, Scheduler, Stream
 from codec import BadAudio, pcm16, read_audio, wav_stream_header
 from common import UserError, pick_device, pick_dtype, run_main, user_errors
 from config import parse_config
-from sampling import CODEC_CONTEXT_FRAMES, DECODE_MODES, StreamDecoder
-from speech import audio_tokens, load_model, transcribe_tokens
-from tokenizer import voice_text
+from chats import parse_message
+from sampling import CODEC_CONTEXT_FRAMES, DECODE_MODES, StreamDecoder, stream_text
+from speech import audio_tokens, fit_clone, load_model, transcribe_tokens
+from tokenizer import CHAT_LAYOUT_NAME, voice_text
 
 
 @dataclass
@@ -71,11 +74,16 @@ class ServeConfig:
     top_k: int = 0
     top_p: float = 1.0
     drain_seconds: float = 30.0  # on SIGTERM, how long running streams may take to finish
+    max_voices: int = 16  # uploaded voices held in memory; beyond, the least recently used one is forgotten
+    max_messages: int = 64  # messages of one chat request
+    max_text: int = 256  # text tokens of one chat reply (a request's max_completion_tokens at most)
 
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
                  "shimmer", "verse")
 AUDIO_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac"}
+CHAT_FORMATS = {"wav": "wav", "pcm16": "pcm", "flac": "flac"}  # a chat request's audio.format -> AudioEncoder's
+INPUT_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "aiff")  # input_audio.format: what libsndfile reads
 
 
 # -----------------------------------------------------------------------------
@@ -96,13 +104,31 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=e.status, headers=e.headers)
 
 
-def resolve_voice(voice: object, voices: tuple[str, ...] = ("default",)) -> str:
-    """The one place a request's voice is read: a voice name (or OpenAI's {"id": name}) -> the voice to speak in.
-    A model without speakers has one voice, "default", and OpenAI's voice names are aliases of it, so unmodified
-    clients work."""
+@dataclass
+class Voice:
+    """An uploaded reference: its SNAC ids (whole frames) and the text it says, spoken again by clone_context."""
+    id: str
+    name: str
+    audio: np.ndarray
+    text: str
+    seconds: float
+    created_at: int
+
+
+def resolve_voice(voice: object, voices: tuple[str, ...] = ("default",),
+                  uploaded: "OrderedDict[str, Voice] | None" = None) -> "str | Voice":
+    """The one place a request's voice is read: a voice name (or OpenAI's {"id": name}) -> the voice to speak in, a
+    trained voice's name or an uploaded Voice ("voice_<hex>", marked as used). A model without speakers has one
+    voice, "default", and OpenAI's voice names are aliases of it, so unmodified clients work."""
     name = voice.get("id") if isinstance(voice, dict) else voice
     if not isinstance(name, str) or not name:
         raise APIError(400, "voice: expected a voice name", "voice")
+    if name.startswith("voice_") and uploaded is not None:
+        if name not in uploaded:
+            raise APIError(400, f"voice '{name}' is not an uploaded voice here (POST /v1/audio/voices); known: "
+                                f"{', '.join(uploaded) or 'none'}", "voice", "invalid_voice")
+        uploaded.move_to_end(name)  # least recently used first: the one --max_voices forgets
+        return uploaded[name]
     if name in voices:
         return name
     if name.lower() in OPENAI_VOICES and len(voices) == 1:
@@ -152,6 +178,36 @@ class Engine:
         self.codec_lock = threading.Lock()  # the codec's noise settings are shared: one encode or decode at a time
         self.thread = threading.Thread(target=self.sched.run, name="scheduler", daemon=True)
         self.ready = False
+        self.voices: OrderedDict[str, Voice] = OrderedDict()  # uploaded, least recently used first
+
+    def add_voice(self, name: str, audio: np.ndarray, text: str) -> Voice:
+        """Hold an uploaded reference in memory; beyond --max_voices the least recently used one is forgotten."""
+        while len(self.voices) >= self.cfg.max_voices:
+            self.voices.popitem(last=False)
+        fs = self.layout.frame_size
+        audio = audio[-(self.model.config.block_size // fs) * fs:]  # more never fits a context
+        vid = f"voice_{secrets.token_hex(12)}"
+        seconds = len(audio) // fs * self.tok.frame_hop / self.tok.sample_rate
+        self.voices[vid] = Voice(vid, name or vid, audio, text, round(seconds, 3), int(time.time()))
+        return self.voices[vid]
+
+    def speech_context(self, text: str, voice: "str | Voice") -> torch.Tensor:
+        """What speaking `text` in `voice` continues: a speech item (a trained voice's name before the text), or a
+        cloning item after an uploaded reference (speech.fit_clone, as generate.py --prompt_text)."""
+        ids = self.tok.encode_text(text if isinstance(voice, Voice) or not self.tok.voices else
+                                   voice_text(text, voice))
+        try:
+            if isinstance(voice, Voice):
+                ctx, _ = fit_clone(self.layout, voice.audio, self.tok.encode_text(voice.text), ids,
+                                   self.model.config.block_size)
+            else:
+                ctx = self.layout.speech_context(ids)
+                if len(ctx) + 2 * self.layout.frame_size > self.model.config.block_size:
+                    raise ValueError(f"{len(ctx) - 4} text tokens leave no room for audio in the model's context "
+                                     f"of {self.model.config.block_size} tokens")
+        except ValueError as e:
+            raise APIError(400, f"input: {e}", "input", "input_too_long") from None
+        return torch.from_numpy(ctx)
 
     def start(self) -> None:
         """Capture the frame graphs and run the codec once (kernels, handles), then start the scheduler."""
@@ -176,12 +232,12 @@ class Engine:
             out = fn()
             return out.cpu() if isinstance(out, torch.Tensor) else out
 
-    def open(self, context: torch.Tensor, seconds: float, knobs: tuple[float, int, float], seed: int):
+    def open(self, context: torch.Tensor, n_frames: int, knobs: tuple[float, int, float], seed: int):
         """Queue a stream (429 when the queue is full); -> (the stream, the asyncio queue its frames arrive on)."""
         loop, frames = asyncio.get_running_loop(), asyncio.Queue()
         # a row is held while its listener listens: the stream runs at most about two chunks ahead of its decoding
         ahead = 2 * (self.cfg.stream_frames + CODEC_CONTEXT_FRAMES)
-        stream = Stream(context, self.n_frames(seconds), lambda x: loop.call_soon_threadsafe(frames.put_nowait, x),
+        stream = Stream(context, n_frames, lambda x: loop.call_soon_threadsafe(frames.put_nowait, x),
                         *knobs, seed=seed, max_ahead=ahead)
         try:
             self.sched.submit(stream)
@@ -241,6 +297,24 @@ class Engine:
         text, _ = await asyncio.wrap_future(future)
         return text
 
+    async def write(self, context: torch.Tensor, max_tokens: int, temperature: float,
+                    seed: int) -> AsyncIterator[list[int]]:
+        """The text ids the model writes after context (ending with TEXT_START), a few at a time as they are
+        sampled: in the scheduler's thread, between two frames of the batch, as transcriptions are."""
+        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        generator = torch.Generator(device=self.sched.device).manual_seed(seed)
+        text_ok = torch.from_numpy(self.tok.text_bytes > 0)
+
+        def run() -> None:
+            for ids in stream_text(self.model, self.layout, context, max_tokens, text_ok, temperature=temperature,
+                                   generator=generator):
+                loop.call_soon_threadsafe(out.put_nowait, ids)
+        job = asyncio.wrap_future(self.sched.call(run))
+        job.add_done_callback(lambda _: out.put_nowait(None))  # after every id: both come through the loop in order
+        while (ids := await out.get()) is not None:
+            yield ids
+        await job  # its error, if it failed
+
     async def upload_tokens(self, data: bytes, field: str = "file") -> torch.Tensor:
         """An uploaded audio file's bytes -> the ids of its whole frames (400 naming the field if not audio)."""
         try:
@@ -251,8 +325,10 @@ class Engine:
         return await run_in_threadpool(self.codec, lambda: audio_tokens(self.tok, wav, rate), 0)
 
 
-def respond_audio(engine: Engine, chunks: AsyncIterator[np.ndarray], fmt: str, stream_format: str):
-    """The response streaming a request's audio: the bytes of fmt, or OpenAI's SSE events of them."""
+def respond_audio(engine: Engine, chunks: AsyncIterator[np.ndarray], fmt: str, stream_format: str,
+                  input_tokens: int = 0):
+    """The response streaming a request's audio: the bytes of fmt, or OpenAI's SSE events of them (the last with
+    the usage: input_tokens, the context's ids, and the audio ids made)."""
     enc = AudioEncoder(fmt, engine.tok.sample_rate)
 
     async def body() -> AsyncIterator[bytes]:
@@ -267,7 +343,9 @@ def respond_audio(engine: Engine, chunks: AsyncIterator[np.ndarray], fmt: str, s
         if stream_format == "sse":
             if data:
                 yield sse("speech.audio.delta", audio=base64.b64encode(data).decode())
-            yield sse("speech.audio.done", seconds=round(seconds, 3))
+            out = round(seconds * engine.tok.sample_rate) // engine.tok.frame_hop * engine.layout.frame_size
+            yield sse("speech.audio.done", seconds=round(seconds, 3), usage={
+                "input_tokens": input_tokens, "output_tokens": out, "total_tokens": input_tokens + out})
         elif data:
             yield data
     media = "text/event-stream" if stream_format == "sse" else AUDIO_TYPES[fmt]
@@ -295,6 +373,19 @@ class SpeechRequest(BaseModel):
     top_p: float | None = None
     max_seconds: float | None = Field(None, description="at most this much audio (the server's --max_seconds at most)")
 
+
+class ChatRequest(BaseModel):
+    """OpenAI's body of /v1/chat/completions (audio chat), and gpt2o's seed; any other field is refused."""
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[dict]
+    modalities: list[str] = Field(default_factory=lambda: ["text"])
+    audio: dict | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(None, description="for the reply's text (default 0, greedy)")
+    seed: int | None = None
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +469,7 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
         if len(req.input) > cfg.max_input_chars:
             raise APIError(400, f"input: {len(req.input)} characters, at most {cfg.max_input_chars} here", "input",
                            "input_too_long")
-        voice = resolve_voice(req.voice, engine.tok.voices or ("default",))
+        voice = resolve_voice(req.voice, engine.tok.voices or ("default",), engine.voices)
         if req.speed != 1.0:
             raise APIError(400, f"speed={req.speed}: only 1.0 is supported", "speed")
         if req.instructions:
@@ -388,14 +479,11 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
                  cfg.top_k if req.top_k is None else req.top_k, cfg.top_p if req.top_p is None else req.top_p)
         seconds = cfg.max_seconds if req.max_seconds is None else req.max_seconds
         check_knobs(*knobs, seconds, cfg, "max_seconds")
-        context = torch.from_numpy(engine.layout.speech_context(engine.tok.encode_text(
-            voice_text(req.input, voice if engine.tok.voices else ""))))
-        if len(context) + 2 * engine.layout.frame_size > engine.model.config.block_size:
-            raise APIError(400, f"input: {len(context) - 4} text tokens leave no room for audio in the model's "
-                                f"context of {engine.model.config.block_size} tokens", "input", "input_too_long")
+        context = engine.speech_context(req.input, voice)
         seed = seed_of(req.seed)
-        stream, frames = engine.open(context, seconds, knobs, seed)
-        return respond_audio(engine, engine.audio(stream, frames, seed), req.response_format, req.stream_format)
+        stream, frames = engine.open(context, engine.n_frames(seconds), knobs, seed)
+        return respond_audio(engine, engine.audio(stream, frames, seed), req.response_format, req.stream_format,
+                             len(context))
 
     async def read_upload(request: Request, file: UploadFile | None, allowed: set[str]) -> bytes | None:
         extra = set((await request.form()).keys()) - allowed
@@ -449,8 +537,177 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
             prompt = prompt[-keep:]
         context = torch.cat([torch.from_numpy(engine.layout.audio_context()), prompt])
         seed = seed_of(seed)
-        stream, frames = engine.open(context, seconds, knobs, seed)
-        return respond_audio(engine, engine.audio(stream, frames, seed, prompt), response_format, stream_format)
+        stream, frames = engine.open(context, engine.n_frames(seconds), knobs, seed)
+        return respond_audio(engine, engine.audio(stream, frames, seed, prompt), response_format, stream_format,
+                             len(context))
+
+    async def chat_turns(messages: list[dict]) -> list[tuple]:
+        """OpenAI's messages -> (role, text ids, audio ids) turns: text, or input_audio parts (base64 bytes only:
+        never a path); a developer message is a system turn, an assistant's earlier audio is left out."""
+        if not 1 <= len(messages) <= cfg.max_messages:
+            raise APIError(400, f"messages: {len(messages)} messages, expected 1 to {cfg.max_messages} here",
+                           "messages")
+        turns, chars = [], 0
+        for i, m in enumerate(messages):
+            where = f"messages[{i}]"
+            role = m.get("role") if isinstance(m, dict) else None
+            parts = m.get("content") if isinstance(m, dict) else None
+            for part in parts if isinstance(parts, list) else []:
+                fmt = part.get("input_audio", {}).get("format") if isinstance(part, dict) else None
+                if fmt is not None and fmt not in INPUT_FORMATS:
+                    raise APIError(400, f"{where}.content: input_audio format '{fmt}', expected one of "
+                                        f"{', '.join(INPUT_FORMATS)}", "messages")
+            try:
+                turn = parse_message({"role": "system" if role == "developer" else role, "content": parts}, where,
+                                     "")
+            except ValueError as e:
+                raise APIError(400, str(e), "messages") from None
+            if turn.audio is not None and turn.audio[0] != "bytes":
+                raise APIError(400, f"{where}.content: input_audio takes {{\"data\": base64, \"format\"}}",
+                               "messages")
+            chars += len(turn.text or "")
+            if chars > cfg.max_input_chars:
+                raise APIError(400, f"messages: over {cfg.max_input_chars} characters of text here", "messages",
+                               "input_too_long")
+            audio = None
+            if turn.audio is not None and turn.role != "assistant":
+                audio = (await engine.upload_tokens(turn.audio[1], f"{where}.content.input_audio")).numpy()
+            text = engine.tok.encode_text(turn.text) if turn.text else None
+            if text is not None or audio is not None:
+                turns.append((turn.role, text, audio))
+        return turns
+
+    @v1.post("/chat/completions", summary="Answer a conversation in text, or text then speech (chat models)")
+    async def chat(req: ChatRequest):
+        check_model(engine, req.model)
+        layout, fs, block = engine.layout, engine.layout.frame_size, engine.model.config.block_size
+        if not layout.chat:
+            raise APIError(400, f"model '{engine.name}' has no role tokens (layout {layout.name}): chat needs a "
+                                f"model fine-tuned on conversations ({CHAT_LAYOUT_NAME}: train.py configs/chat.py)",
+                           "model")
+        if req.modalities not in (["text"], ["text", "audio"], ["audio", "text"]):
+            raise APIError(400, f"modalities {req.modalities}: expected [\"text\"] or [\"text\", \"audio\"]",
+                           "modalities")
+        speak = "audio" in req.modalities
+        audio = req.audio or {}
+        if speak and not req.audio:
+            raise APIError(400, "audio: modalities asks for audio: give {\"voice\", \"format\"}", "audio")
+        fmt = audio.get("format", "wav")
+        if speak and fmt not in CHAT_FORMATS:
+            raise APIError(400, f"audio.format '{fmt}' is not supported here: use {', '.join(CHAT_FORMATS)}",
+                           "audio")
+        if speak and req.stream and fmt != "pcm16":
+            raise APIError(400, f"audio.format '{fmt}': a streamed reply's audio is pcm16", "audio")
+        voice = resolve_voice(audio.get("voice"), engine.tok.voices or ("default",), engine.voices) if speak \
+            else None
+        max_text = cfg.max_text if req.max_completion_tokens is None else req.max_completion_tokens
+        if not 1 <= max_text <= cfg.max_text:
+            raise APIError(400, f"max_completion_tokens: must be in [1, {cfg.max_text}] here",
+                           "max_completion_tokens")
+        temperature = 0.0 if req.temperature is None else req.temperature
+        check_knobs(temperature, 0, 1.0, cfg.max_seconds, cfg)
+        seed = seed_of(req.seed)
+        # room for the reply: its text, TEXT_END + AUDIO_START and a frame of speech (chat.py's rule)
+        room = max_text + 2 + fs
+        turns = layout.fit_turns(await chat_turns(req.messages), room, block)
+        context = torch.from_numpy(layout.chat_context(turns))
+        if len(context) + 2 + 2 * fs > block:
+            raise APIError(400, f"messages: the last turn ({len(context)} tokens) leaves no room for a reply in the "
+                                f"model's context of {block} tokens", "messages", "input_too_long")
+        written = engine.write(context, min(max_text, block - len(context) - 2 - fs), temperature, seed)
+        cid, aid, created = f"chatcmpl-{secrets.token_hex(12)}", f"audio_{secrets.token_hex(12)}", int(time.time())
+
+        def spoken(text: list[int]):
+            """The reply's speech: the conversation continued after its text, or the text in an uploaded voice."""
+            sp = layout.special_tokens
+            ctx = engine.speech_context(engine.tok.decode_text(text), voice) if isinstance(voice, Voice) else \
+                torch.cat([context, torch.tensor([*text, sp["text_end"], sp["audio_start"]])])
+            n = min(engine.n_frames(cfg.max_seconds), (block - len(ctx)) // fs)  # the window must not slide
+            stream, frames = engine.open(ctx, max(1, n), (cfg.temperature, cfg.top_k, cfg.top_p), seed)
+            return engine.audio(stream, frames, seed)
+
+        def usage(text: list[int], samples: int) -> dict:
+            out = len(text) + samples // engine.tok.frame_hop * fs
+            return {"prompt_tokens": len(context), "completion_tokens": out, "total_tokens": len(context) + out}
+
+        if not req.stream:
+            text = [i async for ids in written for i in ids]
+            transcript = engine.tok.decode_text(text).strip()
+            message = {"role": "assistant", "content": transcript}
+            samples = 0
+            if speak:
+                enc = AudioEncoder(CHAT_FORMATS[fmt], engine.tok.sample_rate)
+                data = []
+                async for piece in spoken(text):
+                    samples += len(piece)
+                    data.append(enc.chunk(piece))
+                data.append(enc.end())
+                message = {"role": "assistant", "content": None, "audio": {
+                    "id": aid, "data": base64.b64encode(b"".join(data)).decode(), "expires_at": created + 3600,
+                    "transcript": transcript}}
+            return {"id": cid, "object": "chat.completion", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": usage(text, samples)}
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        async def body() -> AsyncIterator[bytes]:
+            text: list[int] = []
+            yield chunk({"role": "assistant", **({"audio": {"id": aid}} if speak else {"content": ""})})
+            async for ids in written:
+                shown = engine.tok.decode_text(text)
+                text += ids
+                piece = engine.tok.decode_text(text)[len(shown):]
+                yield chunk({"audio": {"transcript": piece}} if speak else {"content": piece})
+            samples = 0
+            if speak:
+                try:
+                    async for piece in spoken(text):
+                        samples += len(piece)
+                        yield chunk({"audio": {"data": base64.b64encode(pcm16(piece)).decode()}})
+                except APIError as e:  # the status is sent already: OpenAI's error event
+                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n".encode()
+                    return
+            yield chunk({}, "stop", usage=usage(text, samples))
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    def voice_json(v: Voice) -> dict:
+        return {"id": v.id, "object": "voice", "name": v.name, "text": v.text, "seconds": v.seconds,
+                "created_at": v.created_at}
+
+    @v1.post("/audio/voices", summary="Upload a reference voice (audio + what it says), spoken again by its id",
+             description="Multipart form: `file` (the reference audio), `text` (what it says), `name` (optional). "
+                         "The reference is encoded once and held in memory: beyond --max_voices the least recently "
+                         "used voice is forgotten. Pass the returned id as `voice` to /v1/audio/speech or "
+                         "/v1/chat/completions.")
+    async def add_voice(request: Request, file: UploadFile = File(...), text: str = Form(...),
+                        name: str = Form("")):
+        data = await read_upload(request, file, {"file", "text", "name"})
+        if not engine.layout.text_vocab:
+            raise APIError(400, f"model '{engine.name}' is trained on audio only: it cannot clone a voice from "
+                                "text", "file")
+        if not text.strip() or len(text) > cfg.max_input_chars:
+            raise APIError(400, f"text: what the reference says, 1 to {cfg.max_input_chars} characters", "text")
+        if len(name) > 64:
+            raise APIError(400, "name: at most 64 characters", "name")
+        tokens = await engine.upload_tokens(data)
+        return voice_json(engine.add_voice(name, tokens.numpy(), " ".join(text.split())))
+
+    @v1.get("/audio/voices", summary="The model's trained voices and the uploaded ones")
+    async def list_voices():
+        trained = [{"id": v, "object": "voice", "name": v, "trained": True} for v in engine.tok.voices]
+        return {"object": "list", "data": trained + [voice_json(v) for v in engine.voices.values()]}
+
+    @v1.delete("/audio/voices/{voice_id}", summary="Forget an uploaded voice")
+    async def delete_voice(voice_id: str):
+        if engine.voices.pop(voice_id, None) is None:
+            raise APIError(404, f"voice '{voice_id}' is not an uploaded voice here; known: "
+                                f"{', '.join(engine.voices) or 'none'}", "voice_id", "voice_not_found")
+        return {"id": voice_id, "object": "voice.deleted", "deleted": True}
 
     app.include_router(v1)
 
@@ -509,7 +766,9 @@ def check_config(cfg: ServeConfig) -> None:
               (0 < cfg.max_seconds <= 3600, "max_seconds", "in (0, 3600]"),
               (cfg.max_upload_mb > 0, "max_upload_mb", "> 0"), (cfg.stream_frames >= 1, "stream_frames", ">= 1"),
               (cfg.temperature >= 0, "temperature", ">= 0 (0 = greedy)"), (cfg.top_k >= 0, "top_k", ">= 0"),
-              (0 < cfg.top_p <= 1, "top_p", "in (0, 1]"), (cfg.drain_seconds >= 0, "drain_seconds", ">= 0"))
+              (0 < cfg.top_p <= 1, "top_p", "in (0, 1]"), (cfg.drain_seconds >= 0, "drain_seconds", ">= 0"),
+              (cfg.max_voices >= 1, "max_voices", ">= 1"), (cfg.max_messages >= 1, "max_messages", ">= 1"),
+              (cfg.max_text >= 1, "max_text", ">= 1"))
     for ok, key, want in checks:
         if not ok:
             raise UserError(f"{key}={getattr(cfg, key)}: must be {want}")

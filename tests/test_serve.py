@@ -31,21 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, codec_dir):
-    """One server for the module: a tiny text+audio model, 2 rows, 1 waiting request at most."""
-    from codec import load_codec
-    tok = load_codec(codec_dir, text_encoding=TEXT_ENCODING)
-    model = tiny_gpt(tok.layout.vocab_size, block_size=256)
-    ckpt = str(tmp_path_factory.mktemp("run") / "ckpt.pt")
-    save_checkpoint(ckpt, {"model": model.state_dict(), "model_args": asdict(model.config),
-                           "meta": {**tok.meta(), "codec": codec_dir}, "iter_num": 0})
+def launch(ckpt: str, log_dir: str, *args: str):
+    """A serve.py process on a free port, ready (its /health says 200) -> (url, process, log path)."""
     port = free_port()
-    log = open(str(tmp_path_factory.mktemp("log") / "server.log"), "w+")
+    log = open(os.path.join(log_dir, "server.log"), "w+")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}",
-                             "--device=cpu", f"--api_key={KEY}", "--max_batch=2", "--max_queue=1",
-                             "--max_input_chars=200", f"--max_seconds={MAX_SECONDS}", "--max_upload_mb=1",
-                             "--model_name=tiny", "--drain_seconds=60"],
+                             "--device=cpu", f"--api_key={KEY}", *args],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -59,7 +50,22 @@ def server(tmp_path_factory, codec_dir):
         time.sleep(0.2)
     else:
         pytest.fail("the server did not get ready:\n" + open(log.name).read())
-    yield url, proc, log.name
+    return url, proc, log.name
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, codec_dir):
+    """One server for the module: a tiny text+audio model, 2 rows, 1 waiting request at most."""
+    from codec import load_codec
+    tok = load_codec(codec_dir, text_encoding=TEXT_ENCODING)
+    model = tiny_gpt(tok.layout.vocab_size, block_size=256)
+    ckpt = str(tmp_path_factory.mktemp("run") / "ckpt.pt")
+    save_checkpoint(ckpt, {"model": model.state_dict(), "model_args": asdict(model.config),
+                           "meta": {**tok.meta(), "codec": codec_dir}, "iter_num": 0})
+    url, proc, log = launch(ckpt, str(tmp_path_factory.mktemp("log")), "--max_batch=2", "--max_queue=1",
+                            "--max_input_chars=200", f"--max_seconds={MAX_SECONDS}", "--max_upload_mb=1",
+                            "--model_name=tiny", "--drain_seconds=60")
+    yield url, proc, log
     if proc.poll() is None:
         proc.terminate()
         proc.wait(30)
@@ -121,6 +127,8 @@ def test_openai_client_speech_transcription_and_errors(server):
         c.audio.speech.create(model="gpt2o", voice="alloy", input="hi", response_format="mp3")
     with pytest.raises(openai.BadRequestError, match="instructions"):
         c.audio.speech.create(model="gpt2o", voice="alloy", input="hi", instructions="whisper")
+    with pytest.raises(openai.BadRequestError, match="model 'tiny' has no role tokens"):
+        c.chat.completions.create(model="gpt2o", messages=[{"role": "user", "content": "hi"}])
 
 
 def test_formats_sse_and_continuations(server):
