@@ -7,14 +7,18 @@
         -d '{"model": "gpt2o", "input": "It is a capital mistake.", "voice": "alloy"}' | ffplay -nodisp -autoexit -
     curl -s localhost:8000/v1/audio/transcriptions -F file=@recording.flac -F model=gpt2o
     curl -s localhost:8000/v1/audio/continuations -F file=@voice.flac -F model=gpt2o -F seconds=10 > more.wav
+    curl -s localhost:8000/v1/audio/voices -F file=@ref.wav -F text='What the reference says.'   # -> voice_<hex>
     python serve.py --help
 
 Routes: POST /v1/audio/speech (OpenAI's body; wav or pcm streamed as made, flac when whole, or SSE events),
 POST /v1/audio/transcriptions (multipart; json or text), POST /v1/audio/continuations (gpt2o's own: continue an
-uploaded recording, or babble unconditionally, for audio-only models too), GET /v1/models, GET /health, GET / (the
-page). Errors are OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}. Concurrent requests share
-decode steps (batching.py): each joins the batch at the next frame boundary and leaves it when it ends or its client
-goes away; beyond --max_batch streams running and --max_queue waiting, a request gets 429 with Retry-After.
+uploaded recording, or babble unconditionally, for audio-only models too), POST /v1/chat/completions (OpenAI's
+audio chat, chat models: text, then speech, whole or as SSE chunks), POST, GET /v1/audio/voices and DELETE
+/v1/audio/voices/{id} (uploaded reference voices, held in memory, spoken by id), GET /v1/models, GET /health,
+GET / (the page). Errors are OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}. Concurrent
+requests share decode steps (batching.py): each joins the batch at the next frame boundary and leaves it when it
+ends or its client goes away (a chat reply's text is written between two steps); beyond --max_batch streams
+running and --max_queue waiting, a request gets 429 with Retry-After.
 SIGTERM stops accepting, lets running streams finish for up to --drain_seconds, then exits.
 """
 import asyncio
@@ -553,7 +557,8 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
             role = m.get("role") if isinstance(m, dict) else None
             parts = m.get("content") if isinstance(m, dict) else None
             for part in parts if isinstance(parts, list) else []:
-                fmt = part.get("input_audio", {}).get("format") if isinstance(part, dict) else None
+                given = part.get("input_audio") if isinstance(part, dict) else None
+                fmt = given.get("format") if isinstance(given, dict) else None
                 if fmt is not None and fmt not in INPUT_FORMATS:
                     raise APIError(400, f"{where}.content: input_audio format '{fmt}', expected one of "
                                         f"{', '.join(INPUT_FORMATS)}", "messages")
@@ -572,12 +577,20 @@ def build_app(engine: Engine, cfg: ServeConfig, server_state: dict) -> FastAPI:
             audio = None
             if turn.audio is not None and turn.role != "assistant":
                 audio = (await engine.upload_tokens(turn.audio[1], f"{where}.content.input_audio")).numpy()
+                if len(audio) > engine.n_frames(cfg.max_seconds) * engine.layout.frame_size:
+                    raise APIError(400, f"{where}.content.input_audio: over {cfg.max_seconds:g} s here", "messages",
+                                   "input_too_long")
             text = engine.tok.encode_text(turn.text) if turn.text else None
             if text is not None or audio is not None:
                 turns.append((turn.role, text, audio))
         return turns
 
-    @v1.post("/chat/completions", summary="Answer a conversation in text, or text then speech (chat models)")
+    @v1.post("/chat/completions", summary="Answer a conversation in text, or text then speech (chat models)",
+             description="OpenAI's audio chat body: `messages` (text and `input_audio` parts), `modalities`, "
+                         "`audio` {voice, format: wav, pcm16 or flac; pcm16 when streamed}, `stream`, "
+                         "`max_completion_tokens`, `temperature` (the text's; 0 = greedy), `seed`. The reply "
+                         "speaks on from the conversation; an uploaded voice (voice_<hex>) speaks its text in the "
+                         "reference's voice.")
     async def chat(req: ChatRequest):
         check_model(engine, req.model)
         layout, fs, block = engine.layout, engine.layout.frame_size, engine.model.config.block_size

@@ -100,6 +100,8 @@ def test_bad_chat_requests_get_400(chat_server):
              ({"messages": [{"role": "user", "content": audio_part({"data": "bm90IGF1ZGlv"})}]}, None),
              ({"messages": [{"role": "user", "content": audio_part({"path": "/etc/passwd"})}]}, "messages"),
              ({"messages": [{"role": "user", "content": audio_part({"data": "", "format": "exe"})}]}, "messages"),
+             ({"messages": [{"role": "user", "content": audio_part({"data": wav_b64(1.5)})}]}, "messages"),
+             ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": "x"}]}]}, "messages"),
              ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"seed": -1}, "seed"),
              ({"temperature": -1}, "temperature"), ({"tools": []}, "tools")]
     for body, param in cases:
@@ -108,6 +110,7 @@ def test_bad_chat_requests_get_400(chat_server):
         err = r.json()["error"]
         assert err["message"] and (param is None or err["param"] == param), (body, err)
     assert "messages[0].content.input_audio" in post(**cases[7][0]).json()["error"]["message"]
+    assert "over 1 s here" in post(**cases[10][0]).json()["error"]["message"]
     assert httpx.get(f"{chat_server}/health").status_code == 200
 
 
