@@ -81,8 +81,11 @@ def test_streamed_chat_gives_the_transcript_then_the_audio(chat_server):
             kinds.append("data")
             data += base64.b64decode(audio.data)
         finish = chunk.choices[0].finish_reason or finish
-    assert finish == "stop" and "data" in kinds and "transcript" not in kinds[kinds.index("data"):]
+    assert whole.transcript and finish == "stop" and "data" in kinds and "transcript" not in kinds[kinds.index("data"):]
     assert transcript.strip() == whole.transcript and data == base64.b64decode(whole.data)
+    written = "".join(chunk.choices[0].delta.content or "" for chunk in c.chat.completions.create(
+        model="gpt2o", messages=ASK, seed=2, stream=True))
+    assert written.strip() == whole.transcript  # text only: the same words as content deltas
     with pytest.raises(openai.BadRequestError, match="pcm16"):
         c.chat.completions.create(model="gpt2o", modalities=["text", "audio"], audio=VOICE, messages=ASK, stream=True)
 
