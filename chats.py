@@ -154,8 +154,8 @@ def mini_omni_codes(value: str) -> tuple[list[int], list[int], list[int]]:
         if len(c) != 7:
             raise ValueError(f"answer_snac frame {k}: {frame[:40]!r} is not 7 integers")
         levels[0].append(c[0])
-        levels[1] += [c[1], c[4]]
-        levels[2] += [c[2], c[3], c[5], c[6]]
+        levels[1].extend((c[1], c[4]))
+        levels[2].extend((c[2], c[3], c[5], c[6]))
     return levels
 
 
