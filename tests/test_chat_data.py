@@ -72,3 +72,21 @@ def test_instructs2s_and_parquet_messages_and_unknown_shapes(tmp_path):
     pq.write_table(pa.table({"question": ["q"]}), tmp_path / "x.parquet")
     with pytest.raises(ValueError, match=r"x.parquet: a chat file with keys/columns question; expected one of"):
         chat_shape(str(tmp_path / "x.parquet"))
+
+
+def test_voiceassistant_parquet_prepares(tmp_path, codec_dir):
+    from conftest import TEXT_ENCODING
+    from test_prepare import run_prepare
+    (tmp_path / "d").mkdir()
+    q = {"bytes": wav_bytes(0), "path": "q.wav"}
+    snac = "1 2 3 4 5 6 7#8 9 10 11 12 13 14"
+    pq.write_table(pa.table({"split_name": ["a", "a", "b", "c"], "index": [0, 1, 2, 3], "round": [0, 0, 0, 0],
+                             "question": ["q"] * 4, "question_audio": [q] * 4, "answer": ["Yes."] * 4,
+                             "answer_snac": [snac, snac, "1 2", snac]}), tmp_path / "d" / "va.parquet")
+    out = tmp_path / "out"
+    r = run_prepare(f"--dataset={tmp_path / 'd'}", f"--codec={codec_dir}", "--device=cpu",
+                    f"--text_encoding={TEXT_ENCODING}", "--val_files=1", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(out / "meta.json"))
+    assert [(s["file"], s["row"]) for s in meta["skipped"]] == [("va.parquet", 2)]
+    assert meta["splits"]["train"]["files"] == 2
