@@ -1,10 +1,17 @@
-"""Conversations for chat fine-tuning: a folder of .jsonl files, one conversation a line, read into turns whose
-audio is a file (relative to the .jsonl file), base64 bytes or SNAC codes. prepare_audio.py encodes the audio and
+"""Conversations for chat fine-tuning: a folder of chat files, read into turns whose audio is a file (relative to
+the chat file), bytes or SNAC codes. prepare_audio.py encodes the audio and
 writes each conversation with Layout.conversation (role tokens, a loss mask on the assistant turns).
 
-    from chats import read_jsonl
-    for line, turns, error in read_jsonl("chats/part-0.jsonl"):   # turns: [Turn(role, text, audio)], or an error
+    from chats import read_chats
+    for row, turns, error in read_chats("chats/part-0.jsonl"):   # turns: [Turn(role, text, audio)], or an error
         ...
+
+Shapes (chat_shape tells them apart by file type and keys or columns):
+- messages: .jsonl lines, or .parquet rows with a "messages" column (a list of structs, or a JSON string).
+- voiceassistant: gpt-omni/VoiceAssistant-400K's parquet (question_audio, answer, answer_snac); adjacent rows with
+  the same split_name and index and increasing round are one conversation; the user speaks, the assistant answers.
+- instructs2s: ICTNLP/InstructS2S-200K's .json list (or .jsonl lines) of {"id", "conversation": [{"from": human,
+  gpt or system, "value" or "text", "speech": a wav path}]}; an assistant turn needs its "speech".
 
 A line: {"messages": [{"role": "user", "audio": "clips/q1.wav"}, {"role": "assistant", "text": "Paris.",
 "audio": {"codes": [...]}}]}. Roles are system, user, assistant; a turn holds text, audio or both (an assistant
@@ -31,7 +38,13 @@ class Turn:
     audio: tuple | None  # ("file", path) | ("bytes", bytes) | ("codes", list of ints), if it speaks
 
 
-def _audio(value, base: str) -> tuple:
+def _audio(value, base: str) -> tuple | None:
+    if isinstance(value, dict) and all(v is None for v in value.values()):
+        return None  # a parquet struct with no audio in this turn
+    if isinstance(value, list) and all(isinstance(c, int) for c in value):
+        return "codes", value
+    if isinstance(value, dict) and isinstance(value.get("bytes"), bytes):
+        return "bytes", value["bytes"]  # raw bytes, as HF datasets' Audio writes them to parquet
     if isinstance(value, str):
         return "file", os.path.join(base, value)
     if isinstance(value, dict):
@@ -80,29 +93,181 @@ def parse_conversation(row, base: str) -> list[Turn]:
     """One conversation ({"messages": [...]}) -> its turns; base: the folder audio paths are relative to. Raises
     ValueError naming the message and field that is wrong."""
     messages = row.get("messages") if isinstance(row, dict) else None
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"messages: not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(messages, list) or not messages:
         raise ValueError("expected {\"messages\": [a list of turns]}")
     turns = []
     for i, m in enumerate(messages):
-        turn = parse_message(m, f"message {i}", base)
-        if turn.role == "assistant" and (turn.text is None or turn.audio is None):
+        turns.append(parse_message(m, f"message {i}", base))
+    return checked(turns)
+
+
+def checked(turns: list[Turn]) -> list[Turn]:
+    """The turns, if every assistant turn says what it writes and there is one to learn from; else ValueError."""
+    for i, t in enumerate(turns):
+        if t.role == "assistant" and (t.text is None or t.audio is None):
             raise ValueError(f"message {i}: an assistant turn needs its text and its audio (it says what it writes)")
-        turns.append(turn)
     if not any(t.role == "assistant" for t in turns):
         raise ValueError("no assistant turn: nothing to learn from")
     return turns
 
 
-def read_jsonl(path: str) -> Iterator[tuple[int, list[Turn] | None, str]]:
-    """(line number from 0, turns or None, why not) for every non-blank line of a .jsonl file."""
-    base = os.path.dirname(path)
+ROLES_S2S = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def parse_instructs2s(row, base: str) -> list[Turn]:
+    """One InstructS2S record ({"id", "conversation": [...]}) -> its turns; HuBERT "unit"s are not used."""
+    conversation = row.get("conversation") if isinstance(row, dict) else None
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError("expected {\"conversation\": [a list of turns]}")
+    turns = []
+    for i, m in enumerate(conversation):
+        role = ROLES_S2S.get(m.get("from")) if isinstance(m, dict) else None
+        if role is None:
+            raise ValueError(f"message {i}: from {m.get('from') if isinstance(m, dict) else m!r} is not one of "
+                             f"{', '.join(ROLES_S2S)}")
+        text, speech = m.get("value", m.get("text")), m.get("speech")
+        if text is not None and not isinstance(text, str) or speech is not None and not isinstance(speech, str):
+            raise ValueError(f"message {i}: value/text and speech must be strings")
+        text = " ".join(text.split()) if text else None
+        audio = ("file", os.path.join(base, speech)) if speech else None
+        if role == "user" and audio is not None:
+            text = None  # the user speaks; its text is what the speech says
+        if text is None and audio is None:
+            raise ValueError(f"message {i}: holds neither text nor speech")
+        turns.append(Turn(role, text, audio))
+    return checked(turns)
+
+
+def mini_omni_codes(value: str) -> tuple[list[int], list[int], list[int]]:
+    """answer_snac ("#"-separated frames of 7 codes in mini-omni's order l0, l1[2i], l2[4i], l2[4i+1], l1[2i+1],
+    l2[4i+2], l2[4i+3]) -> SNAC 24 kHz codes per level, coarse first. Raises ValueError naming the bad frame."""
+    levels: tuple[list[int], list[int], list[int]] = ([], [], [])
+    frames = [f.strip() for f in value.split("#") if f.strip()] if isinstance(value, str) else None
+    if not frames:
+        raise ValueError("answer_snac: no frames")
+    for k, frame in enumerate(frames):
+        try:
+            c = [int(x) for x in frame.split()]
+        except ValueError:
+            c = []
+        if len(c) != 7:
+            raise ValueError(f"answer_snac frame {k}: {frame[:40]!r} is not 7 integers")
+        levels[0].append(c[0])
+        levels[1].extend((c[1], c[4]))
+        levels[2].extend((c[2], c[3], c[5], c[6]))
+    return levels
+
+
+def voiceassistant_turns(rows: list[dict]) -> list[Turn]:
+    """Rows of one VoiceAssistant conversation (rounds in order) -> user audio, assistant text + SNAC codes."""
+    turns = []
+    for row in rows:
+        question = row.get("question_audio")
+        if not isinstance(question, dict) or not isinstance(question.get("bytes"), bytes):
+            raise ValueError("question_audio: no audio bytes")
+        answer = row.get("answer")
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError("answer: no text")
+        turns += [Turn("user", None, ("bytes", question["bytes"])),
+                  Turn("assistant", " ".join(answer.split()), ("codes", mini_omni_codes(row.get("answer_snac"))))]
+    return turns
+
+
+VOICEASSISTANT = {"split_name", "index", "round", "question_audio", "answer", "answer_snac"}
+SHAPES = "messages (.jsonl, .parquet), voiceassistant (.parquet: " + ", ".join(sorted(VOICEASSISTANT)) + \
+    "), instructs2s (.json, .jsonl: id, conversation)"
+
+
+def chat_shape(path: str) -> str:
+    """Which shape a chat file has, by its type and its keys or columns; ValueError naming what was found."""
+    ext = path.rsplit(".", 1)[-1].lower()
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+        found = pq.read_schema(path).names
+        if "messages" in found:
+            return "messages"
+        if VOICEASSISTANT <= set(found):
+            return "voiceassistant"
+    else:
+        first = next(iter(_records(path)), (0, {}))[1]
+        found = list(first) if isinstance(first, dict) else [type(first).__name__]
+        if "messages" in found and ext == "jsonl":
+            return "messages"
+        if "conversation" in found:
+            return "instructs2s"
+    raise ValueError(f"{path}: a chat file with keys/columns {', '.join(found) or 'none'}; expected one of {SHAPES}")
+
+
+def _records(path: str) -> Iterator[tuple[int, object]]:
+    """(row, record) of a .json list or of .jsonl lines (a line that is not JSON: its error message as a string)."""
     with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
+        if path.lower().endswith(".json"):
             try:
-                yield n, parse_conversation(json.loads(line), base), ""
+                data = json.load(f)
             except json.JSONDecodeError as e:
-                yield n, None, f"not JSON ({e.msg} at column {e.colno})"
-            except ValueError as e:
-                yield n, None, str(e)
+                raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
+            yield from enumerate(data)
+            return
+        for n, line in enumerate(f):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, _NotJSON(f"not JSON ({e.msg} at column {e.colno})")
+
+
+class _NotJSON(str):
+    pass
+
+
+def read_chats(path: str) -> Iterator[tuple[int, list[Turn] | None, str]]:
+    """(row from 0, turns or None, why not) for every conversation of a chat file of any shape (chat_shape)."""
+    shape, base = chat_shape(path), os.path.dirname(path)
+    if shape == "voiceassistant":
+        yield from _voiceassistant(path)
+        return
+    if path.lower().endswith(".parquet"):
+        records = ((n, row) for n, row in enumerate(_parquet_rows(path, None)))
+    else:
+        records = _records(path)
+    parse = parse_instructs2s if shape == "instructs2s" else parse_conversation
+    for n, row in records:
+        if isinstance(row, _NotJSON):
+            yield n, None, str(row)
+            continue
+        try:
+            yield n, parse(row, base), ""
+        except ValueError as e:
+            yield n, None, str(e)
+
+
+def _parquet_rows(path: str, columns: list[str] | None) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=columns):
+        yield from batch.to_pylist()
+
+
+def _voiceassistant(path: str) -> Iterator[tuple[int, list[Turn] | None, str]]:
+    run: list[tuple[int, dict]] = []
+
+    def flush():
+        try:
+            return run[0][0], voiceassistant_turns([r for _, r in run]), ""
+        except ValueError as e:
+            return run[0][0], None, str(e)
+
+    for n, row in enumerate(_parquet_rows(path, sorted(VOICEASSISTANT))):
+        if run and not (row["split_name"] == run[-1][1]["split_name"] and row["index"] == run[-1][1]["index"] and
+                        (row["round"] or 0) > (run[-1][1]["round"] or 0)):
+            yield flush()
+            run = []
+        run.append((n, row))
+    if run:
+        yield flush()

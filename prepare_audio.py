@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from chats import read_jsonl
+from chats import read_chats
 from codec import DEFAULT_CODEC, BadAudio, load_codec, read_audio, resampled_length, to_mono
 from common import (Dist, UserError, atomic_write, hold_out_dir_lock, pick_device, run_main, user_errors,
                     write_json)
@@ -286,9 +286,11 @@ def read_groups(ds: Dataset, sources: list[Source], folder: str, columns: Column
 
 def chat_lines(source: Source) -> Iterator[tuple[int, list | None, str]]:
     try:
-        yield from read_jsonl(source.path)
+        yield from read_chats(source.path)
     except UnicodeDecodeError as e:
         raise UserError(f"{source.name}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except ValueError as e:  # an unknown shape, or a .json file that is not a list
+        raise UserError(str(e).replace(source.path, source.name)) from None
 
 
 def chat_items(source: Source) -> list[Item]:

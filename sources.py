@@ -80,12 +80,23 @@ def local_dataset(root: str, exclude: str) -> Dataset:
         return Source(rel, key, os.path.join(root, rel))
 
     parquet = find_files(root, exclude, {"parquet"})
+    if parquet and _chat_file(os.path.join(root, parquet[0])):
+        return Dataset("chat", [source(rel) for rel in parquet], root)
     if parquet:
         return Dataset("parquet", [source(rel) for rel in parquet], root)
-    chats = find_files(root, exclude, {"jsonl"})  # conversations, their audio files beside them (chats.py)
+    chats = [rel for rel in find_files(root, exclude, {"jsonl", "json"})  # audio files beside them (chats.py)
+             if rel.endswith(".jsonl") or _chat_file(os.path.join(root, rel))]
     if chats:
         return Dataset("chat", [source(rel) for rel in chats], root)
     return Dataset("audio", [source(rel) for rel in find_files(root, exclude, set(audio_extensions()))], root)
+
+
+def _chat_file(path: str) -> bool:
+    from chats import chat_shape
+    try:
+        return bool(chat_shape(path))
+    except (ValueError, OSError):
+        return False
 
 
 def open_dataset(dataset: str, exclude: str) -> Dataset:
