@@ -90,3 +90,54 @@ def test_voiceassistant_parquet_prepares(tmp_path, codec_dir):
     meta = json.load(open(out / "meta.json"))
     assert [(s["file"], s["row"]) for s in meta["skipped"]] == [("va.parquet", 2)]
     assert meta["splits"]["train"]["files"] == 2
+
+
+def write_shape(shape: str, d) -> int:
+    """Three files of one chat shape in folder d, each of two conversations, one of them bad; -> the good ones."""
+    d.mkdir()
+    for f in range(3):
+        q, a = {"bytes": wav_bytes(2 * f), "path": None}, {"bytes": wav_bytes(2 * f + 1), "path": None}
+        if shape == "messages":  # audio as raw bytes in the first two files, the answer as SNAC codes in the third
+            answer = list(range(f, f + 14)) if f == 2 else a
+            rows = [[{"role": "user", "text": "Hi", "audio": None}, {"role": "assistant", "text": "Yo.", "audio":
+                     answer}], [{"role": "user", "text": "Only a question.", "audio": None}]]
+            if f == 2:
+                rows[0][0]["audio"] = list(range(7))  # every turn's audio shares the column's type
+            pq.write_table(pa.table({"messages": rows}), d / f"m{f}.parquet")
+        elif shape == "voiceassistant":
+            pq.write_table(pa.table({"split_name": ["s", "s"], "index": [2 * f, 2 * f + 1], "round": [0, 0],
+                                     "question": ["q"] * 2, "question_audio": [q] * 2, "answer": ["Yes."] * 2,
+                                     "answer_snac": ["1 2 3 4 5 6 7#8 9 10 11 12 13 14", "1 2"]}),
+                           d / f"va{f}.parquet")
+        else:
+            for i, x in enumerate((q, a)):
+                (d / f"{f}_{i}.wav").write_bytes(x["bytes"])
+            conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "speech": f"{f}_0.wav", "unit": "3"},
+                    {"from": "gpt", "value": "Fine.", "speech": f"{f}_1.wav"}]
+            bad = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "No speech."}]
+            (d / f"s{f}.json").write_text(json.dumps([{"id": f"{f}a", "conversation": conv},
+                                                      {"id": f"{f}b", "conversation": bad}]))
+    return 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["messages", "voiceassistant", "instructs2s"])
+def test_each_chat_shape_prepares_and_resumes_after_kill(shape, tmp_path, codec_dir):
+    """Every shape prepares end to end (its bad row in each file reported and skipped), and a run killed after its
+    first file resumes to the same bytes."""
+    from conftest import TEXT_ENCODING
+    from test_prepare import assert_same_output, kill_after_cache_entries, run_prepare
+    good = write_shape(shape, tmp_path / "d")
+    args = [f"--dataset={tmp_path / 'd'}", f"--codec={codec_dir}", "--device=cpu", f"--text_encoding={TEXT_ENCODING}",
+            "--val_files=1", "--shard_tokens=300"]
+    ref, out = tmp_path / "ref", tmp_path / "again"
+    r = run_prepare(*args, f"--out_dir={ref}")
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(ref / "meta.json"))
+    assert len(meta["skipped"]) == 3 and all(s["row"] == 1 for s in meta["skipped"]), meta["skipped"]
+    assert meta["splits"]["train"]["files"] + meta["splits"]["val"]["files"] == good
+    assert meta["splits"]["train"]["assistant_tokens"] > 0
+    kill_after_cache_entries([*args, f"--out_dir={out}"], str(out), n=1)
+    r = run_prepare(*args, f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert_same_output(str(ref), str(out))
