@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -194,12 +195,17 @@ def chat_shape(path: str) -> str:
         if VOICEASSISTANT <= set(found):
             return "voiceassistant"
     else:
-        first = next(iter(_records(path)), (0, {}))[1]
-        found = list(first) if isinstance(first, dict) else [type(first).__name__]
-        if "messages" in found and ext == "jsonl":
-            return "messages"
-        if "conversation" in found:
-            return "instructs2s"
+        return record_shape(path, next(iter(_records(path)), (0, {}))[1])
+    raise ValueError(f"{path}: a chat file with keys/columns {', '.join(found) or 'none'}; expected one of {SHAPES}")
+
+
+def record_shape(path: str, first: object) -> str:
+    """chat_shape of a .json or .jsonl file from its first record."""
+    found = list(first) if isinstance(first, dict) else [type(first).__name__]
+    if ("messages" in found or isinstance(first, _NotJSON)) and path.lower().endswith(".jsonl"):  # a bad row
+        return "messages"
+    if "conversation" in found:
+        return "instructs2s"
     raise ValueError(f"{path}: a chat file with keys/columns {', '.join(found) or 'none'}; expected one of {SHAPES}")
 
 
@@ -229,14 +235,20 @@ class _NotJSON(str):
 
 def read_chats(path: str) -> Iterator[tuple[int, list[Turn] | None, str]]:
     """(row from 0, turns or None, why not) for every conversation of a chat file of any shape (chat_shape)."""
-    shape, base = chat_shape(path), os.path.dirname(path)
-    if shape == "voiceassistant":
-        yield from _voiceassistant(path)
-        return
+    base = os.path.dirname(path)
     if path.lower().endswith(".parquet"):
-        records = ((n, row) for n, row in enumerate(_parquet_rows(path, None)))
-    else:
+        shape = chat_shape(path)
+        if shape == "voiceassistant":
+            yield from _voiceassistant(path)
+            return
+        records = enumerate(_parquet_rows(path, None))
+    else:  # a .json file is parsed once: its shape is its first record's
         records = _records(path)
+        first = next(records, None)
+        if first is None:
+            return
+        shape = record_shape(path, first[1])
+        records = itertools.chain([first], records)
     parse = parse_instructs2s if shape == "instructs2s" else parse_conversation
     for n, row in records:
         if isinstance(row, _NotJSON):
